@@ -1,0 +1,57 @@
+# rerankd: `make serve` runs the server on the default model, `make test` runs the tests.
+# Both set up .venv on a fresh machine first (and only re-install when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned so pip never swaps in another multi-GB build; on a CUDA host this is PyPI's CUDA build of the same
+# release, on a CPU host `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` first.
+TORCH_SPEC ?= torch==2.13.0
+
+MODEL ?= mixedbread-ai/mxbai-rerank-base-v1
+HOST ?= 127.0.0.1
+PORT ?= 8082
+SERVE_ARGS ?=
+# A random-weight model at a catalog geometry, for trying the server without downloading weights.
+GEOMETRY ?= base
+RANDOM_MODEL ?= models/random-$(GEOMETRY)
+TOKENIZER ?= $(wildcard ../shared/fixtures/deberta-v3-tokenizer)
+
+.PHONY: install install-test serve test lint format random-model clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-runtime: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed-runtime
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install-test
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+random-model: install
+	$(PY) -m rerankd random-model $(RANDOM_MODEL) --geometry $(GEOMETRY) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""rerankd: an HTTP rerank inference server for cross-encoder rerankers."""
+
+__version__ = "0.1.0"

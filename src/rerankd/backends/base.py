@@ -1,0 +1,41 @@
+"""The one interface every backend implements: token ids in, one relevance logit per pair out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message names the model and the problem (shown to the user as is)."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the user chose for where and how a model runs."""
+
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    backend: str  # registry name, e.g. "torch"
+    device: str
+    dtype: str
+    max_length: int  # longest pair (in tokens) the network accepts
+    untrained: bool  # random weights: scores mean nothing
+
+
+class RerankBackend(ABC):
+    """A loaded model. `relevance_logits` is called from one worker thread at a time."""
+
+    info: BackendInfo
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Score a batch of unpadded token-id sequences; sigmoid of each logit is the relevance."""

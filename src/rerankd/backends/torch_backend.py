@@ -1,0 +1,96 @@
+"""Torch backend: the project's DeBERTa network on CPU or CUDA, loaded from a safetensors folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
+from rerankd.catalog import UNTRAINED_KEY
+from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
+from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
+from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
+from rerankd.modeling.deberta import DebertaReranker
+from rerankd.modeling.weights import CheckpointError, load_reranker
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {requested}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {requested}: supported devices are auto, cpu and cuda")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: float16 on CUDA, float32 on CPU (bf16 on CPU is decided by measured fidelity, not assumed)."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+class TorchBackend(RerankBackend):
+    """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair."""
+
+    def __init__(self, model: DebertaReranker, tokenizer, info: BackendInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self._device = torch.device(info.device)
+        self._pad_id = model.config.pad_token_id
+
+    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
+        longest = max(len(ids) for ids in input_ids)
+        padded = torch.full((len(input_ids), longest), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
+        for row, ids in enumerate(input_ids):
+            padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.model.relevance_logits(
+                padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True)
+            )
+        return logits.cpu().tolist()
+
+
+def load_torch_backend(folder: Path, options: BackendOptions) -> TorchBackend:
+    """Load config, tokenizer and safetensors weights from a Hugging Face-format folder."""
+    try:
+        raw_config = json.loads((folder / "config.json").read_text())
+        config = DebertaConfig.from_dict(raw_config)
+        tokenizer = load_tokenizer(folder)
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
+        model = load_reranker(config, SafetensorsCheckpoint(folder), dtype, device)
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{folder}: {error.filename} is missing") from error
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
+    except (UnsupportedModelError, CheckpointError, SafetensorsCheckpointError, TokenizerLoadError) as error:
+        raise ModelLoadError(f"{folder}: {error}") from error
+    except KeyError as error:
+        raise ModelLoadError(f"{folder / 'config.json'}: required key {error} is missing") from error
+    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
+    if untrained:
+        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", folder)
+    info = BackendInfo(
+        backend="torch",
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_length=config.max_position_embeddings,
+        untrained=untrained,
+    )
+    return TorchBackend(model, tokenizer, info)

@@ -1,0 +1,191 @@
+"""Command line: `rerankd serve`, `rerankd rank`, `rerankd random-model`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rerankd import __version__
+from rerankd.catalog import CATALOG, DEFAULT_MODEL
+
+DEFAULT_PORT = 8082
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="local model folder, or Hub id such as mixedbread-ai/mxbai-rerank-base-v1 "
+        "(default: %(default)s)",
+    )
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit to pin (default: main)")
+    group.add_argument(
+        "--model-cache",
+        type=Path,
+        default=Path("models"),
+        help="where Hub downloads are kept (default: %(default)s)",
+    )
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto = float32 on CPU, float16 on CUDA (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate pairs to this many tokens (default: the model's, 512)",
+    )
+    group.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=16384,
+        help="padded tokens per forward pass, batch size x longest pair (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-batch-pairs", type=int, default=64, help="pairs per forward pass (default: %(default)s)"
+    )
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerankd", description="Rerank inference server for cross-encoders."
+    )
+    parser.add_argument("--version", action="version", version=f"rerankd {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    _add_model_arguments(serve)
+    serve.add_argument(
+        "--served-model-name", default=None, help="name clients use for the model (default: --model)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind (default: %(default)s)")
+    serve.add_argument(
+        "--max-documents", type=_positive, default=1000, help="documents per request (default: %(default)s)"
+    )
+
+    rank = commands.add_parser("rank", help="rank documents for a query and print the ranking")
+    _add_model_arguments(rank)
+    rank.add_argument("--query", required=True)
+    rank.add_argument("documents", nargs="*", help="documents (default: one per line on standard input)")
+    rank.add_argument("--top-n", type=_positive, default=None)
+    rank.add_argument("--raw-scores", action="store_true", help="print logits instead of sigmoid scores")
+    rank.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    random_model = commands.add_parser(
+        "random-model", help="write a random-weight (untrained) model folder for tests and benchmarks"
+    )
+    random_model.add_argument("out", type=Path)
+    random_model.add_argument("--geometry", choices=sorted(CATALOG), default="base")
+    random_model.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="folder with the real tokenizer files (else one is trained)",
+    )
+    random_model.add_argument("--seed", type=int, default=0)
+    random_model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float16")
+    random_model.add_argument("--num-labels", type=int, choices=[1, 2], default=1)
+    return parser
+
+
+def _load_engine(args: argparse.Namespace, served_name: str | None = None):
+    from rerankd.backends.base import BackendOptions
+    from rerankd.engine.loader import load_engine
+
+    return load_engine(
+        args.model,
+        served_name=served_name,
+        revision=args.revision,
+        cache_dir=args.model_cache,
+        options=BackendOptions(device=args.device, dtype=args.dtype),
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_pairs=args.max_batch_pairs,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rerankd.api.app import APISettings, create_app
+    from rerankd.engine.models import ServedModels
+
+    engine = _load_engine(args, served_name=args.served_model_name)
+    app = create_app(ServedModels([engine]), APISettings(max_documents=args.max_documents))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from rerankd.engine.postprocess import rank
+
+    documents = args.documents or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not documents:
+        print("rerankd rank: no documents given (as arguments or on standard input)", file=sys.stderr)
+        return 2
+    engine = _load_engine(args)
+    try:
+        scored = asyncio.run(engine.score(args.query, documents))
+    finally:
+        engine.close()
+    ranked = rank(scored.logits, raw_scores=args.raw_scores, top_n=args.top_n)
+    if args.json:
+        results = [{"index": r.index, "score": r.score, "document": documents[r.index]} for r in ranked]
+        print(json.dumps({"model": engine.name, "results": results}, indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>10}  {'index':>5}  document")
+    for position, item in enumerate(ranked, start=1):
+        text = documents[item.index].replace("\n", " ")
+        print(f"{position:>4}  {item.score:>10.6f}  {item.index:>5}  {text[:100]}")
+    return 0
+
+
+def _random_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from rerankd.devtools.random_model import write_random_model
+
+    out = write_random_model(
+        args.out,
+        geometry=args.geometry,
+        tokenizer_dir=args.tokenizer,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        num_labels=args.num_labels,
+    )
+    print(f"wrote an untrained {args.geometry} model to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from rerankd.backends.base import ModelLoadError
+    from rerankd.hub import ModelSourceError
+
+    handlers = {"serve": _serve, "rank": _rank, "random-model": _random_model}
+    try:
+        return handlers[args.command](args)
+    except (ModelSourceError, ModelLoadError) as error:
+        print(f"rerankd: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,101 @@
+"""Write a random-weight reranker folder at a catalog geometry, for tests and benchmarks.
+
+No real weights are needed to measure speed, memory or fidelity to the reference: those depend on the geometry
+and the tokenizer, not on what the weights learned. The folder is marked untrained in its config
+(`rerankd_untrained`) and the server warns when it serves one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rerankd.catalog import CATALOG, UNTRAINED_KEY, deberta_v3_config
+from rerankd.formats.sentencepiece import train_unigram_tokenizer
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "spm.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def random_checkpoint(config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors under the transformers names of `DebertaV2ForSequenceClassification`, normally initialized."""
+    generator = torch.Generator().manual_seed(seed)
+    std = float(config["initializer_range"])
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+
+    def normal(*shape: int, mean: float = 0.0, scale: float = std) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale + mean).to(dtype)
+
+    def layer_norm(prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": normal(hidden, mean=1.0, scale=0.1), f"{prefix}.bias": normal(hidden)}
+
+    def linear(prefix: str, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": normal(out_features, in_features), f"{prefix}.bias": normal(out_features)}
+
+    tensors = {
+        "deberta.embeddings.word_embeddings.weight": normal(config["vocab_size"], hidden),
+        **layer_norm("deberta.embeddings.LayerNorm"),
+        "deberta.encoder.rel_embeddings.weight": normal(2 * config["position_buckets"], hidden),
+        **layer_norm("deberta.encoder.LayerNorm"),
+    }
+    for index in range(config["num_hidden_layers"]):
+        prefix = f"deberta.encoder.layer.{index}"
+        for projection in ("query_proj", "key_proj", "value_proj"):
+            tensors.update(linear(f"{prefix}.attention.self.{projection}", hidden, hidden))
+        tensors.update(linear(f"{prefix}.attention.output.dense", hidden, hidden))
+        tensors.update(layer_norm(f"{prefix}.attention.output.LayerNorm"))
+        tensors.update(linear(f"{prefix}.intermediate.dense", inner, hidden))
+        tensors.update(linear(f"{prefix}.output.dense", hidden, inner))
+        tensors.update(layer_norm(f"{prefix}.output.LayerNorm"))
+    tensors.update(linear("pooler.dense", hidden, hidden))
+    tensors.update(linear("classifier", len(config["id2label"]), hidden))
+    return tensors
+
+
+def write_random_model(
+    out_dir: Path,
+    geometry: str = "base",
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    num_labels: int = 1,
+) -> Path:
+    """Create `out_dir` with config.json, model.safetensors and tokenizer files; returns `out_dir`.
+
+    `tokenizer_dir` supplies the real tokenizer files (e.g. the DeBERTa-v3 tokenizer); without it a small
+    SentencePiece unigram tokenizer is trained on the spot, and the vocabulary shrinks to match it.
+    """
+    if geometry not in CATALOG:
+        raise ValueError(f"unknown geometry {geometry!r}; known: {sorted(CATALOG)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out_dir / name)
+        vocab_size = 128100
+    else:
+        train_unigram_tokenizer(out_dir)
+        added = json.loads((out_dir / "added_tokens.json").read_text())
+        vocab_size = max(added.values()) + 1
+
+    config = deberta_v3_config(CATALOG[geometry].geometry, vocab_size=vocab_size)
+    if num_labels == 2:
+        config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
+        config["label2id"] = {"LABEL_0": 0, "LABEL_1": 1}
+    config["_name_or_path"] = f"rerankd-random/{geometry}"
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config[UNTRAINED_KEY] = True
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(
+        random_checkpoint(config, seed, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"}
+    )
+    return out_dir

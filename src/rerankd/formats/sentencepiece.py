@@ -1,0 +1,287 @@
+"""Fast tokenizers built from SentencePiece unigram models with the `tokenizers` library alone.
+
+A model folder may ship only `spm.model`. transformers 5.x's slow->fast conversion of DeBERTa-v3's
+`spm.model` gives [CLS]/[SEP] the wrong ids, so we build the tokenizer ourselves, the way the
+Hugging Face tokenizer.json of these models is built: same pieces and scores, same normalizer,
+pre-tokenizer and special-token ids, hence the same ids on every input.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import sysconfig
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+METASPACE = "▁"
+SPECIAL_TOKEN_DEFAULTS: dict[str, str] = {
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "unk_token": "[UNK]",
+    "mask_token": "[MASK]",
+}
+# The order DeBERTa-v3 gives the pieces its trainer reserves: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3.
+RESERVED_PIECE_KEYS = ("pad_token", "cls_token", "sep_token", "unk_token")
+
+
+def special_token_content(tokenizer_config: Mapping[str, Any], key: str) -> str:
+    """The text of a named special token; configs store it as a string or as a serialized AddedToken."""
+    value = tokenizer_config.get(key) or SPECIAL_TOKEN_DEFAULTS[key]
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"tokenizer config {key} is {value!r}, expected a token string")
+    return value
+
+
+def pair_template(cls_token: str, cls_id: int, sep_token: str, sep_id: int) -> processors.TemplateProcessing:
+    """`[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (B typed 1): the layout DeBERTa cross-encoders expect."""
+    return processors.TemplateProcessing(
+        single=f"{cls_token} $A:0 {sep_token}:0",
+        pair=f"{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1",
+        special_tokens=[(cls_token, cls_id), (sep_token, sep_id)],
+    )
+
+
+def read_unigram_model(spm_path: Path) -> sentencepiece_model_pb2.ModelProto:
+    """Parse `spm_path`, refusing what this module cannot reproduce faithfully (BPE, suffix whitespace)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_path.read_bytes())
+    if not proto.pieces:
+        raise ValueError(f"{spm_path} holds no SentencePiece pieces")
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        model_type = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        raise ValueError(f"{spm_path} is a {model_type} SentencePiece model; only UNIGRAM is supported")
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        raise ValueError(f"{spm_path} treats whitespace as a suffix, which Metaspace cannot reproduce")
+    return proto
+
+
+def tokenizer_from_spm(
+    spm_path: Path,
+    tokenizer_config: Mapping[str, Any] | None = None,
+    added_tokens: Mapping[str, int] | None = None,
+) -> Tokenizer:
+    """Build the fast tokenizer for a SentencePiece unigram model (DeBERTa-v3 layout).
+
+    `tokenizer_config` is the folder's tokenizer_config.json (special-token names, do_lower_case,
+    added_tokens_decoder), `added_tokens` its added_tokens.json. Byte fallback stays off even when
+    the model has byte pieces: the reference tokenizer.json maps unknown characters to [UNK].
+    """
+    config: Mapping[str, Any] = tokenizer_config or {}
+    if config.get("split_by_punct"):
+        raise ValueError("split_by_punct=true is not supported (DeBERTa-v3 rerankers do not use it)")
+    proto = read_unigram_model(spm_path)
+    vocabulary = [(piece.piece, piece.score) for piece in proto.pieces]
+    tokenizer = Tokenizer(models.Unigram(vocabulary, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
+    tokenizer.normalizer = _normalizer(proto, lowercase=bool(config.get("do_lower_case")))
+    prepend_scheme = "always" if proto.normalizer_spec.add_dummy_prefix else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
+    tokenizer.decoder = decoders.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
+
+    token_ids = _added_token_ids(proto, config, added_tokens or {})
+    tokenizer.add_special_tokens(
+        [_added_token(content, config) for content in sorted(token_ids, key=token_ids.__getitem__)]
+    )
+    misplaced = {
+        content: (token_id, tokenizer.token_to_id(content))
+        for content, token_id in token_ids.items()
+        if tokenizer.token_to_id(content) != token_id
+    }
+    if misplaced:
+        raise ValueError(
+            f"added tokens must follow the vocabulary without gaps; wanted (id, got) {misplaced} "
+            f"for a vocabulary of {len(vocabulary)}"
+        )
+    cls_token = special_token_content(config, "cls_token")
+    sep_token = special_token_content(config, "sep_token")
+    tokenizer.post_processor = pair_template(cls_token, token_ids[cls_token], sep_token, token_ids[sep_token])
+    return tokenizer
+
+
+def _normalizer(proto: sentencepiece_model_pb2.ModelProto, lowercase: bool) -> normalizers.Normalizer:
+    """SentencePiece's own precompiled normalization (NFKC for DeBERTa-v3), and its removal of extra
+    whitespace as Strip before and space-run collapsing after it, as the reference tokenizer.json does."""
+    spec = proto.normalizer_spec
+    # Lowercasing comes first, on the raw text, as in transformers' own DeBERTa-v2 conversion.
+    steps: list[normalizers.Normalizer] = [normalizers.Lowercase()] if lowercase else []
+    if spec.remove_extra_whitespaces:
+        steps.append(normalizers.Strip(left=True, right=True))
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    return normalizers.Sequence(steps)
+
+
+def _added_token_ids(
+    proto: sentencepiece_model_pb2.ModelProto, config: Mapping[str, Any], added_tokens: Mapping[str, int]
+) -> dict[str, int]:
+    """Ids of the special and added tokens: a SentencePiece piece keeps its own id, any other token
+    takes the id the config declares, else the next one after the vocabulary (so DeBERTa-v3's [MASK]
+    gets 128000)."""
+    piece_ids = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+    decoder = config.get("added_tokens_decoder", {})
+    declared = {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
+    for content, token_id in added_tokens.items():
+        if declared.setdefault(content, token_id) != token_id:
+            raise ValueError(
+                f"{content!r} is {declared[content]} in tokenizer_config.json but {token_id} in "
+                "added_tokens.json"
+            )
+
+    named = [special_token_content(config, key) for key in SPECIAL_TOKEN_DEFAULTS]
+    contents = dict.fromkeys(named + list(declared))
+    token_ids: dict[str, int] = {}
+    for content in contents:
+        piece_id, declared_id = piece_ids.get(content), declared.get(content)
+        if piece_id is not None:
+            if declared_id not in (None, piece_id):
+                raise ValueError(f"{content!r} is SentencePiece piece {piece_id}, config says {declared_id}")
+            token_ids[content] = piece_id
+        elif declared_id is not None:
+            if declared_id < len(proto.pieces):
+                taken_by = proto.pieces[declared_id].piece
+                raise ValueError(f"the config gives {content!r} id {declared_id}, already piece {taken_by!r}")
+            token_ids[content] = declared_id
+    next_id = max([len(proto.pieces) - 1, *token_ids.values()]) + 1
+    for content in contents:
+        if content not in token_ids:
+            token_ids[content] = next_id
+            next_id += 1
+    return token_ids
+
+
+def _added_token(content: str, config: Mapping[str, Any]) -> AddedToken:
+    """The token with the flags of its added_tokens_decoder entry (DeBERTa-v3 marks [UNK] normalized)."""
+    entries = config.get("added_tokens_decoder", {}).values()
+    declared = next((entry for entry in entries if entry["content"] == content), {})
+    return AddedToken(
+        content,
+        single_word=declared.get("single_word", False),
+        lstrip=declared.get("lstrip", False),
+        rstrip=declared.get("rstrip", False),
+        normalized=declared.get("normalized", False),
+        special=declared.get("special", True),
+    )
+
+
+def train_unigram_tokenizer(out_dir: Path, vocab_size: int = 8000) -> None:
+    """Write a small DeBERTa-v3-shaped tokenizer folder, for machines without the real one.
+
+    Trains a SentencePiece unigram model on Python's own documentation (so no network is needed),
+    in one thread so the result is the same on every run with the same Python. [PAD]=0 [CLS]=1
+    [SEP]=2 [UNK]=3 as in DeBERTa-v3, [MASK]=vocab_size; writes spm.model, tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json and added_tokens.json.
+    """
+    reserved = [SPECIAL_TOKEN_DEFAULTS[key] for key in RESERVED_PIECE_KEYS]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_sentences()),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=True,
+        character_coverage=1.0,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece=reserved[0],
+        bos_piece=reserved[1],
+        eos_piece=reserved[2],
+        unk_piece=reserved[3],
+        num_threads=1,
+        minloglevel=2,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm_path = out_dir / "spm.model"
+    spm_path.write_bytes(model.getvalue())
+    mask_token = SPECIAL_TOKEN_DEFAULTS["mask_token"]
+    added_tokens = {mask_token: vocab_size}
+    token_ids = {content: token_id for token_id, content in enumerate(reserved)} | added_tokens
+    config = _tokenizer_config(token_ids)
+    _write_json(out_dir / "tokenizer_config.json", config)
+    _write_json(out_dir / "special_tokens_map.json", _special_tokens_map())
+    _write_json(out_dir / "added_tokens.json", added_tokens)
+    tokenizer_from_spm(spm_path, config, added_tokens).save(str(out_dir / "tokenizer.json"))
+
+
+def _training_sentences() -> list[str]:
+    """Non-empty lines of the language reference bundled for pydoc and of the top-level stdlib modules'
+    docstrings: English prose mixed with code, present in every CPython install."""
+    # Imported here: only training needs this half-megabyte table of documentation.
+    import pydoc_data.topics
+
+    texts = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)]
+    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        tree = ast.parse(source.read_bytes())
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        texts.extend(
+            docstring
+            for node in ast.walk(tree)
+            if isinstance(node, documented) and (docstring := ast.get_docstring(node))
+        )
+    return [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+
+
+def _added_token_json(content: str) -> dict[str, Any]:
+    """One token as transformers serializes it; [UNK] is normalized, as in DeBERTa-v3's files."""
+    normalized = content == SPECIAL_TOKEN_DEFAULTS["unk_token"]
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": normalized,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def _tokenizer_config(token_ids: Mapping[str, int]) -> dict[str, Any]:
+    """tokenizer_config.json with the keys mxbai-rerank-*-v1 ship, for a tokenizer with `token_ids`."""
+    return {
+        "added_tokens_decoder": {
+            str(token_id): _added_token_json(content) | {"special": True}
+            for content, token_id in token_ids.items()
+        },
+        "bos_token": SPECIAL_TOKEN_DEFAULTS["cls_token"],
+        "clean_up_tokenization_spaces": True,
+        "cls_token": SPECIAL_TOKEN_DEFAULTS["cls_token"],
+        "do_lower_case": False,
+        "eos_token": SPECIAL_TOKEN_DEFAULTS["sep_token"],
+        "mask_token": SPECIAL_TOKEN_DEFAULTS["mask_token"],
+        "max_length": 510,
+        "model_max_length": 512,
+        "pad_to_multiple_of": None,
+        "pad_token": SPECIAL_TOKEN_DEFAULTS["pad_token"],
+        "pad_token_type_id": 0,
+        "padding_side": "right",
+        "sep_token": SPECIAL_TOKEN_DEFAULTS["sep_token"],
+        "sp_model_kwargs": {},
+        "split_by_punct": False,
+        "stride": 0,
+        "tokenizer_class": "DebertaV2Tokenizer",
+        "truncation_side": "right",
+        "truncation_strategy": "longest_first",
+        "unk_token": SPECIAL_TOKEN_DEFAULTS["unk_token"],
+        "vocab_type": "spm",
+    }
+
+
+def _special_tokens_map() -> dict[str, dict[str, Any]]:
+    """special_tokens_map.json as DeBERTa-v3 ships it: bos is [CLS], eos is [SEP]."""
+    roles = {"bos_token": "cls_token", "eos_token": "sep_token"}
+    keys = ("bos_token", "cls_token", "eos_token", "mask_token", "pad_token", "sep_token", "unk_token")
+    return {key: _added_token_json(SPECIAL_TOKEN_DEFAULTS[roles.get(key, key)]) for key in keys}
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

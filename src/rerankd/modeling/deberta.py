@@ -1,0 +1,198 @@
+"""The DeBERTa-v2/v3 sequence classifier, written for inference.
+
+Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped for serving:
+- Q, K and V are one fused projection.
+- The relative-position projections `Kr = key_proj(LN(rel))` and `Qr = query_proj(LN(rel))` depend only on the
+  weights, so they are computed once when the weights are loaded, not in every forward.
+- Only the relative slots a batch of length L can reach are multiplied (2L-1 of 512 for short batches).
+- Attention runs through `scaled_dot_product_attention` with the c2p + p2c terms as an additive bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rerankd.modeling.config import DebertaConfig
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def relative_slot_table(config: DebertaConfig) -> torch.Tensor:
+    """Slot of the relative-position table for every distance r = i - j, indexed by r + (max_len - 1).
+
+    Computed with the same float32 operations as the reference's log bucketing, so bucket boundaries agree.
+    """
+    max_len = config.max_position_embeddings
+    cpu = torch.device("cpu")  # explicit: the model may be built under a meta-device context
+    distance = torch.arange(-(max_len - 1), max_len, dtype=torch.long, device=cpu)
+    span = config.relative_span
+    if config.position_buckets > 0:
+        mid = config.position_buckets // 2
+        sign = torch.sign(distance)
+        abs_pos = torch.where(
+            (distance < mid) & (distance > -mid),
+            torch.tensor(mid - 1, device=cpu).type_as(distance),
+            torch.abs(distance),
+        )
+        log_pos = (
+            torch.ceil(
+                torch.log(abs_pos / mid)
+                / torch.log(torch.tensor((config.max_relative_positions - 1) / mid, device=cpu))
+                * (mid - 1)
+            )
+            + mid
+        )
+        distance = torch.where(abs_pos <= mid, distance.type_as(log_pos), log_pos * sign).to(torch.long)
+    return torch.clamp(distance + span, 0, 2 * span - 1)
+
+
+class DebertaLayer(nn.Module):
+    """One transformer block: disentangled self-attention then the feed-forward network, both post-norm."""
+
+    def __init__(self, config: DebertaConfig) -> None:
+        super().__init__()
+        inner = config.num_attention_heads * config.attention_head_size
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.attention_head_size
+        self.qkv = nn.Linear(config.hidden_size, 3 * inner)
+        self.attention_output = nn.Linear(inner, config.hidden_size)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.scale = 1.0 / math.sqrt(self.head_size * config.attention_scale_factor)
+        # Per-head relative projections, filled at load by `set_relative_projections`.
+        # c2p uses the keys of the relative table, p2c its queries (pre-multiplied by `scale`).
+        self.register_buffer("relative_keys", None, persistent=False)
+        self.register_buffer("relative_queries", None, persistent=False)
+
+    def set_relative_projections(
+        self,
+        table: torch.Tensor,
+        key_projection: tuple[torch.Tensor, torch.Tensor] | None,
+        query_projection: tuple[torch.Tensor, torch.Tensor] | None,
+        dtype: torch.dtype,
+    ) -> None:
+        """Project the normalized relative table once, in float32, and keep it per head in `dtype`."""
+        heads = (-1, self.num_heads, self.head_size)
+        if key_projection is not None:
+            keys = F.linear(table, key_projection[0].float(), key_projection[1].float())
+            self.relative_keys = keys.view(heads).transpose(0, 1).to(dtype).contiguous()
+        if query_projection is not None:
+            queries = F.linear(table, query_projection[0].float(), query_projection[1].float()) * self.scale
+            self.relative_queries = queries.view(heads).transpose(0, 1).to(dtype).contiguous()
+
+    def forward(
+        self, hidden: torch.Tensor, key_mask_bias: torch.Tensor, slots: torch.Tensor | None, slot_range: slice
+    ) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        qkv = self.qkv(hidden).view(batch, length, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv[0] * self.scale, qkv[1], qkv[2]
+
+        bias = key_mask_bias
+        if self.relative_keys is not None:
+            c2p = torch.matmul(query, self.relative_keys[:, slot_range].transpose(-1, -2))
+            bias = bias + torch.gather(c2p, -1, slots.expand(batch, self.num_heads, length, length))
+        if self.relative_queries is not None:
+            p2c = torch.matmul(key, self.relative_queries[:, slot_range].transpose(-1, -2))
+            slots_t = slots.transpose(-1, -2)
+            bias = bias + torch.gather(
+                p2c, -1, slots_t.expand(batch, self.num_heads, length, length)
+            ).transpose(-1, -2)
+
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype), scale=1.0)
+        context = context.transpose(1, 2).reshape(batch, length, -1)
+        attended = self.attention_norm(self.attention_output(context) + hidden)
+        return self.output_norm(self.output(self.activation(self.intermediate(attended))) + attended)
+
+
+class DebertaReranker(nn.Module):
+    """DeBERTa encoder + context pooler + classifier; returns one relevance logit per pair."""
+
+    def __init__(self, config: DebertaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.embedding_size)
+            if config.position_biased_input
+            else None
+        )
+        self.embed_proj = (
+            nn.Linear(config.embedding_size, config.hidden_size, bias=False)
+            if config.embedding_size != config.hidden_size
+            else None
+        )
+        self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(DebertaLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.pooler_hidden_size, config.pooler_hidden_size)
+        self.pooler_activation = ACTIVATIONS[config.pooler_hidden_act]
+        self.classifier = nn.Linear(config.pooler_hidden_size, config.num_labels)
+        slot_table = relative_slot_table(config)
+        self.register_buffer("slot_table", slot_table, persistent=False)
+        # Host copy: the slot range of a batch is known without reading device memory.
+        self._slot_list: list[int] = slot_table.tolist()
+
+    def normalized_relative_table(
+        self, relative_embeddings: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The relative-position embedding table after its LayerNorm, in float32 (the projections' input)."""
+        table = relative_embeddings.float()[: 2 * self.config.relative_span]
+        if norm is None:
+            return table
+        return F.layer_norm(
+            table, (table.shape[-1],), norm[0].float(), norm[1].float(), self.config.layer_norm_eps
+        )
+
+    def relative_slots(self, length: int) -> tuple[torch.Tensor, slice]:
+        """Slot index for every (i, j) of a length-L batch, relative to the first slot the batch can reach."""
+        offset = self.config.max_position_embeddings - 1
+        positions = torch.arange(length, device=self.slot_table.device)
+        slots = self.slot_table[positions[:, None] - positions[None, :] + offset]
+        first = self._slot_list[offset - (length - 1)]
+        last = self._slot_list[offset + (length - 1)]
+        return slots - first, slice(first, last + 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (batch, num_labels) for right-padded `input_ids`."""
+        length = input_ids.shape[1]
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds {self.config.max_position_embeddings}")
+        dtype = self.classifier.weight.dtype
+        hidden = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            hidden = hidden + self.position_embeddings.weight[:length]
+        if self.embed_proj is not None:
+            hidden = self.embed_proj(hidden)
+        mask = attention_mask.to(dtype)
+        hidden = self.embedding_norm(hidden) * mask.unsqueeze(-1)
+
+        key_mask_bias = ((1.0 - mask) * torch.finfo(dtype).min)[:, None, None, :]
+        slots, slot_range = (
+            self.relative_slots(length) if self.config.relative_attention else (None, slice(0, 0))
+        )
+        for layer in self.layers:
+            hidden = layer(hidden, key_mask_bias, slots, slot_range)
+        pooled = self.pooler_activation(self.pooler(hidden[:, 0]))
+        return self.classifier(pooled)
+
+    def relevance_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One logit per pair whose sigmoid is the relevance: the logit itself, or l1 - l0 for two labels."""
+        logits = self.forward(input_ids, attention_mask).float()
+        if self.config.num_labels == 1:
+            return logits[:, 0]
+        return logits[:, 1] - logits[:, 0]

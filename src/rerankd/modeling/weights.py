@@ -1,0 +1,170 @@
+"""Build a `DebertaReranker` from a checkpoint's own tensor names, one tensor at a time.
+
+Checkpoints name tensors as transformers does (`deberta.encoder.layer.0.attention.self.query_proj.weight`);
+GGUF files drop the `deberta.` prefix. Both are read through `TensorReader`, so the network never depends on
+the file format. Each tensor goes straight to the target dtype and device; no full-precision copy of the whole
+checkpoint is ever held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+from rerankd.modeling.config import DebertaConfig
+from rerankd.modeling.deberta import DebertaReranker, relative_slot_table
+
+
+class TensorReader(Protocol):
+    """Random access to a checkpoint's tensors by name."""
+
+    def names(self) -> Iterable[str]: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not match its config (missing or misshaped)."""
+
+
+class _Tensors:
+    """Name lookup that accepts both `deberta.`-prefixed and bare names and checks shapes."""
+
+    def __init__(self, reader: TensorReader, dtype: torch.dtype, device: torch.device) -> None:
+        self._reader = reader
+        self._by_bare_name = {name.removeprefix("deberta."): name for name in reader.names()}
+        self.dtype = dtype
+        self._device = device
+
+    def has(self, name: str) -> bool:
+        return name in self._by_bare_name
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self._by_bare_name:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        tensor = self._reader.read(self._by_bare_name[name])
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        return tensor.to(device=self._device, dtype=dtype or self.dtype)
+
+    def linear(self, prefix: str, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.get(f"{prefix}.weight", (out_features, in_features)),
+            self.get(f"{prefix}.bias", (out_features,)),
+        )
+
+    def linear_float32(
+        self, prefix: str, out_features: int, in_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.get(f"{prefix}.weight", (out_features, in_features), torch.float32),
+            self.get(f"{prefix}.bias", (out_features,), torch.float32),
+        )
+
+
+def load_reranker(
+    config: DebertaConfig, reader: TensorReader, dtype: torch.dtype, device: torch.device
+) -> DebertaReranker:
+    """Materialize the network from `reader` in `dtype` on `device`, in inference mode."""
+    with torch.device("meta"):
+        model = DebertaReranker(config)
+    tensors = _Tensors(reader, dtype, device)
+    hidden, embed = config.hidden_size, config.embedding_size
+    inner = config.num_attention_heads * config.attention_head_size
+    state: dict[str, torch.Tensor] = {
+        "word_embeddings.weight": tensors.get(
+            "embeddings.word_embeddings.weight", (config.vocab_size, embed)
+        ),
+        "embedding_norm.weight": tensors.get("embeddings.LayerNorm.weight", (hidden,)),
+        "embedding_norm.bias": tensors.get("embeddings.LayerNorm.bias", (hidden,)),
+        "pooler.weight": tensors.get(
+            "pooler.dense.weight", (config.pooler_hidden_size, config.pooler_hidden_size)
+        ),
+        "pooler.bias": tensors.get("pooler.dense.bias", (config.pooler_hidden_size,)),
+        "classifier.weight": tensors.get("classifier.weight", (config.num_labels, config.pooler_hidden_size)),
+        "classifier.bias": tensors.get("classifier.bias", (config.num_labels,)),
+    }
+    if config.position_biased_input:
+        state["position_embeddings.weight"] = tensors.get(
+            "embeddings.position_embeddings.weight", (config.max_position_embeddings, embed)
+        )
+    if config.embedding_size != config.hidden_size:
+        state["embed_proj.weight"] = tensors.get("embeddings.embed_proj.weight", (hidden, embed))
+
+    table = _relative_table(config, tensors, model) if config.relative_attention else None
+    for index in range(config.num_hidden_layers):
+        prefix = f"encoder.layer.{index}"
+        attention = f"{prefix}.attention.self"
+        query = tensors.linear(f"{attention}.query_proj", inner, hidden)
+        key = tensors.linear(f"{attention}.key_proj", inner, hidden)
+        value = tensors.linear(f"{attention}.value_proj", inner, hidden)
+        state[f"layers.{index}.qkv.weight"] = torch.cat([query[0], key[0], value[0]])
+        state[f"layers.{index}.qkv.bias"] = torch.cat([query[1], key[1], value[1]])
+        del value
+        for ours, theirs, shape in (
+            ("attention_output", f"{prefix}.attention.output.dense", (hidden, inner)),
+            ("intermediate", f"{prefix}.intermediate.dense", (config.intermediate_size, hidden)),
+            ("output", f"{prefix}.output.dense", (hidden, config.intermediate_size)),
+        ):
+            state[f"layers.{index}.{ours}.weight"], state[f"layers.{index}.{ours}.bias"] = tensors.linear(
+                theirs, *shape
+            )
+        for ours, theirs in (
+            ("attention_norm", f"{prefix}.attention.output.LayerNorm"),
+            ("output_norm", f"{prefix}.output.LayerNorm"),
+        ):
+            state[f"layers.{index}.{ours}.weight"] = tensors.get(f"{theirs}.weight", (hidden,))
+            state[f"layers.{index}.{ours}.bias"] = tensors.get(f"{theirs}.bias", (hidden,))
+        if table is not None:
+            _set_layer_relative_projections(config, tensors, model, index, table, query, key)
+
+    model.load_state_dict(state, strict=True, assign=True)
+    model.slot_table = relative_slot_table(config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _relative_table(config: DebertaConfig, tensors: _Tensors, model: DebertaReranker) -> torch.Tensor:
+    rows = 2 * config.relative_span
+    embeddings = tensors.get("encoder.rel_embeddings.weight", (rows, config.hidden_size), torch.float32)
+    norm = None
+    if config.norm_rel_embeddings:
+        norm = (
+            tensors.get("encoder.LayerNorm.weight", (config.hidden_size,), torch.float32),
+            tensors.get("encoder.LayerNorm.bias", (config.hidden_size,), torch.float32),
+        )
+    return model.normalized_relative_table(embeddings, norm)
+
+
+def _set_layer_relative_projections(
+    config: DebertaConfig,
+    tensors: _Tensors,
+    model: DebertaReranker,
+    index: int,
+    table: torch.Tensor,
+    query: tuple[torch.Tensor, torch.Tensor],
+    key: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """c2p needs keys of the relative table, p2c its queries: shared with the content projections or not."""
+    inner = config.num_attention_heads * config.attention_head_size
+    attention = f"encoder.layer.{index}.attention.self"
+    if config.share_att_key:
+        key_projection, query_projection = key, query
+    else:
+        key_projection = (
+            tensors.linear_float32(f"{attention}.pos_key_proj", inner, config.hidden_size)
+            if "c2p" in config.pos_att_type
+            else None
+        )
+        query_projection = (
+            tensors.linear_float32(f"{attention}.pos_query_proj", inner, config.hidden_size)
+            if "p2c" in config.pos_att_type
+            else None
+        )
+    model.layers[index].set_relative_projections(
+        table,
+        key_projection if "c2p" in config.pos_att_type else None,
+        query_projection if "p2c" in config.pos_att_type else None,
+        tensors.dtype,
+    )

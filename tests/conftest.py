@@ -1,0 +1,59 @@
+"""Shared fixtures. Material from ../shared is optional: tests that need it skip where it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("RERANKD_SHARED_DIR", REPO_ROOT.parent / "shared"))
+SHARED_TOKENIZER = SHARED_DIR / "fixtures" / "deberta-v3-tokenizer"
+SHARED_CONFIGS = SHARED_DIR / "fixtures" / "configs"
+SHARED_DATA = SHARED_DIR / "data"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared material not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer_dir() -> Path:
+    """The real DeBERTa-v3 tokenizer files (tokenizer.json, spm.model, tokenizer_config.json)."""
+    return _require(SHARED_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def shared_configs_dir() -> Path:
+    """Real mxbai-rerank config.json files (xsmall, base, large geometry)."""
+    return _require(SHARED_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def msmarco_dir() -> Path:
+    """BEIR-format MS MARCO DL19 subset (corpus.jsonl, queries.jsonl, qrels/)."""
+    return _require(SHARED_DATA / "msmarco-dl19-subset")
+
+
+def _random_model(tmp_path_factory: pytest.TempPathFactory, geometry: str) -> Path:
+    from rerankd.devtools.random_model import write_random_model
+
+    tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else None
+    return write_random_model(
+        tmp_path_factory.mktemp(f"random-{geometry}"), geometry, tokenizer_dir=tokenizer
+    )
+
+
+@pytest.fixture(scope="session")
+def xsmall_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight model folder at the mxbai-rerank-xsmall geometry (real tokenizer when available)."""
+    return _random_model(tmp_path_factory, "xsmall")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight model folder at the mxbai-rerank-base geometry (real tokenizer when available)."""
+    return _random_model(tmp_path_factory, "base")

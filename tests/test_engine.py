@@ -1,0 +1,129 @@
+"""Engine: tokenization, batching and scoring end to end against the reference model and tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
+
+from rerankd.engine.batching import plan_batches
+from rerankd.engine.loader import load_engine
+from rerankd.engine.postprocess import rank, sigmoid
+
+QUERY = "Who wrote To Kill a Mockingbird?"
+
+
+def passages(msmarco_dir: Path, count: int) -> list[str]:
+    with (msmarco_dir / "corpus.jsonl").open() as corpus:
+        return [json.loads(line)["text"] for line in itertools.islice(corpus, count)]
+
+
+@pytest.fixture(scope="module")
+def reference(xsmall_model_dir: Path):
+    model = DebertaV2ForSequenceClassification.from_pretrained(
+        xsmall_model_dir, torch_dtype=torch.float32
+    ).eval()
+    # The model's own tokenizer.json is the reference tokenization. (transformers 5's AutoTokenizer rebuilds a
+    # DeBERTa-v2 tokenizer with another normalizer, which maps some rare characters differently.)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(xsmall_model_dir / "tokenizer.json"), pad_token="[PAD]"
+    )
+    return tokenizer, model
+
+
+def reference_logits(reference, query: str, documents: list[str]) -> list[float]:
+    """One unpadded forward per pair: the reference's score of each pair on its own.
+
+    Pairs are passed as lists, as sentence-transformers' CrossEncoder does: transformers drops an empty second
+    text of a single pair (`[CLS] q [SEP]`), while a batch keeps it (`[CLS] q [SEP] [SEP]`, like rerankd).
+    """
+    tokenizer, model = reference
+    logits = []
+    with torch.inference_mode():
+        for document in documents:
+            inputs = tokenizer([query], [document], truncation=True, max_length=512, return_tensors="pt")
+            logits.append(model(input_ids=inputs["input_ids"]).logits[0, 0].item())
+    return logits
+
+
+def test_engine_scores_equal_the_reference_across_split_batches(
+    xsmall_model_dir: Path, msmarco_dir: Path, reference
+) -> None:
+    """Real passages, a long document (truncated) and an empty one; a small token budget forces many batches,
+    and every score must still come back in input order."""
+    documents = [*passages(msmarco_dir, 40), "", "word " * 2000]
+    engine = load_engine(str(xsmall_model_dir), max_batch_tokens=1024, max_batch_pairs=8)
+    try:
+        scored = asyncio.run(engine.score(QUERY, documents))
+    finally:
+        engine.close()
+    expected = reference_logits(reference, QUERY, documents)
+    assert max(abs(a - b) for a, b in zip(scored.logits, expected, strict=True)) <= 1e-4
+    tokenizer = reference[0]
+    expected_tokens = sum(
+        len(ids)
+        for ids in tokenizer([QUERY] * len(documents), documents, truncation=True, max_length=512)[
+            "input_ids"
+        ]
+    )
+    assert scored.token_count == expected_tokens
+
+
+@pytest.mark.parametrize(("query_words", "document_words"), [(5, 1000), (1000, 5), (400, 400), (300, 3)])
+def test_truncation_is_longest_first_like_the_reference_tokenizer(
+    xsmall_model_dir: Path, reference, query_words: int, document_words: int
+) -> None:
+    engine = load_engine(str(xsmall_model_dir), max_length=256)
+    try:
+        ids = engine.tokenizer.encode_pairs("query " * query_words, ["document " * document_words])[0]
+    finally:
+        engine.close()
+    expected = reference[0](
+        "query " * query_words, "document " * document_words, truncation="longest_first", max_length=256
+    )["input_ids"]
+    assert ids == expected
+    assert len(ids) <= 256
+
+
+def test_max_length_cannot_exceed_the_model(xsmall_model_dir: Path) -> None:
+    engine = load_engine(str(xsmall_model_dir), max_length=4096)
+    try:
+        assert engine.limits.max_length == 512
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("budget", [512, 1000, 4096])
+def test_batches_respect_the_padded_token_budget(budget: int) -> None:
+    lengths = [5, 512, 40, 40, 300, 7, 128, 129, 1, 256, 90, 90, 90]
+    batches = plan_batches(lengths, max_batch_tokens=budget, max_batch_pairs=4)
+    assert sorted(itertools.chain.from_iterable(batches)) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= budget
+    # Sorted by length: batches never interleave lengths, which keeps padding low.
+    flattened = [lengths[i] for i in itertools.chain.from_iterable(batches)]
+    assert flattened == sorted(flattened)
+
+
+def test_a_pair_longer_than_the_budget_runs_alone() -> None:
+    assert plan_batches([600, 10, 10], max_batch_tokens=512, max_batch_pairs=8) == [[1, 2], [0]]
+
+
+def test_rank_sorts_by_score_then_index_and_cuts_after_sorting() -> None:
+    ranked = rank([0.0, 2.0, -1.0, 2.0], top_n=3)
+    assert [item.index for item in ranked] == [1, 3, 0]
+    assert ranked[0].score == pytest.approx(sigmoid(2.0))
+    assert [item.score for item in rank([0.5, -3.0], raw_scores=True)] == [0.5, -3.0]
+    assert len(rank([1.0, 2.0], top_n=10)) == 2
+
+
+def test_sigmoid_is_stable_at_extremes() -> None:
+    assert sigmoid(1000.0) == 1.0
+    assert sigmoid(-1000.0) == 0.0
+    assert sigmoid(0.0) == 0.5

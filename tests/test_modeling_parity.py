@@ -1,0 +1,177 @@
+"""The project's DeBERTa equals the reference, transformers' DebertaV2ForSequenceClassification, in fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+from rerankd.catalog import CATALOG, deberta_v3_config
+from rerankd.devtools.random_model import random_checkpoint
+from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
+from rerankd.modeling.weights import CheckpointError, load_reranker
+
+from conftest import SHARED_CONFIGS
+
+PARITY_BOUND = 1e-4
+CPU = torch.device("cpu")
+
+
+class DictReader:
+    """A TensorReader over an in-memory state dict (the reference model's own tensor names)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def names(self):
+        return self.tensors.keys()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def geometry_config(geometry: str) -> dict:
+    """The real config.json from ../shared when present, else the catalog's identical geometry."""
+    shared = SHARED_CONFIGS / f"mxbai-rerank-{geometry}-v1.json"
+    if shared.exists():
+        return json.loads(shared.read_text())
+    return deberta_v3_config(CATALOG[geometry].geometry)
+
+
+def padded_batch(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    input_ids = torch.zeros((len(lengths), longest), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(4, vocab - 1, (length,), generator=generator)
+        input_ids[row, 0] = 1
+        mask[row, :length] = 1
+    return input_ids, mask
+
+
+def reference_and_ours(config: dict, tensors: dict[str, torch.Tensor]):
+    reference = DebertaV2ForSequenceClassification(DebertaV2Config(**config)).eval()
+    result = reference.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    assert not result.unexpected_keys and all("position_ids" in key for key in result.missing_keys)
+    ours = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.float32, CPU)
+    return reference, ours
+
+
+def max_logit_difference(reference, ours, lengths: list[int], vocab: int, seed: int = 0) -> float:
+    input_ids, mask = padded_batch(lengths, vocab, seed)
+    with torch.inference_mode():
+        expected = reference(input_ids=input_ids, attention_mask=mask).logits
+        actual = ours(input_ids, mask)
+    assert actual.shape == expected.shape
+    return (actual - expected).abs().max().item()
+
+
+# Lengths 1…512 across padded batches: short (identity buckets), around the log-bucket boundary (128/129),
+# and the full 512 window.
+BATCHES = {
+    "xsmall": [[1, 2, 3, 17], [64, 127, 128, 129, 130, 200], [511, 512, 300, 5]],
+    "base": [[1, 9, 40], [129, 128, 250], [512, 77]],
+}
+
+
+@pytest.mark.parametrize("geometry", ["xsmall", "base"])
+def test_parity_at_real_geometry(geometry: str) -> None:
+    config = geometry_config(geometry)
+    # A wider init than the config's 0.02 makes attention far from uniform and logits O(1): the check bites.
+    tensors = random_checkpoint({**config, "initializer_range": 0.1}, seed=1, dtype=torch.float16)
+    reference, ours = reference_and_ours(config, tensors)
+    for seed, lengths in enumerate(BATCHES[geometry]):
+        difference = max_logit_difference(reference, ours, lengths, config["vocab_size"], seed)
+        assert difference <= PARITY_BOUND, f"{geometry} {lengths}: max |Δlogit| {difference:.2e}"
+
+
+TINY = {
+    **deberta_v3_config(CATALOG["xsmall"].geometry, vocab_size=300),
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pooler_hidden_size": 64,
+}
+
+VARIANTS = {
+    "v3": {},
+    "two-labels": {"id2label": {"0": "NO", "1": "YES"}, "label2id": {"NO": 0, "YES": 1}},
+    "separate-position-projections": {"share_att_key": False},
+    "c2p-only": {"pos_att_type": ["c2p"]},
+    "p2c-only": {"pos_att_type": "p2c"},
+    "no-relative-attention": {"relative_attention": False, "position_biased_input": True},
+    "absolute-and-relative": {"position_biased_input": True},
+    "unbucketed-relative": {"position_buckets": -1, "max_relative_positions": 48},
+    "no-relative-norm": {"norm_rel_ebd": "none"},
+    "embedding-projection": {"embedding_size": 32},
+    "tanh-gelu": {"hidden_act": "gelu_new", "pooler_hidden_act": "tanh"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parity_across_config_variants(variant: str) -> None:
+    """Every config path the network accepts is checked against the reference's own random init."""
+    config = {**TINY, **VARIANTS[variant]}
+    torch.manual_seed(0)
+    reference = DebertaV2ForSequenceClassification(DebertaV2Config(**config)).eval()
+    for parameter in reference.parameters():  # widen the init so every term matters
+        parameter.data.normal_(0.0, 0.2)
+    tensors = {k: v for k, v in reference.state_dict().items() if "position_ids" not in k}
+    ours = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.float32, CPU)
+    difference = max_logit_difference(reference, ours, [1, 7, 60, 150, 512], config["vocab_size"])
+    assert difference <= PARITY_BOUND, f"{variant}: max |Δlogit| {difference:.2e}"
+
+
+def test_two_label_relevance_is_probability_of_label_one() -> None:
+    config = {**TINY, **VARIANTS["two-labels"]}
+    torch.manual_seed(0)
+    reference = DebertaV2ForSequenceClassification(DebertaV2Config(**config)).eval()
+    tensors = {k: v for k, v in reference.state_dict().items() if "position_ids" not in k}
+    ours = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.float32, CPU)
+    input_ids, mask = padded_batch([5, 30], config["vocab_size"], seed=3)
+    with torch.inference_mode():
+        expected = torch.softmax(reference(input_ids=input_ids, attention_mask=mask).logits, -1)[:, 1]
+        actual = torch.sigmoid(ours.relevance_logits(input_ids, mask))
+    assert torch.allclose(actual, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"conv_kernel_size": 3}, "conv_kernel_size"),
+        ({"pos_att_type": ["p2c", "p2p"]}, "pos_att_type"),
+        ({"id2label": {"0": "a", "1": "b", "2": "c"}}, "3 labels"),
+        ({"model_type": "bert"}, "model_type"),
+        ({"architectures": ["DebertaV2ForMaskedLM"]}, "sequence-classification"),
+        ({"hidden_act": "mish"}, "hidden_act"),
+        ({"type_vocab_size": 2}, "type_vocab_size"),
+        ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd"),
+    ],
+)
+def test_unsupported_configs_fail_with_a_clear_message(change: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        DebertaConfig.from_dict({**TINY, **change})
+
+
+def test_checkpoint_problems_name_the_tensor(tmp_path: Path) -> None:
+    tensors = random_checkpoint(TINY, seed=0, dtype=torch.float32)
+    config = DebertaConfig.from_dict(TINY)
+    missing = {k: v for k, v in tensors.items() if k != "classifier.weight"}
+    with pytest.raises(CheckpointError, match=r"classifier\.weight"):
+        load_reranker(config, DictReader(missing), torch.float32, CPU)
+    misshaped = {**tensors, "deberta.encoder.layer.1.output.dense.bias": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"layer.1.output.dense.bias.*shape"):
+        load_reranker(config, DictReader(misshaped), torch.float32, CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_load_straight_into_the_target_dtype(dtype: torch.dtype) -> None:
+    tensors = random_checkpoint(TINY, seed=0, dtype=torch.float32)
+    model = load_reranker(DebertaConfig.from_dict(TINY), DictReader(tensors), dtype, CPU)
+    assert {parameter.dtype for parameter in model.parameters()} == {dtype}
+    assert model.layers[0].relative_keys.dtype == dtype
