@@ -23,11 +23,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log_path: Path) -> Iterator[str]:
-    """Start the server, wait (bounded) until /health answers, yield its base URL, then stop it."""
+def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the server, wait (bounded) until /health answers, yield its base URL, then stop it.
+
+    The Hub is off (HF_HUB_OFFLINE=1) unless `env` says otherwise.
+    """
     port = free_port()
     command = [sys.executable, "-m", "rerankd", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         base_url = f"http://127.0.0.1:{port}"
