@@ -1,4 +1,4 @@
-"""Torch backend: the project's DeBERTa network on CPU or CUDA, loaded from a safetensors folder."""
+"""Torch backend: the project's DeBERTa network on CPU or CUDA, fed by any weight format."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
 from rerankd.catalog import UNTRAINED_KEY
@@ -15,7 +16,7 @@ from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckp
 from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import DebertaReranker
-from rerankd.modeling.weights import CheckpointError, load_reranker
+from rerankd.modeling.weights import CheckpointError, TensorReader, load_reranker
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 class TorchBackend(RerankBackend):
     """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair."""
 
-    def __init__(self, model: DebertaReranker, tokenizer, info: BackendInfo) -> None:
+    def __init__(self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -66,31 +67,47 @@ class TorchBackend(RerankBackend):
         return logits.cpu().tolist()
 
 
-def load_torch_backend(folder: Path, options: BackendOptions) -> TorchBackend:
-    """Load config, tokenizer and safetensors weights from a Hugging Face-format folder."""
+def build_torch_backend(
+    backend_name: str,
+    raw_config: dict,
+    reader: TensorReader,
+    tokenizer: Tokenizer,
+    options: BackendOptions,
+    source: Path,
+) -> TorchBackend:
+    """Materialize the project's network from any weight format (`reader`) on the chosen device and dtype."""
     try:
-        raw_config = json.loads((folder / "config.json").read_text())
         config = DebertaConfig.from_dict(raw_config)
-        tokenizer = load_tokenizer(folder)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
-        model = load_reranker(config, SafetensorsCheckpoint(folder), dtype, device)
-    except FileNotFoundError as error:
-        raise ModelLoadError(f"{folder}: {error.filename} is missing") from error
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
-    except (UnsupportedModelError, CheckpointError, SafetensorsCheckpointError, TokenizerLoadError) as error:
-        raise ModelLoadError(f"{folder}: {error}") from error
+        model = load_reranker(config, reader, dtype, device)
+    except (UnsupportedModelError, CheckpointError) as error:
+        raise ModelLoadError(f"{source}: {error}") from error
     except KeyError as error:
-        raise ModelLoadError(f"{folder / 'config.json'}: required key {error} is missing") from error
+        raise ModelLoadError(f"{source}: the model config lacks the required key {error}") from error
     untrained = bool(raw_config.get(UNTRAINED_KEY, False))
     if untrained:
-        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", folder)
+        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", source)
     info = BackendInfo(
-        backend="torch",
+        backend=backend_name,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         max_length=config.max_position_embeddings,
         untrained=untrained,
     )
     return TorchBackend(model, tokenizer, info)
+
+
+def load_safetensors_backend(folder: Path, options: BackendOptions) -> TorchBackend:
+    """A Hugging Face-format folder: config.json, safetensors weights, tokenizer.json or spm.model."""
+    try:
+        raw_config = json.loads((folder / "config.json").read_text())
+        tokenizer = load_tokenizer(folder)
+        reader = SafetensorsCheckpoint(folder)
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{folder}: {error.filename} is missing") from error
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
+    except (SafetensorsCheckpointError, TokenizerLoadError) as error:
+        raise ModelLoadError(f"{folder}: {error}") from error
+    return build_torch_backend("torch", raw_config, reader, tokenizer, options, folder)
