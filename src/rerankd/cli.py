@@ -7,11 +7,15 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rerankd import __version__
 from rerankd.catalog import CATALOG, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from rerankd.engine.engine import RerankEngine
 
 DEFAULT_PORT = 8082
 
@@ -25,6 +29,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit to pin (default: main)")
+    _add_runtime_arguments(group)
+
+
+def _add_runtime_arguments(group: argparse._ActionsContainer) -> None:
+    """Where models are cached and how they run: shared by every command that loads a model."""
     group.add_argument(
         "--model-cache",
         type=Path,
@@ -89,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--raw-scores", action="store_true", help="print logits instead of sigmoid scores")
     rank.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    validate = commands.add_parser(
+        "validate", help="compare variants of a model with its base on the model card's validation cases"
+    )
+    validate.add_argument(
+        "base", help="the reference model (folder, .gguf, Hub id, or served name with --url)"
+    )
+    validate.add_argument("variants", nargs="+", help="models to compare with the base")
+    validate.add_argument(
+        "--url", default=None, help="score through a running rerankd; models are then its served model names"
+    )
+    validate.add_argument(
+        "--data", type=Path, action="append", default=[], help="a BEIR folder whose passages add a case"
+    )
+    validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_runtime_arguments(validate.add_argument_group("model"))
+
     random_model = commands.add_parser(
         "random-model", help="write a random-weight (untrained) model folder for tests and benchmarks"
     )
@@ -106,14 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_engine(args: argparse.Namespace, served_name: str | None = None):
+def _load_engine(args: argparse.Namespace, model: str, served_name: str | None = None) -> RerankEngine:
     from rerankd.backends.base import BackendOptions
     from rerankd.engine.loader import load_engine
 
     return load_engine(
-        args.model,
+        model,
         served_name=served_name,
-        revision=args.revision,
+        revision=getattr(args, "revision", None),
         cache_dir=args.model_cache,
         options=BackendOptions(device=args.device, dtype=args.dtype),
         max_length=args.max_length,
@@ -128,7 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
     from rerankd.api.app import APISettings, create_app
     from rerankd.engine.models import ServedModels
 
-    engine = _load_engine(args, served_name=args.served_model_name)
+    engine = _load_engine(args, args.model, served_name=args.served_model_name)
     app = create_app(ServedModels([engine]), APISettings(max_documents=args.max_documents))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -141,7 +166,7 @@ def _rank(args: argparse.Namespace) -> int:
     if not documents:
         print("rerankd rank: no documents given (as arguments or on standard input)", file=sys.stderr)
         return 2
-    engine = _load_engine(args)
+    engine = _load_engine(args, args.model)
     try:
         scored = asyncio.run(engine.score(args.query, documents))
     finally:
@@ -155,6 +180,21 @@ def _rank(args: argparse.Namespace) -> int:
     for position, item in enumerate(ranked, start=1):
         text = documents[item.index].replace("\n", " ")
         print(f"{position:>4}  {item.score:>10.6f}  {item.index:>5}  {text[:100]}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from rerankd.quality.scorers import EngineScorer, HTTPScorer, Scorer
+    from rerankd.quality.validate import beir_case, builtin_cases, render_table, results_json, validate
+
+    def scorer_for(model: str) -> Callable[[], Scorer]:
+        if args.url:
+            return lambda: HTTPScorer(args.url, model)
+        return lambda: EngineScorer(model, _load_engine(args, model))
+
+    cases = builtin_cases() + [beir_case(folder) for folder in args.data]
+    results = validate(scorer_for(args.base), [scorer_for(model) for model in args.variants], cases)
+    print(results_json(args.base, results) if args.json else render_table(args.base, results))
     return 0
 
 
@@ -183,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rerankd.backends.base import ModelLoadError
     from rerankd.hub import ModelSourceError
 
-    handlers = {"serve": _serve, "rank": _rank, "random-model": _random_model}
+    handlers = {"serve": _serve, "rank": _rank, "validate": _validate, "random-model": _random_model}
     try:
         return handlers[args.command](args)
     except (ModelSourceError, ModelLoadError) as error:
