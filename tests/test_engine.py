@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
 
-from rerankd.engine.batching import plan_batches
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import rank, sigmoid
+from rerankd.engine.scheduler import BatchLimits
 
 QUERY = "Who wrote To Kill a Mockingbird?"
 
@@ -57,7 +57,9 @@ def test_engine_scores_equal_the_reference_across_split_batches(
     """Real passages, a long document (truncated) and an empty one; a small token budget forces many batches,
     and every score must still come back in input order."""
     documents = [*passages(msmarco_dir, 40), "", "word " * 2000]
-    engine = load_engine(str(xsmall_model_dir), max_batch_tokens=1024, max_batch_pairs=8)
+    engine = load_engine(
+        str(xsmall_model_dir), batching=BatchLimits(max_batch_tokens=1024, max_batch_pairs=8)
+    )
     try:
         scored = asyncio.run(engine.score(QUERY, documents))
     finally:
@@ -96,23 +98,6 @@ def test_max_length_cannot_exceed_the_model(xsmall_model_dir: Path) -> None:
         assert engine.limits.max_length == 512
     finally:
         engine.close()
-
-
-@pytest.mark.parametrize("budget", [512, 1000, 4096])
-def test_batches_respect_the_padded_token_budget(budget: int) -> None:
-    lengths = [5, 512, 40, 40, 300, 7, 128, 129, 1, 256, 90, 90, 90]
-    batches = plan_batches(lengths, max_batch_tokens=budget, max_batch_pairs=4)
-    assert sorted(itertools.chain.from_iterable(batches)) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) <= 4
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= budget
-    # Sorted by length: batches never interleave lengths, which keeps padding low.
-    flattened = [lengths[i] for i in itertools.chain.from_iterable(batches)]
-    assert flattened == sorted(flattened)
-
-
-def test_a_pair_longer_than_the_budget_runs_alone() -> None:
-    assert plan_batches([600, 10, 10], max_batch_tokens=512, max_batch_pairs=8) == [[1, 2], [0]]
 
 
 def test_rank_sorts_by_score_then_index_and_cuts_after_sorting() -> None:

@@ -62,6 +62,12 @@ def _add_runtime_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--max-batch-pairs", type=int, default=64, help="pairs per forward pass (default: %(default)s)"
     )
+    group.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="ms an idle queue waits to gather concurrent requests into one batch (default: %(default)s)",
+    )
 
 
 def _positive(value: str) -> int:
@@ -134,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_engine(args: argparse.Namespace, model: str, served_name: str | None = None) -> RerankEngine:
     from rerankd.backends.base import BackendOptions
     from rerankd.engine.loader import load_engine
+    from rerankd.engine.scheduler import BatchLimits
 
     return load_engine(
         model,
@@ -142,8 +149,7 @@ def _load_engine(args: argparse.Namespace, model: str, served_name: str | None =
         cache_dir=args.model_cache,
         options=BackendOptions(device=args.device, dtype=args.dtype),
         max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        max_batch_pairs=args.max_batch_pairs,
+        batching=BatchLimits(args.max_batch_tokens, args.max_batch_pairs, args.batch_wait_ms),
     )
 
 

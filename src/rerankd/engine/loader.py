@@ -9,6 +9,7 @@ from pathlib import Path
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
 from rerankd.engine.engine import EngineLimits, RerankEngine
+from rerankd.engine.scheduler import BatchLimits
 from rerankd.hub import resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,7 @@ def load_engine(
     cache_dir: Path = Path("models"),
     options: BackendOptions | None = None,
     max_length: int | None = None,
-    max_batch_tokens: int = 16384,
-    max_batch_pairs: int = 64,
+    batching: BatchLimits | None = None,
 ) -> RerankEngine:
     """Raises `ModelSourceError` or `ModelLoadError` with a message meant for the user."""
     started = time.perf_counter()
@@ -31,8 +31,7 @@ def load_engine(
     backend = load_backend(source.path, options or BackendOptions())
     limits = EngineLimits(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
-        max_batch_tokens=max_batch_tokens,
-        max_batch_pairs=max_batch_pairs,
+        batching=batching or BatchLimits(),
     )
     engine = RerankEngine(served_name or model, backend, limits)
     logger.info(

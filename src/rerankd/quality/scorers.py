@@ -28,11 +28,15 @@ class EngineScorer:
     def __init__(self, label: str, engine: RerankEngine) -> None:
         self.label = label
         self._engine = engine
+        # One event loop for the scorer's life: the engine's batch scheduler lives on it.
+        self._runner = asyncio.Runner()
 
     def scores(self, query: str, documents: Sequence[str]) -> list[float]:
-        return [sigmoid(logit) for logit in asyncio.run(self._engine.score(query, documents)).logits]
+        scored = self._runner.run(self._engine.score(query, documents))
+        return [sigmoid(logit) for logit in scored.logits]
 
     def close(self) -> None:
+        self._runner.close()  # cancels the scheduler's task on its own loop
         self._engine.close()
 
 

@@ -1,0 +1,155 @@
+"""Cross-request dynamic batching: one queue of pairs per model, one forward pass in flight at a time.
+
+Every request's pairs join one queue. Each batch is packed under a padded-token budget (batch size × longest
+pair ≤ `max_batch_tokens`) and a pair cap, taking pairs in length order so that padding stays low. Requests
+that have had the fewest pairs scheduled go first, so a 10-document request that arrives while a
+1,000-document request is queued rides in the very next batch instead of waiting for the whole big one
+(no starvation). A short wait (`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the
+same batch. Forward passes run in one worker thread: the event loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[[Sequence[Sequence[int]]], list[float]]
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_tokens: int = 16384  # padded tokens per forward pass (batch size x longest pair)
+    max_batch_pairs: int = 64
+    batch_wait_ms: float = 2.0
+
+
+@dataclass(eq=False)
+class _Request:
+    """A request's pairs waiting in the queue, shortest first, and where their logits go."""
+
+    arrival: int
+    pending: list[int]  # indices into token_ids, sorted by length
+    token_ids: Sequence[Sequence[int]]
+    logits: list[float]
+    done: asyncio.Future[list[float]]
+    scheduled: int = 0
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.pending)
+
+
+class BatchScheduler:
+    """Owns the queue and the loop that turns it into forward passes for one model."""
+
+    def __init__(self, forward: ForwardFn, executor: Executor, limits: BatchLimits) -> None:
+        self._forward = forward
+        self._executor = executor
+        self._limits = limits
+        self._requests: list[_Request] = []
+        self._arrivals = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def queued_pairs(self) -> int:
+        return sum(len(request.pending) for request in self._requests)
+
+    async def submit(self, token_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Logits for every sequence, in input order. Cancelling the caller drops its queued pairs."""
+        loop = asyncio.get_running_loop()
+        self._ensure_running(loop)
+        order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))
+        request = _Request(
+            next(self._arrivals), order, token_ids, [0.0] * len(token_ids), loop.create_future()
+        )
+        if not order:
+            return []
+        self._requests.append(request)
+        self._wakeup.set()
+        try:
+            return await asyncio.shield(request.done)
+        except asyncio.CancelledError:
+            self._withdraw(request)
+            raise
+
+    def _ensure_running(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the batching loop on the caller's event loop (again, if a previous loop has ended)."""
+        if loop is not self._loop:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._requests = []
+            self._loop_task = None
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._run(), name="batch-scheduler")
+
+    def stop(self) -> None:
+        """Cancel the batching loop (queued requests are cancelled with it); call from its event loop."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for request in self._requests:
+            request.done.cancel()
+        self._requests = []
+
+    def _withdraw(self, request: _Request) -> None:
+        if request in self._requests:
+            self._requests.remove(request)
+            logger.debug("dropped %d queued pairs of a cancelled request", len(request.pending))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._requests:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if self._limits.batch_wait_ms > 0:
+                    await asyncio.sleep(self._limits.batch_wait_ms / 1000)
+            batch = self._next_batch()
+            if not batch:
+                continue
+            sequences = [request.token_ids[index] for request, index in batch]
+            try:
+                logits = await loop.run_in_executor(self._executor, self._forward, sequences)
+            except Exception as error:  # a failed forward fails only the requests in this batch
+                logger.exception("forward pass failed for a batch of %d pairs", len(batch))
+                self._fail({request for request, _ in batch}, error)
+                continue
+            self._deliver(batch, logits)
+
+    def _next_batch(self) -> list[tuple[_Request, int]]:
+        """Fill a batch from the least-served requests first, each contributing its shortest pairs."""
+        limits = self._limits
+        batch: list[tuple[_Request, int]] = []
+        longest = 0
+        for request in sorted(self._requests, key=lambda r: (r.scheduled, r.arrival)):
+            while request.pending and len(batch) < limits.max_batch_pairs:
+                length = len(request.token_ids[request.pending[0]])
+                if batch and (len(batch) + 1) * max(longest, length) > limits.max_batch_tokens:
+                    break
+                batch.append((request, request.pending.pop(0)))
+                request.scheduled += 1
+                longest = max(longest, length)
+            if len(batch) >= limits.max_batch_pairs:
+                break
+        self._requests = [request for request in self._requests if request.pending]
+        return batch
+
+    def _deliver(self, batch: list[tuple[_Request, int]], logits: list[float]) -> None:
+        for (request, index), logit in zip(batch, logits, strict=True):
+            request.logits[index] = logit
+            request.remaining -= 1
+            if request.remaining == 0 and not request.done.done():
+                request.done.set_result(request.logits)
+
+    def _fail(self, requests: set[_Request], error: Exception) -> None:
+        for request in requests:
+            self._withdraw(request)
+            if not request.done.done():
+                request.done.set_exception(error)

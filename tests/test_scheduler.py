@@ -1,0 +1,140 @@
+"""The cross-request batch scheduler, driven by a recording forward function in place of a model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rerankd.engine.scheduler import BatchLimits, BatchScheduler
+
+
+class RecordingForward:
+    """Logit = sum of the ids (so results are checkable); records every batch; can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_when = lambda batch: False
+
+    def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        self.release.wait(timeout=10)
+        self.batches.append([list(ids) for ids in batch])
+        if self.fail_when(batch):
+            raise RuntimeError("injected forward failure")
+        return [float(sum(ids)) for ids in batch]
+
+
+def sequences(tag: int, lengths: Sequence[int]) -> list[list[int]]:
+    """Sequences whose first id tags the request and whose sum identifies them."""
+    return [[tag] + [index + 1] * (length - 1) for index, length in enumerate(lengths)]
+
+
+@pytest.fixture
+def forward() -> RecordingForward:
+    return RecordingForward()
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=30))
+
+
+def make_scheduler(forward: RecordingForward, **limits) -> tuple[BatchScheduler, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(max_workers=1)
+    return BatchScheduler(forward, executor, BatchLimits(**limits)), executor
+
+
+def test_results_come_back_in_input_order_within_budget_and_cap(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=512, max_batch_pairs=4, batch_wait_ms=0)
+    lengths = [5, 512, 40, 40, 300, 7, 128, 129, 1, 256, 90, 90, 90]
+    token_ids = sequences(1000, lengths)
+    logits = run(scheduler.submit(token_ids))
+    executor.shutdown()
+    assert logits == [float(sum(ids)) for ids in token_ids]
+    for batch in forward.batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * max(map(len, batch)) <= 512
+    # Shortest first: padding stays low because batches never interleave lengths.
+    flattened = [len(ids) for batch in forward.batches for ids in batch]
+    assert flattened == sorted(flattened)
+    assert scheduler.queued_pairs == 0
+
+
+def test_concurrent_requests_share_a_batch(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=64, batch_wait_ms=20)
+
+    async def three_clients():
+        return await asyncio.gather(*(scheduler.submit(sequences(tag, [10, 12])) for tag in (100, 200, 300)))
+
+    results = run(three_clients())
+    executor.shutdown()
+    assert len(forward.batches) == 1 and len(forward.batches[0]) == 6
+    assert [len(result) for result in results] == [2, 2, 2]
+
+
+def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+
+    async def huge_then_small():
+        forward.release.clear()  # hold the first batch so the huge request is queued when the small one comes
+        huge = asyncio.ensure_future(scheduler.submit(sequences(7, [100] * 400)))
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 60, 90])))
+        await asyncio.sleep(0.05)
+        forward.release.set()
+        small_logits = await small
+        batches_when_small_done = len(forward.batches)
+        await huge
+        return small_logits, batches_when_small_done
+
+    small_logits, batches_when_small_done = run(huge_then_small())
+    executor.shutdown()
+    assert len(small_logits) == 3
+    # The held batch, then the very next one carries all of the small request.
+    assert batches_when_small_done == 2
+    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 3
+    assert len(forward.batches) == 2 + (400 - 8 - 5 + 7) // 8
+
+
+def test_cancelled_request_drops_its_queued_pairs(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=256, max_batch_pairs=2, batch_wait_ms=0)
+
+    async def cancel_midway():
+        forward.release.clear()
+        doomed = asyncio.ensure_future(scheduler.submit(sequences(5, [10] * 20)))
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        forward.release.set()
+        survivor = await scheduler.submit(sequences(6, [10]))
+        return survivor
+
+    survivor = run(cancel_midway())
+    executor.shutdown()
+    assert len(survivor) == 1
+    tags = [ids[0] for batch in forward.batches for ids in batch]
+    assert tags.count(5) <= 2  # at most the batch already in flight ran
+    assert scheduler.queued_pairs == 0
+
+
+def test_a_failing_forward_fails_only_its_batch(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=64, batch_wait_ms=0)
+    forward.fail_when = lambda batch: any(ids[0] == 66 for ids in batch)
+
+    async def failing_then_fine():
+        with pytest.raises(RuntimeError, match="injected"):
+            await scheduler.submit(sequences(66, [4, 4]))
+        return await scheduler.submit(sequences(1, [4, 5]))
+
+    assert run(failing_then_fine()) == [4.0, 9.0]
+    executor.shutdown()
+
+
+def test_empty_submission_returns_at_once(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward)
+    assert run(scheduler.submit([])) == []
+    executor.shutdown()
+    assert forward.batches == []
