@@ -28,8 +28,10 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# The test suite checks our Q4_K quantizer byte for byte against the libggml that llama-cpp-python ships.
+# A portable build (no -march=native), reused from pip's wheel cache after the first time.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
-	$(PY) -m pip install --quiet -e ".[test]"
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
 	touch $@
 
 install: $(VENV)/.installed-runtime
