@@ -32,6 +32,8 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 # A portable build (no -march=native), reused from pip's wheel cache after the first time.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
+	# antfly-cli's wheel ships its binary without the executable bit.
+	$(PY) -c "import antfly_cli, pathlib; [p.chmod(0o755) for p in pathlib.Path(antfly_cli.__file__).parent.joinpath('bin').iterdir()]"
 	touch $@
 
 install: $(VENV)/.installed-runtime

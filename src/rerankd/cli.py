@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--raw-scores", action="store_true", help="print logits instead of sigmoid scores")
     rank.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    export = commands.add_parser(
+        "export", help="write a safetensors model as GGUF in the Antfly Inference layout"
+    )
+    export.add_argument("src", type=Path, help="a safetensors model folder")
+    export.add_argument("out", type=Path, help="the .gguf file to write")
+    export.add_argument("--type", dest="qtype", required=True, choices=["q8_0", "q4_k", "f16", "f32"])
+    export.add_argument(
+        "--keep",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="tensor-name prefixes kept unquantized (default for q8_0: embeddings.word_embeddings)",
+    )
+
     validate = commands.add_parser(
         "validate", help="compare variants of a model with its base on the model card's validation cases"
     )
@@ -134,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     random_model.add_argument("--seed", type=int, default=0)
     random_model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float16")
     random_model.add_argument("--num-labels", type=int, choices=[1, 2], default=1)
+    random_model.add_argument(
+        "--init-std",
+        type=float,
+        default=None,
+        help="weight init std (default 0.02; wider spreads scores apart)",
+    )
     return parser
 
 
@@ -189,6 +209,14 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from rerankd.formats.gguf_writer import export_gguf
+
+    export_gguf(args.src, args.out, args.qtype, keep=args.keep, progress=True)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from rerankd.quality.scorers import EngineScorer, HTTPScorer, Scorer
     from rerankd.quality.validate import beir_case, builtin_cases, render_table, results_json, validate
@@ -216,6 +244,7 @@ def _random_model(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
         num_labels=args.num_labels,
+        init_std=args.init_std,
     )
     print(f"wrote an untrained {args.geometry} model to {out}")
     return 0
@@ -227,11 +256,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from rerankd.backends.base import ModelLoadError
+    from rerankd.formats.gguf_writer import GGUFExportError
     from rerankd.hub import ModelSourceError
 
-    handlers = {"serve": _serve, "rank": _rank, "validate": _validate, "random-model": _random_model}
+    handlers = {
+        "serve": _serve,
+        "rank": _rank,
+        "export": _export,
+        "validate": _validate,
+        "random-model": _random_model,
+    }
     try:
         return handlers[args.command](args)
-    except (ModelSourceError, ModelLoadError) as error:
+    except (ModelSourceError, ModelLoadError, GGUFExportError) as error:
         print(f"rerankd: {error}", file=sys.stderr)
         return 1

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,19 +33,47 @@ from rerankd.catalog import DEFAULT_MODEL, canonical_repo_id
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_MODEL_FILES: tuple[str, ...] = (
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "spm.model",
+
+@dataclass(frozen=True)
+class FileSelection:
+    """Which files of a Hub repo make up one servable model."""
+
+    description: str  # what the files are, for messages ("a safetensors checkpoint")
+    allow_patterns: tuple[str, ...]  # everything to download
+    required_patterns: tuple[str, ...]  # a snapshot lacking any of these is an error, not a model
+    follow_aliases: bool  # aliases name the safetensors checkpoint of the same weights
+
+
+SAFETENSORS_FILES = FileSelection(
+    description="a safetensors checkpoint",
+    allow_patterns=(
+        "config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "spm.model",
+    ),
+    required_patterns=("config.json", "*.safetensors"),
+    follow_aliases=True,
 )
 
-# A snapshot lacking any of these cannot be a safetensors reranker: an error, not a model.
-_REQUIRED_PATTERNS: tuple[str, ...] = ("config.json", "*.safetensors")
+GGUF_SIDECARS = ("config.json", "tokenizer.json", "model_manifest.json", "antfly_inference_variants.json")
+
+
+def gguf_files(variant: str) -> FileSelection:
+    """One GGUF variant (`<model>.<Q8_0|Q4_K|F16|F32>.gguf`) and its sidecars, as Antfly publishes them."""
+    pattern = f"*.{variant}.gguf"
+    return FileSelection(
+        description=f"a {variant} GGUF file",
+        allow_patterns=(pattern, *GGUF_SIDECARS),
+        required_patterns=(pattern,),
+        follow_aliases=False,
+    )
+
+
 _PATH_PREFIXES: tuple[str, ...] = ("/", "./", "../", "~")
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _MANIFESTS_FOLDER = "rerankd-manifests"
@@ -76,7 +103,7 @@ def resolve_model_source(
     model: str,
     revision: str | None = None,
     cache_dir: Path | str = "models",
-    allow_patterns: Sequence[str] = SAFETENSORS_MODEL_FILES,
+    files: FileSelection = SAFETENSORS_FILES,
 ) -> ModelSource:
     """Turn `--model`/`--revision` into a folder of files that are known to belong to one exact commit."""
     local_path = _existing_local_path(model)
@@ -85,15 +112,15 @@ def resolve_model_source(
             logger.warning("Ignoring revision %r: model %s is a local path", revision, local_path)
         return ModelSource(local_path, None, None)
 
-    repo_id = _hub_repo_id(model)
+    repo_id = _hub_repo_id(model, files.follow_aliases)
     if repo_id != model:
         logger.info("Model %s is an alias of Hub repository %s", model, repo_id)
     cache_dir = Path(cache_dir).expanduser()
-    patterns = list(allow_patterns)
+    patterns = list(files.allow_patterns)
     snapshot, origin = _fetch_snapshot(model, repo_id, revision, cache_dir, patterns)
     commit = snapshot.name
     served_files = sorted(filter_repo_objects(_relative_files(snapshot), allow_patterns=patterns))
-    _check_required_files(model, repo_id, commit, patterns, served_files)
+    _check_required_files(model, repo_id, commit, files, served_files)
     _record_or_verify_manifest(snapshot, repo_id, revision, commit, cache_dir, patterns, served_files)
     logger.info(
         "Resolved %s revision %s to commit %s from %s (%s)",
@@ -119,8 +146,8 @@ def _existing_local_path(model: str) -> Path | None:
     return None
 
 
-def _hub_repo_id(model: str) -> str:
-    repo_id = canonical_repo_id(model)
+def _hub_repo_id(model: str, follow_aliases: bool) -> str:
+    repo_id = canonical_repo_id(model) if follow_aliases else model
     advice = f"pass a Hub repo id of the form org/name (e.g. {DEFAULT_MODEL}) or an existing local folder"
     if repo_id.count("/") != 1:
         raise ModelSourceError(
@@ -211,18 +238,18 @@ def _relative_files(folder: Path) -> list[str]:
 
 
 def _check_required_files(
-    model: str, repo_id: str, commit: str, patterns: list[str], served_files: list[str]
+    model: str, repo_id: str, commit: str, files: FileSelection, served_files: list[str]
 ) -> None:
     missing = [
         required
-        for required in _REQUIRED_PATTERNS
-        if required in patterns and not any(filter_repo_objects(served_files, allow_patterns=required))
+        for required in files.required_patterns
+        if not any(filter_repo_objects(served_files, allow_patterns=required))
     ]
     if missing:
         raise ModelSourceError(
             f"model {model!r}: Hub repository {repo_id} at commit {commit} has no {' and no '.join(missing)} "
-            f"(it has: {', '.join(served_files) or 'none of the requested files'}). rerankd needs a "
-            "safetensors checkpoint: pick a repository or --revision that has one, "
+            f"(it has: {', '.join(served_files) or 'none of the requested files'}). rerankd needs "
+            f"{files.description}: pick a repository or --revision that has one, "
             f"or {_LOCAL_FOLDER_ADVICE}."
         )
 

@@ -68,11 +68,14 @@ def write_random_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     num_labels: int = 1,
+    init_std: float | None = None,
 ) -> Path:
     """Create `out_dir` with config.json, model.safetensors and tokenizer files; returns `out_dir`.
 
     `tokenizer_dir` supplies the real tokenizer files (e.g. the DeBERTa-v3 tokenizer); without it a small
     SentencePiece unigram tokenizer is trained on the spot, and the vocabulary shrinks to match it.
+    `init_std` widens the initialization (default: the config's 0.02), which spreads the scores of different
+    documents apart, as trained models do, so that ranking comparisons between variants mean something.
     """
     if geometry not in CATALOG:
         raise ValueError(f"unknown geometry {geometry!r}; known: {sorted(CATALOG)}")
@@ -94,6 +97,8 @@ def write_random_model(
     config["_name_or_path"] = f"rerankd-random/{geometry}"
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config[UNTRAINED_KEY] = True
+    if init_std is not None:
+        config["initializer_range"] = init_std
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(
         random_checkpoint(config, seed, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"}

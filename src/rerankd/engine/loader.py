@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -10,9 +11,20 @@ from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
 from rerankd.engine.engine import EngineLimits, RerankEngine
 from rerankd.engine.scheduler import BatchLimits
-from rerankd.hub import resolve_model_source
+from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
 
 logger = logging.getLogger(__name__)
+
+# Antfly's variant selector: `antflydb/mxbai-rerank-base-v1:gguf:Q8_0` (also after a local folder).
+GGUF_SELECTOR = re.compile(r"^(?P<reference>.+):gguf:(?P<variant>Q8_0|Q4_K|F16|F32)$", re.IGNORECASE)
+
+
+def split_gguf_selector(model: str) -> tuple[str, str | None]:
+    """`repo:gguf:Q8_0` -> ("repo", "Q8_0"); anything else -> (model, None)."""
+    match = GGUF_SELECTOR.match(model)
+    if match is None:
+        return model, None
+    return match["reference"], match["variant"].upper()
 
 
 def load_engine(
@@ -27,8 +39,10 @@ def load_engine(
 ) -> RerankEngine:
     """Raises `ModelSourceError` or `ModelLoadError` with a message meant for the user."""
     started = time.perf_counter()
-    source = resolve_model_source(model, revision=revision, cache_dir=cache_dir)
-    backend = load_backend(source.path, options or BackendOptions())
+    reference, variant = split_gguf_selector(model)
+    files = gguf_files(variant) if variant else SAFETENSORS_FILES
+    source = resolve_model_source(reference, revision=revision, cache_dir=cache_dir, files=files)
+    backend = load_backend(source.path, options or BackendOptions(), gguf_variant=variant)
     limits = EngineLimits(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
         batching=batching or BatchLimits(),
