@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, Keys, ReaderTensor, TokenType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers
 
 from rerankd.formats.gguf_layout import (
     ARCHITECTURE,
@@ -35,7 +35,7 @@ from rerankd.formats.gguf_layout import (
     expected_tensor_shapes,
     parse_variant_file_name,
 )
-from rerankd.formats.sentencepiece import METASPACE, pair_template
+from rerankd.formats.sentencepiece import pair_template, unigram_tokenizer
 from rerankd.formats.tokenizer import TOKENIZER_JSON, TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 
@@ -212,22 +212,16 @@ def tokenizer_from_vocabulary(
     U+FF5E and U+1F23B, though not on some sequences (conjoining Hangul jamo, halfwidth kana with
     sound marks, some stacked combining marks), which NFKC composes and the table does not.
     """
-    tokenizer = Tokenizer(
-        models.Unigram(list(zip(tokens, scores, strict=True)), unk_id=unknown_id, byte_fallback=False)
-    )
-    steps: list[normalizers.Normalizer] = [normalizers.Strip(left=True, right=True)]
-    if precompiled_charsmap:
-        steps.append(normalizers.Precompiled(precompiled_charsmap))
-    else:
-        steps += [
+    character_steps: list[normalizers.Normalizer] = (
+        [normalizers.Precompiled(precompiled_charsmap)]
+        if precompiled_charsmap
+        else [
             normalizers.Replace(Regex(NMT_DELETED), ""),
             normalizers.Replace(Regex(NMT_SPACES), " "),
             normalizers.NFKC(),
         ]
-    steps.append(normalizers.Replace(Regex(" {2,}"), " "))
-    tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(METASPACE, prepend_scheme="always", split=True)
-    tokenizer.decoder = decoders.Metaspace(METASPACE, prepend_scheme="always", split=True)
+    )
+    tokenizer = unigram_tokenizer(list(zip(tokens, scores, strict=True)), unknown_id, character_steps)
     tokenizer.add_special_tokens(
         [
             # DeBERTa-v3 marks [UNK] normalized, so "[UNK]" typed in text still matches it.

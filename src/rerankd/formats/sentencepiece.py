@@ -51,6 +51,26 @@ def pair_template(cls_token: str, cls_id: int, sep_token: str, sep_id: int) -> p
     )
 
 
+def unigram_tokenizer(
+    vocabulary: list[tuple[str, float]],
+    unk_id: int,
+    character_steps: list[normalizers.Normalizer],
+    remove_extra_whitespaces: bool = True,
+    prepend_scheme: str = "always",
+) -> Tokenizer:
+    """A SentencePiece-style unigram tokenizer without byte fallback (unknown characters become [UNK], as in
+    the reference tokenizer.json): `character_steps` normalize characters; SentencePiece's removal of extra
+    whitespace becomes Strip before them and collapsing of space runs after them; ▁ marks word starts."""
+    tokenizer = Tokenizer(models.Unigram(vocabulary, unk_id=unk_id, byte_fallback=False))
+    steps = list(character_steps)
+    if remove_extra_whitespaces:
+        steps = [normalizers.Strip(left=True, right=True), *steps, normalizers.Replace(Regex(" {2,}"), " ")]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
+    tokenizer.decoder = decoders.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
+    return tokenizer
+
+
 def read_unigram_model(spm_path: Path) -> sentencepiece_model_pb2.ModelProto:
     """Parse `spm_path`, refusing what this module cannot reproduce faithfully (BPE, suffix whitespace)."""
     proto = sentencepiece_model_pb2.ModelProto()
@@ -81,11 +101,21 @@ def tokenizer_from_spm(
         raise ValueError("split_by_punct=true is not supported (DeBERTa-v3 rerankers do not use it)")
     proto = read_unigram_model(spm_path)
     vocabulary = [(piece.piece, piece.score) for piece in proto.pieces]
-    tokenizer = Tokenizer(models.Unigram(vocabulary, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
-    tokenizer.normalizer = _normalizer(proto, lowercase=bool(config.get("do_lower_case")))
-    prepend_scheme = "always" if proto.normalizer_spec.add_dummy_prefix else "never"
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
-    tokenizer.decoder = decoders.Metaspace(METASPACE, prepend_scheme=prepend_scheme, split=True)
+    spec = proto.normalizer_spec
+    # SentencePiece's own precompiled normalization (NFKC for DeBERTa-v3).
+    character_steps: list[normalizers.Normalizer] = (
+        [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    )
+    tokenizer = unigram_tokenizer(
+        vocabulary,
+        proto.trainer_spec.unk_id,
+        character_steps,
+        remove_extra_whitespaces=spec.remove_extra_whitespaces,
+        prepend_scheme="always" if spec.add_dummy_prefix else "never",
+    )
+    if config.get("do_lower_case"):
+        # Lowercasing comes first, on the raw text, as in transformers' own DeBERTa-v2 conversion.
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), tokenizer.normalizer])
 
     token_ids = _added_token_ids(proto, config, added_tokens or {})
     tokenizer.add_special_tokens(
@@ -105,21 +135,6 @@ def tokenizer_from_spm(
     sep_token = special_token_content(config, "sep_token")
     tokenizer.post_processor = pair_template(cls_token, token_ids[cls_token], sep_token, token_ids[sep_token])
     return tokenizer
-
-
-def _normalizer(proto: sentencepiece_model_pb2.ModelProto, lowercase: bool) -> normalizers.Normalizer:
-    """SentencePiece's own precompiled normalization (NFKC for DeBERTa-v3), and its removal of extra
-    whitespace as Strip before and space-run collapsing after it, as the reference tokenizer.json does."""
-    spec = proto.normalizer_spec
-    # Lowercasing comes first, on the raw text, as in transformers' own DeBERTa-v2 conversion.
-    steps: list[normalizers.Normalizer] = [normalizers.Lowercase()] if lowercase else []
-    if spec.remove_extra_whitespaces:
-        steps.append(normalizers.Strip(left=True, right=True))
-    if spec.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
-    if spec.remove_extra_whitespaces:
-        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
-    return normalizers.Sequence(steps)
 
 
 def _added_token_ids(
