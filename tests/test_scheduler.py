@@ -87,15 +87,14 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
         await asyncio.sleep(0.05)
         forward.release.set()
         small_logits = await small
-        batches_when_small_done = len(forward.batches)
         await huge
-        return small_logits, batches_when_small_done
+        return small_logits
 
-    small_logits, batches_when_small_done = run(huge_then_small())
+    small_logits = run(huge_then_small())
     executor.shutdown()
     assert len(small_logits) == 3
-    # The held batch, then the very next one carries all of the small request.
-    assert batches_when_small_done == 2
+    # The held batch, then the very next one carries all of the small request. (Counting batches when the
+    # small request returns would race with the worker thread already starting the next batch.)
     assert sum(ids[0] == 9 for ids in forward.batches[1]) == 3
     assert len(forward.batches) == 2 + (400 - 8 - 5 + 7) // 8
 
