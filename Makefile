@@ -17,7 +17,7 @@ GEOMETRY ?= base
 RANDOM_MODEL ?= models/random-$(GEOMETRY)
 TOKENIZER ?= $(wildcard ../shared/fixtures/deberta-v3-tokenizer)
 
-.PHONY: install install-test serve test lint format random-model clean
+.PHONY: install install-test serve test lint format random-model bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,5 +57,23 @@ test: lint
 random-model: install
 	$(PY) -m rerankd random-model $(RANDOM_MODEL) --geometry $(GEOMETRY) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
 
+# `make bench`: rerankd against sentence-transformers (in .venv) and Infinity (its pins clash with ours:
+# numpy<2, transformers<5, so it gets .venv-infinity) on the same random-weight models; writes BENCHMARKS.md.
+INFINITY_VENV ?= .venv-infinity
+INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
+BENCH_DATA ?= ../shared/data/msmarco-dl19-subset
+BENCH_ARGS ?=
+
+$(INFINITY_VENV)/.installed:
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(INFINITY_SPEC)"
+	touch $@
+
+bench: install-test $(INFINITY_VENV)/.installed
+	$(PY) -m rerankd bench --data $(BENCH_DATA) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+		--infinity $(INFINITY_VENV)/bin/infinity_emb --json models/bench/results.json $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache .ruff_cache

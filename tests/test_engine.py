@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
 
+from rerankd.backends.base import BackendOptions
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import rank, sigmoid
 from rerankd.engine.scheduler import BatchLimits
@@ -112,3 +113,12 @@ def test_sigmoid_is_stable_at_extremes() -> None:
     assert sigmoid(1000.0) == 1.0
     assert sigmoid(-1000.0) == 0.0
     assert sigmoid(0.0) == 0.5
+
+
+def test_threads_option_sets_torch_threads(xsmall_model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        load_engine(str(xsmall_model_dir), options=BackendOptions(threads=1)).close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -45,7 +45,7 @@ def run(coroutine):
 
 def make_scheduler(forward: RecordingForward, **limits) -> tuple[BatchScheduler, ThreadPoolExecutor]:
     executor = ThreadPoolExecutor(max_workers=1)
-    return BatchScheduler(forward, executor, BatchLimits(**limits)), executor
+    return BatchScheduler(forward, executor, BatchLimits(**limits).for_device("cpu")), executor
 
 
 def test_results_come_back_in_input_order_within_budget_and_cap(forward: RecordingForward) -> None:
@@ -137,3 +137,11 @@ def test_empty_submission_returns_at_once(forward: RecordingForward) -> None:
     assert run(scheduler.submit([])) == []
     executor.shutdown()
     assert forward.batches == []
+
+
+def test_token_budget_defaults_per_device_and_a_user_value_wins() -> None:
+    assert BatchLimits().for_device("cpu").max_batch_tokens == 1024
+    assert BatchLimits().for_device("cuda").max_batch_tokens == 16384
+    assert BatchLimits(max_batch_tokens=700).for_device("cuda").max_batch_tokens == 700
+    with pytest.raises(ValueError, match="resolve the token budget"):
+        BatchScheduler(lambda ids: [0.0] * len(ids), ThreadPoolExecutor(1), BatchLimits())

@@ -175,3 +175,14 @@ def test_malformed_bodies(server: str, raw: bytes, content_type: str, status: in
 def test_unknown_route_and_method_use_the_error_shape(server: str) -> None:
     assert httpx.get(f"{server}/nowhere").json()["error"]["code"] == 404
     assert httpx.get(f"{server}/rerank").json()["error"]["code"] == 405
+
+
+def test_info_names_the_served_model_and_its_runtime(server: str) -> None:
+    info = httpx.get(f"{server}/info").json()
+    assert info["max_documents"] == MAX_DOCUMENTS
+    [model] = info["models"]
+    assert model["name"] == SERVED_NAME
+    assert (model["backend"], model["device"], model["dtype"]) == ("torch", "cpu", "float32")
+    assert model["max_length"] == 512
+    assert model["max_batch_tokens"] == 1024  # the CPU default
+    assert model["untrained"] is True

@@ -55,18 +55,24 @@ def _add_runtime_arguments(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument(
         "--max-batch-tokens",
-        type=int,
-        default=16384,
-        help="padded tokens per forward pass, batch size x longest pair (default: %(default)s)",
+        type=_positive,
+        default=None,
+        help="padded tokens per forward pass, batch x longest pair (default: 1024 on CPU, 16384 on CUDA)",
     )
     group.add_argument(
-        "--max-batch-pairs", type=int, default=64, help="pairs per forward pass (default: %(default)s)"
+        "--max-batch-pairs", type=_positive, default=64, help="pairs per forward pass (default: %(default)s)"
     )
     group.add_argument(
         "--batch-wait-ms",
         type=float,
         default=2.0,
         help="ms an idle queue waits to gather concurrent requests into one batch (default: %(default)s)",
+    )
+    group.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads for the forward pass (default: torch's choice, one per core)",
     )
 
 
@@ -134,6 +140,47 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_runtime_arguments(validate.add_argument_group("model"))
 
+    bench = commands.add_parser(
+        "bench", help="benchmark rerankd against sentence-transformers and Infinity; write BENCHMARKS.md"
+    )
+    bench.add_argument(
+        "--geometry",
+        action="append",
+        choices=sorted(CATALOG),
+        default=None,
+        help="(default: base and xsmall)",
+    )
+    bench.add_argument(
+        "--data", type=Path, default=Path("../shared/data/msmarco-dl19-subset"), help="a BEIR folder"
+    )
+    bench.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=Path("../shared/fixtures/deberta-v3-tokenizer"),
+        help="the real tokenizer files for the random-weight models",
+    )
+    bench.add_argument(
+        "--models-dir", type=Path, default=Path("models/bench"), help="random models are kept here"
+    )
+    bench.add_argument(
+        "--contenders", nargs="+", default=None, help="subset of: rerankd st-fp32 st-bf16 infinity"
+    )
+    bench.add_argument(
+        "--infinity", type=Path, default=None, help="the infinity_emb executable (its own venv)"
+    )
+    bench.add_argument("--passages", type=_positive, default=64, help="documents in the passages workload")
+    bench.add_argument("--long-documents", type=_positive, default=16, help="documents in the long workload")
+    bench.add_argument("--max-requests", type=_positive, default=3, help="timed requests per measurement")
+    bench.add_argument(
+        "--max-seconds", type=float, default=60.0, help="stop a measurement after this (≥1 request)"
+    )
+    bench.add_argument("--clients", type=_positive, default=8, help="concurrent clients")
+    bench.add_argument(
+        "--big-request", type=_positive, default=1000, help="documents in the fairness test's big request"
+    )
+    bench.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    bench.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+
     random_model = commands.add_parser(
         "random-model", help="write a random-weight (untrained) model folder for tests and benchmarks"
     )
@@ -167,7 +214,7 @@ def _load_engine(args: argparse.Namespace, model: str, served_name: str | None =
         served_name=served_name,
         revision=getattr(args, "revision", None),
         cache_dir=args.model_cache,
-        options=BackendOptions(device=args.device, dtype=args.dtype),
+        options=BackendOptions(device=args.device, dtype=args.dtype, threads=args.threads),
         max_length=args.max_length,
         batching=BatchLimits(args.max_batch_tokens, args.max_batch_pairs, args.batch_wait_ms),
     )
@@ -232,6 +279,49 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from rerankd.bench.report import render_json, render_markdown
+    from rerankd.bench.run import CONTENDERS, BenchSettings, run_bench
+    from rerankd.devtools.random_model import write_random_model
+
+    contenders = tuple(args.contenders or CONTENDERS)
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        print(
+            f"rerankd bench: unknown contenders {sorted(unknown)}; choose from {CONTENDERS}", file=sys.stderr
+        )
+        return 2
+    for path, what in ((args.data / "corpus.jsonl", "--data"), (args.tokenizer, "--tokenizer")):
+        if not path.exists():
+            print(f"rerankd bench: {what}: {path} does not exist", file=sys.stderr)
+            return 2
+    models = {}
+    for geometry in args.geometry or ["base", "xsmall"]:
+        folder = args.models_dir / f"random-{geometry}"
+        if not (folder / "config.json").is_file():
+            write_random_model(folder, geometry=geometry, tokenizer_dir=args.tokenizer)
+        models[geometry] = folder
+    settings = BenchSettings(
+        data=args.data,
+        models=models,
+        contenders=contenders,
+        infinity=args.infinity,
+        passages=args.passages,
+        long_documents=args.long_documents,
+        max_requests=args.max_requests,
+        max_seconds=args.max_seconds,
+        clients=args.clients,
+        big_request=args.big_request,
+        log_dir=args.models_dir / "logs",
+    )
+    result = run_bench(settings, " ".join(["rerankd", *sys.argv[1:]]))
+    args.out.write_text(render_markdown(result))
+    if args.json:
+        args.json.write_text(render_json(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _random_model(args: argparse.Namespace) -> int:
     import torch
 
@@ -264,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _rank,
         "export": _export,
         "validate": _validate,
+        "bench": _bench,
         "random-model": _random_model,
     }
     try:

@@ -6,8 +6,17 @@ import uuid
 
 from fastapi import APIRouter, Request
 
+from rerankd import __version__
 from rerankd.api.errors import APIError
-from rerankd.api.schemas import DocumentText, RerankRequest, RerankResponse, RerankResult, Usage
+from rerankd.api.schemas import (
+    DocumentText,
+    ModelInfo,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ServerInfo,
+    Usage,
+)
 from rerankd.engine.models import ServedModels, UnknownModelError
 from rerankd.engine.postprocess import rank
 
@@ -24,6 +33,27 @@ ERROR_RESPONSES = {
 @router.get("/health", summary="Liveness: the process is up")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/info", summary="Version, served models and limits")
+async def info(request: Request) -> ServerInfo:
+    models: ServedModels = request.app.state.models
+    return ServerInfo(
+        version=__version__,
+        max_documents=request.app.state.settings.max_documents,
+        models=[
+            ModelInfo(
+                name=engine.name,
+                backend=engine.info.backend,
+                device=engine.info.device,
+                dtype=engine.info.dtype,
+                max_length=engine.limits.max_length,
+                max_batch_tokens=engine.limits.batching.max_batch_tokens or 0,
+                untrained=engine.info.untrained,
+            )
+            for engine in models.engines()
+        ],
+    )
 
 
 @router.post(

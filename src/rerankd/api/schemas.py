@@ -55,3 +55,19 @@ class RerankResponse(BaseModel):
     model: str
     results: list[RerankResult]
     usage: Usage
+
+
+class ModelInfo(BaseModel):
+    name: str
+    backend: str
+    device: str
+    dtype: str
+    max_length: int
+    max_batch_tokens: int
+    untrained: bool = Field(description="random weights: scores carry no meaning")
+
+
+class ServerInfo(BaseModel):
+    version: str
+    max_documents: int
+    models: list[ModelInfo]

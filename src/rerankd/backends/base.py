@@ -19,6 +19,7 @@ class BackendOptions:
 
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    threads: int | None = None  # CPU threads for the forward pass; None keeps torch's default
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ def build_torch_backend(
     source: Path,
 ) -> TorchBackend:
     """Materialize the project's network from any weight format (`reader`) on the chosen device and dtype."""
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)  # process-wide: one forward pass runs at a time anyway
     try:
         config = DebertaConfig.from_dict(raw_config)
         device = resolve_device(options.device)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rerankd.backends.base import BackendInfo, RerankBackend
 from rerankd.engine.scheduler import BatchLimits, BatchScheduler
@@ -32,15 +32,15 @@ class RerankEngine:
     in-flight batch per device); tokenization runs in its own small pool; the event loop only awaits."""
 
     def __init__(self, name: str, backend: RerankBackend, limits: EngineLimits) -> None:
+        device_type = backend.info.device.split(":")[0]
+        limits = replace(limits, batching=limits.batching.for_device(device_type))
+        budget = limits.batching.max_batch_tokens or 0
         if limits.max_length > backend.info.max_length:
             raise ValueError(
                 f"max length {limits.max_length} exceeds what the model accepts ({backend.info.max_length})"
             )
-        if limits.batching.max_batch_tokens < limits.max_length:
-            raise ValueError(
-                f"max batch tokens {limits.batching.max_batch_tokens} must be at least the max length "
-                f"{limits.max_length}"
-            )
+        if budget < limits.max_length:
+            raise ValueError(f"max batch tokens {budget} must be at least the max length {limits.max_length}")
         self.name = name
         self.backend = backend
         self.limits = limits

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
 
 class PairTokenizer:
-    """Encodes (query, document) pairs with the model's own tokenizer; thread-safe (Rust, no shared state)."""
+    """Encodes (query, document) pairs with the model's own tokenizer; thread-safe (Rust, no shared state).
+
+    Takes the tokenizer over and sets its truncation: a copy of a 128k-piece vocabulary costs ~130 MB.
+    """
 
     def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
-        self._tokenizer = copy.deepcopy(tokenizer)  # truncation settings are per engine, not per file
+        self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length, strategy="longest_first")
         self.max_length = max_length

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rerankd.quality.beir import load_beir, query_with_passages
 from rerankd.quality.scorers import Scorer
 
 
@@ -62,22 +63,11 @@ def builtin_cases() -> list[ValidationCase]:
 
 def beir_case(folder: Path, max_queries: int = 10, documents_per_query: int = 20) -> ValidationCase:
     """Judged queries of a BEIR folder, each with its judged passages padded by others from the corpus."""
-    with (folder / "corpus.jsonl").open() as corpus:
-        passages = {row["_id"]: row["text"] for row in map(json.loads, corpus)}
-    with (folder / "queries.jsonl").open() as queries_file:
-        queries = {row["_id"]: row["text"] for row in map(json.loads, queries_file)}
-    judged: dict[str, list[str]] = {}
-    for line in (folder / "qrels" / "test.tsv").read_text().splitlines():
-        fields = line.split("\t")
-        if len(fields) >= 3 and fields[0] in queries and fields[1] in passages:
-            judged.setdefault(fields[0], []).append(fields[1])
-    fillers = list(passages)
+    dataset = load_beir(folder)
     groups = []
-    for offset, query_id in enumerate(sorted(judged)[:max_queries]):
-        chosen = judged[query_id][: documents_per_query // 2]
-        start = offset * documents_per_query
-        chosen += [pid for pid in fillers[start : start + documents_per_query] if pid not in chosen]
-        groups.append((queries[query_id], [passages[pid] for pid in chosen[:documents_per_query]]))
+    for offset, query_id in enumerate(dataset.judged_query_ids()[:max_queries]):
+        chosen = query_with_passages(dataset, query_id, documents_per_query, offset * documents_per_query)
+        groups.append((dataset.queries[query_id], [dataset.passages[pid] for pid in chosen]))
     return ValidationCase(f"{folder.name} passages ({len(groups)} queries)", groups)
 
 

@@ -1,0 +1,42 @@
+"""Run sentence-transformers' `CrossEncoder.rank` on the benchmark's workloads in a process of its own.
+
+Invoked by `rerankd bench` as `python -m rerankd.bench.crossencoder_worker SPEC.json`, so that its peak RSS
+is its own. Prints one JSON object: per workload, the latency of each `rank` call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sentence_transformers import CrossEncoder
+
+from rerankd.bench.measure import timed_requests
+from rerankd.bench.processes import peak_rss_bytes
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    model = CrossEncoder(spec["model"], device="cpu", model_kwargs={"dtype": getattr(torch, spec["dtype"])})
+    first = spec["workloads"][0]
+    model.rank(first["query"], first["documents"][:8])  # warm up, as the servers are
+    runs = []
+    for workload in spec["workloads"]:
+        start = time.perf_counter()
+        latencies = timed_requests(
+            lambda w=workload: model.rank(w["query"], w["documents"]),
+            spec["max_requests"],
+            spec["max_seconds"],
+        )
+        runs.append(
+            {"workload": workload["name"], "latencies": latencies, "seconds": time.perf_counter() - start}
+        )
+    print(json.dumps({"runs": runs, "peak_rss": peak_rss_bytes(os.getpid())}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,107 @@
+"""Timing records and the closed-loop HTTP load generator the benchmark drives servers with."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Measurement:
+    contender: str
+    dtype: str
+    workload: str
+    clients: int
+    latencies: list[float]  # seconds per request
+    pairs: int  # pairs scored within `seconds`
+    seconds: float
+    peak_rss: int | None = None
+    mean_flops: float = 0.0  # per pair of this workload
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies, 50)
+
+    @property
+    def p95(self) -> float:
+        return percentile(self.latencies, 95)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), without numpy's import cost in workers."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def timed_requests(
+    send: Callable[[], None], max_requests: int, max_seconds: float, start: float | None = None
+) -> list[float]:
+    """Call `send` until `max_requests` are done or `max_seconds` have passed since `start` (at least one)."""
+    start = time.perf_counter() if start is None else start
+    latencies: list[float] = []
+    while len(latencies) < max_requests and (not latencies or time.perf_counter() - start < max_seconds):
+        began = time.perf_counter()
+        send()
+        latencies.append(time.perf_counter() - began)
+    return latencies
+
+
+def rerank_sender(client: httpx.Client, url: str, body: dict[str, object]) -> Callable[[], None]:
+    """A closure posting `body` and checking that every document came back scored."""
+    expected = len(body["documents"])  # type: ignore[arg-type]
+
+    def send() -> None:
+        response = client.post(url, json=body)
+        response.raise_for_status()
+        results = response.json()["results"]
+        if len(results) != expected:
+            raise RuntimeError(f"{url} returned {len(results)} results for {expected} documents")
+
+    return send
+
+
+def http_load(
+    url: str, body: dict[str, object], clients: int, max_requests: int, max_seconds: float
+) -> tuple[list[float], int, float]:
+    """`clients` threads, each posting `body` back to back. Returns latencies, requests done, wall seconds."""
+    results: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    start = time.perf_counter()
+
+    def client_loop(slot: int) -> None:
+        try:
+            with httpx.Client(timeout=3600) as client:
+                results[slot] = timed_requests(
+                    rerank_sender(client, url, body), max_requests, max_seconds, start
+                )
+        except BaseException as error:  # surfaced in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=client_loop, args=(slot,)) for slot in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    latencies = [latency for client in results for latency in client]
+    return latencies, len(latencies), time.perf_counter() - start
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0

@@ -1,0 +1,106 @@
+"""BENCHMARKS.md and JSON from a `rerankd bench` run: throughput as ratios within the one run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from rerankd.bench.measure import Measurement
+from rerankd.bench.run import BenchResult, GeometryResult
+
+BASELINE = "sentence-transformers float32"
+
+
+def _megabytes(value: int | None) -> str:
+    return f"{value / 2**20:,.0f} MB" if value else "–"
+
+
+def _row(measurement: Measurement, baseline: float | None, ceilings: dict[str, float]) -> str:
+    ratio = f"{measurement.pairs_per_second / baseline:.2f}×" if baseline else "–"
+    ceiling = ceilings.get(measurement.dtype)
+    used = measurement.pairs_per_second * measurement.mean_flops / 1e9
+    fraction = f"{100 * used / ceiling:.0f}%" if ceiling else "–"
+    return (
+        f"| {measurement.contender} | {measurement.dtype} | {measurement.clients} | "
+        f"{measurement.pairs_per_second:.2f} | {ratio} | {measurement.p50:.2f} | {measurement.p95:.2f} | "
+        f"{_megabytes(measurement.peak_rss)} | {used:.0f} | {fraction} |"
+    )
+
+
+def _find(result: GeometryResult, contender: str, workload: str, clients: int = 1) -> Measurement | None:
+    for measurement in result.measurements:
+        if (measurement.contender, measurement.workload, measurement.clients) == (
+            contender,
+            workload,
+            clients,
+        ):
+            return measurement
+    return None
+
+
+def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> list[str]:
+    config = result.config
+    lines = [f"## {result.geometry} ({config['layers']} layers, hidden {config['hidden']})", ""]
+    for workload in result.workloads:
+        name = str(workload["name"])
+        baseline = _find(result, BASELINE, name)
+        lines += [
+            f"### {name}: {float(workload['mean_tokens']):.0f} tokens per pair on average, "
+            f"{float(workload['gflops_per_pair']):.1f} GFLOP per pair",
+            "",
+            "| contender | dtype | clients | pairs/s | vs ST fp32 | p50 s | p95 s | peak RSS | GFLOP/s | "
+            "of matmul ceiling |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            _row(m, baseline.pairs_per_second if baseline else None, ceilings)
+            for m in result.measurements
+            if m.workload == name
+        ]
+        lines.append("")
+    single = next((m for m in result.measurements if m.contender == "rerankd" and m.clients == 1), None)
+    many = next((m for m in result.measurements if m.contender == "rerankd" and m.clients > 1), None)
+    if single and many:
+        lines.append(
+            f"- Concurrency: {many.clients} clients reach {many.pairs_per_second:.2f} pairs/s in total, "
+            f"{many.pairs_per_second / single.pairs_per_second:.2f}× one client's."
+        )
+    if result.fairness:
+        fair = result.fairness
+        lines.append(
+            f"- Fairness: p95 of a small request alone {fair.alone_p95:.2f} s; while a big request runs "
+            f"({fair.big_seconds:.0f} s) {fair.during_p95:.2f} s over {fair.during_count} requests: "
+            f"{fair.ratio:.2f}× alone."
+        )
+    return [*lines, ""]
+
+
+def render_markdown(result: BenchResult) -> str:
+    machine = result.machine
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `{result.command}` on {result.date}. All numbers below come from this one run; "
+        "these machines are noisy, so compare within a run, not across runs.",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"features {machine['cpu_features'] or 'none'}, {machine['memory_gb']} GB; "
+        f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}.",
+        "- Matmul ceiling (2048², best of ~1.5 s): "
+        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in result.ceilings.items())
+        + '. "Of matmul ceiling" = pairs/s × model FLOPs per pair ÷ the ceiling of the contender\'s dtype.',
+        "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "
+        "(speed does not depend on the weights' values). Workloads: the first judged MS MARCO DL19 query "
+        "with its passages, and long documents of consecutive passages near the 512-token limit.",
+        "- rerankd and Infinity are measured over HTTP on loopback (latency = one request); "
+        "sentence-transformers `CrossEncoder.rank` in its own process (latency = one `rank` call). "
+        "Peak RSS is each process's VmHWM.",
+        "",
+    ]
+    for geometry in result.geometries:
+        lines += _geometry_section(geometry, result.ceilings)
+    return "\n".join(lines)
+
+
+def render_json(result: BenchResult) -> str:
+    return json.dumps(asdict(result), indent=2, default=str)

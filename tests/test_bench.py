@@ -1,0 +1,112 @@
+"""`rerankd bench`: its FLOP count, statistics, workloads and an end-to-end run against the real peers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rerankd.backends.base import BackendOptions
+from rerankd.backends.registry import load_backend
+from rerankd.bench.flops import pair_flops
+from rerankd.bench.machine import matmul_gflops
+from rerankd.bench.measure import percentile
+from rerankd.bench.workloads import make_workloads
+from rerankd.quality.beir import load_beir
+
+
+@pytest.mark.parametrize("length", [1, 7, 130, 300, 512])
+def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int) -> None:
+    """Dense and relative-position products counted analytically equal what torch's counter sees.
+
+    (torch's counter does not see inside CPU scaled_dot_product_attention; its 4·L²·inner is the textbook.)
+    """
+    model = load_backend(xsmall_model_dir, BackendOptions(dtype="float32")).model
+    ids = torch.randint(5, 1000, (1, length))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(ids, torch.ones_like(ids))
+    flops = pair_flops(model.config, length)
+    assert flops.dense + flops.relative == counter.get_total_flops()
+    assert flops.attention == 4 * length * length * 384 * 12
+
+
+@pytest.mark.parametrize(
+    "values", [[3.0], [1.0, 2.0], [5.0, 1.0, 4.0, 2.0, 3.0], list(np.arange(37.0) ** 1.5)]
+)
+def test_percentile_equals_numpy(values: list[float]) -> None:
+    for q in (50, 95, 99):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_matmul_gflops_measures_even_slow_dtypes() -> None:
+    assert matmul_gflops(torch.float32, size=256, seconds=0.05) > 0
+    assert matmul_gflops(torch.bfloat16, size=256, seconds=0.0) > 0
+
+
+def test_beir_reader_skips_headers_and_unknown_ids(tmp_path: Path) -> None:
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text(
+        '{"_id": "d1", "text": "one"}\n{"_id": 2, "title": "t", "text": "two"}\n'
+    )
+    (tmp_path / "queries.jsonl").write_text(
+        '{"_id": "q1", "text": "first"}\n{"_id": "q2", "text": "second"}\n'
+    )
+    (tmp_path / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\tnope\t1\nq9\td1\t1\nq2\t2\t0\n"
+    )
+    dataset = load_beir(tmp_path)
+    assert dataset.passages == {"d1": "one", "2": "two"}
+    assert dataset.judgments == {"q1": {"d1": 2}, "q2": {"2": 0}}
+    assert dataset.judged_query_ids() == ["q1", "q2"]
+
+
+def test_workloads_on_msmarco(xsmall_model_dir: Path, msmarco_dir: Path) -> None:
+    passages, long_documents = make_workloads(msmarco_dir, xsmall_model_dir, passages=64, long_documents=3)
+    dataset = load_beir(msmarco_dir)
+    judged = dataset.judgments[dataset.judged_query_ids()[0]]
+    assert len(passages.documents) == len(set(passages.documents)) == 64
+    assert passages.documents[0] == dataset.passages[next(iter(judged))]  # judged passages lead
+    assert 60 < passages.mean_tokens < 120
+    assert len(long_documents.documents) == 3
+    assert all(480 <= length <= 512 for length in long_documents.pair_lengths)
+
+
+def test_bench_end_to_end_writes_benchmarks_md(
+    xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path
+) -> None:
+    """rerankd over HTTP and sentence-transformers in its own process, on a small workload."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "random-xsmall").symlink_to(xsmall_model_dir)
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--data", str(msmarco_dir),
+        "--models-dir", str(models), "--contenders", "rerankd", "st-fp32", "--passages", "6",
+        "--long-documents", "1", "--max-requests", "2", "--clients", "2", "--big-request", "24",
+        "--out", str(out), "--json", str(raw),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(raw.read_text())
+    [geometry] = result["geometries"]
+    seen = {(m["contender"], m["workload"], m["clients"]) for m in geometry["measurements"]}
+    assert seen == {
+        ("rerankd", "6 passages", 1),
+        ("rerankd", "1 long documents", 1),
+        ("rerankd", "6 passages", 2),
+        ("sentence-transformers float32", "6 passages", 1),
+        ("sentence-transformers float32", "1 long documents", 1),
+    }
+    for measurement in geometry["measurements"]:
+        assert measurement["pairs"] > 0 and measurement["peak_rss"] > 100 * 2**20
+        assert measurement["mean_flops"] > 1e9
+    assert geometry["fairness"]["during_count"] >= 1
+    report = out.read_text()
+    assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
+    assert "Fairness:" in report and "Concurrency: 2 clients" in report
