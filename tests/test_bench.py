@@ -45,8 +45,8 @@ def test_percentile_equals_numpy(values: list[float]) -> None:
 
 
 def test_matmul_gflops_measures_even_slow_dtypes() -> None:
-    assert matmul_gflops(torch.float32, size=256, seconds=0.05) > 0
-    assert matmul_gflops(torch.bfloat16, size=256, seconds=0.0) > 0
+    assert matmul_gflops(torch.float32, shape=(64, 128, 256), seconds=0.05) > 0
+    assert matmul_gflops(torch.bfloat16, shape=(64, 128, 256), seconds=0.0) > 0
 
 
 def test_beir_reader_skips_headers_and_unknown_ids(tmp_path: Path) -> None:

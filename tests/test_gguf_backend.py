@@ -16,9 +16,10 @@ from rerankd.backends.base import BackendOptions, ModelLoadError
 from rerankd.backends.registry import load_backend
 from rerankd.devtools.random_model import write_random_model
 from rerankd.engine.loader import load_engine, split_gguf_selector
+from rerankd.fidelity import builtin_cases
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.quality.scorers import EngineScorer
-from rerankd.quality.validate import beir_case, builtin_cases, render_table, validate
+from rerankd.quality.validate import beir_case, render_table, validate
 
 from conftest import SHARED_TOKENIZER
 from fakehub import FakeHub, point_huggingface_hub_at

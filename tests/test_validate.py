@@ -11,8 +11,9 @@ import pytest
 
 from rerankd.backends.base import BackendOptions
 from rerankd.engine.loader import load_engine
+from rerankd.fidelity import ValidationCase, builtin_cases
 from rerankd.quality.scorers import EngineScorer, HTTPScorer
-from rerankd.quality.validate import ValidationCase, beir_case, builtin_cases, compare, render_table, validate
+from rerankd.quality.validate import beir_case, compare, render_table, validate
 
 from serving import running_server
 
@@ -70,3 +71,21 @@ def test_cli_prints_json(xsmall_model_dir: Path) -> None:
     body = json.loads(completed.stdout)
     assert [row["case"] for row in body["results"]] == CASE_NAMES
     assert all(row["max_abs_delta"] == 0.0 and row["order_preserved"] for row in body["results"])
+
+
+def test_cli_compares_dtypes_of_the_base(xsmall_model_dir: Path) -> None:
+    model = str(xsmall_model_dir)
+    command = [sys.executable, "-m", "rerankd", "validate", model, "--dtype", "float32"]
+    completed = subprocess.run(
+        [*command, "--compare-dtypes", "float32", "bfloat16", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(completed.stdout)["results"]
+    assert [row["variant"] for row in rows] == [f"{model} (float32)"] * 4 + [f"{model} (bfloat16)"] * 4
+    assert all(row["max_abs_delta"] == 0.0 for row in rows[:4])
+    assert all(0.0 < row["max_abs_delta"] < 0.05 for row in rows[4:])
+    nothing = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert nothing.returncode == 2 and "--compare-dtypes" in nothing.stderr

@@ -40,3 +40,11 @@ class RerankBackend(ABC):
     @abstractmethod
     def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
         """Score a batch of unpadded token-id sequences; sigmoid of each logit is the relevance."""
+
+    def faster_dtype(self) -> str | None:
+        """A lower precision this hardware runs faster than the current one, if any (for `--dtype auto`)."""
+        return None
+
+    def cast(self, dtype: str) -> None:
+        """Convert the loaded weights to `dtype` in place (only called with what `faster_dtype` offered)."""
+        raise NotImplementedError

@@ -37,19 +37,26 @@ def describe_machine() -> dict[str, object]:
     }
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5, device: str = "cpu") -> float:
-    """Best sustained GFLOP/s of a square matmul: the compute ceiling the model's dense layers run against."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)
+def matmul_gflops(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int] = (1024, 768, 3072),
+    seconds: float = 1.5,
+    device: str = "cpu",
+) -> float:
+    """Best GFLOP/s of an (M×K)·(K×N) product shaped like the model's dense layers (1,024 tokens through
+    base's 768→3072 feed-forward by default): the ceiling those layers run against on this machine."""
+    rows, inner, cols = shape
+    a = torch.randn(rows, inner, device=device).to(dtype)
+    weight = torch.randn(cols, inner, device=device).to(dtype)  # stored as nn.Linear stores it
+    torch.nn.functional.linear(a, weight)
     best = 0.0
     deadline = time.perf_counter() + seconds
     for attempt in itertools.count():
         if attempt >= 2 and time.perf_counter() > deadline:
             break
         started = time.perf_counter()
-        torch.matmul(a, b)
+        torch.nn.functional.linear(a, weight)
         if device != "cpu":
             torch.cuda.synchronize()
-        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+        best = max(best, 2 * rows * inner * cols / (time.perf_counter() - started) / 1e9)
     return best

@@ -86,8 +86,8 @@ def render_markdown(result: BenchResult) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, "
         f"features {machine['cpu_features'] or 'none'}, {machine['memory_gb']} GB; "
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}.",
-        "- Matmul ceiling (2048², best of ~1.5 s): "
-        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in result.ceilings.items())
+        "- Matmul ceiling (1024×768 · 768×3072, a dense layer's shape; best of ~1.5 s): "
+        + ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in result.ceilings.items())
         + '. "Of matmul ceiling" = pairs/s × model FLOPs per pair ÷ the ceiling of the contender\'s dtype.',
         "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "
         "(speed does not depend on the weights' values). Workloads: the first judged MS MARCO DL19 query "

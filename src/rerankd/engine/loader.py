@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
 from rerankd.engine.engine import EngineLimits, RerankEngine
+from rerankd.engine.precision import settle_auto_precision
 from rerankd.engine.scheduler import BatchLimits
+from rerankd.engine.tokenize import PairTokenizer
 from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -42,11 +45,18 @@ def load_engine(
     reference, variant = split_gguf_selector(model)
     files = gguf_files(variant) if variant else SAFETENSORS_FILES
     source = resolve_model_source(reference, revision=revision, cache_dir=cache_dir, files=files)
-    backend = load_backend(source.path, options or BackendOptions(), gguf_variant=variant)
+    options = options or BackendOptions()
+    backend = load_backend(source.path, options, gguf_variant=variant)
     limits = EngineLimits(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
         batching=batching or BatchLimits(),
     )
+    if options.dtype == "auto":
+        backend = settle_auto_precision(
+            backend,
+            PairTokenizer(backend.tokenizer, limits.max_length),
+            lambda: load_backend(source.path, replace(options, dtype="float32"), gguf_variant=variant),
+        )
     engine = RerankEngine(served_name or model, backend, limits)
     logger.info(
         "loaded %s (%s, %s on %s, max length %d) in %.1fs",

@@ -13,14 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rerankd.fidelity import ValidationCase, drift
 from rerankd.quality.beir import load_beir, query_with_passages
 from rerankd.quality.scorers import Scorer
-
-
-@dataclass(frozen=True)
-class ValidationCase:
-    name: str
-    queries: list[tuple[str, list[str]]]  # (query, documents) groups scored together
 
 
 @dataclass(frozen=True)
@@ -30,35 +25,6 @@ class CaseResult:
     top1_preserved: bool
     order_preserved: bool
     max_abs_delta: float
-
-
-MOCKINGBIRD = "Who wrote To Kill a Mockingbird?"
-
-
-def builtin_cases() -> list[ValidationCase]:
-    """The model card's four cases."""
-    basic = [
-        "To Kill a Mockingbird is a novel by Harper Lee.",
-        "Moby-Dick was written by Herman Melville.",
-        "Jane Austen wrote Pride and Prejudice.",
-    ]
-    long_document = " ".join(["Harper Lee grew up in Monroeville, Alabama, the setting of her novel."] * 120)
-    ordering = [
-        "The Great Gatsby is a 1925 novel by F. Scott Fitzgerald.",
-        "Harper Lee published To Kill a Mockingbird in 1960 and won the Pulitzer Prize.",
-        "Mockingbirds are songbirds known for mimicking the calls of other birds.",
-        "Go Set a Watchman, written by Harper Lee, was published in 2015.",
-        "The novel To Kill a Mockingbird is narrated by Scout Finch.",
-        "George Orwell wrote Nineteen Eighty-Four.",
-        "Truman Capote was a childhood friend of Harper Lee.",
-        "The film adaptation of To Kill a Mockingbird starred Gregory Peck.",
-    ]
-    return [
-        ValidationCase("basic relevance ranking", [(MOCKINGBIRD, basic)]),
-        ValidationCase("empty document", [(MOCKINGBIRD, ["", basic[0], basic[1]])]),
-        ValidationCase("long-input truncation", [(MOCKINGBIRD, [long_document, basic[0], "word " * 3000])]),
-        ValidationCase("multi-document ordering", [(MOCKINGBIRD, ordering)]),
-    ]
 
 
 def beir_case(folder: Path, max_queries: int = 10, documents_per_query: int = 20) -> ValidationCase:
@@ -71,17 +37,13 @@ def beir_case(folder: Path, max_queries: int = 10, documents_per_query: int = 20
     return ValidationCase(f"{folder.name} passages ({len(groups)} queries)", groups)
 
 
-def _order(scores: Sequence[float]) -> list[int]:
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-
-
 def compare(
     variant: str, case: ValidationCase, base: list[list[float]], other: list[list[float]]
 ) -> CaseResult:
-    top1 = all(_order(a)[0] == _order(b)[0] for a, b in zip(base, other, strict=True))
-    order = all(_order(a) == _order(b) for a, b in zip(base, other, strict=True))
-    delta = max(abs(x - y) for a, b in zip(base, other, strict=True) for x, y in zip(a, b, strict=True))
-    return CaseResult(variant, case.name, top1, order, delta)
+    measured = drift(base, other)
+    return CaseResult(
+        variant, case.name, measured.top1_preserved, measured.order_preserved, measured.max_abs_delta
+    )
 
 
 def case_scores(scorer: Scorer, cases: Sequence[ValidationCase]) -> list[list[list[float]]]:
