@@ -107,6 +107,7 @@ def test_bench_end_to_end_writes_benchmarks_md(
         assert measurement["pairs"] > 0 and measurement["peak_rss"] > 100 * 2**20
         assert measurement["mean_flops"] > 1e9
     assert geometry["fairness"]["during_count"] >= 1
+    assert geometry["bf16_peak_rss"] > 100 * 2**20
     report = out.read_text()
     assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
-    assert "Fairness:" in report and "Concurrency: 2 clients" in report
+    assert "Fairness:" in report and "Concurrency: 2 clients" in report and "in bfloat16" in report

@@ -171,7 +171,9 @@ def test_peak_memory_while_loading_stays_under_one_and_a_half_times_loaded(
     )
     assert probe.returncode == 0, probe.stderr
     peak, loaded = map(float, probe.stdout.split())
-    assert peak < 1.5 * loaded, f"peak {peak:.0f} MB vs loaded {loaded:.0f} MB"
+    # The bound is 1.5x; dropping each tensor's mapped pages once copied brought it from 1.32/1.45x
+    # (fp32/bf16) to 1.10/1.15x, and 1.25x keeps that from regressing unnoticed.
+    assert peak < 1.25 * loaded, f"peak {peak:.0f} MB vs loaded {loaded:.0f} MB"
 
 
 def test_served_over_http(xsmall_variants: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,13 @@ def test_cli_compares_dtypes_of_the_base(xsmall_model_dir: Path) -> None:
     assert all(0.0 < row["max_abs_delta"] < 0.05 for row in rows[4:])
     nothing = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert nothing.returncode == 2 and "--compare-dtypes" in nothing.stderr
+
+
+def test_cli_passes_the_revision_to_the_hub(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "rerankd", "validate", "mixedbread-ai/mxbai-rerank-xsmall-v1"]
+    command += ["--compare-dtypes", "bfloat16", "--revision", "v9", "--model-cache", str(tmp_path)]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert completed.returncode == 1
+    assert "revision v9" in completed.stderr

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, action="append", default=[], help="a BEIR folder whose passages add a case"
     )
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    validate.add_argument(
+        "--revision",
+        default=None,
+        help="Hub branch, tag or commit for the Hub models compared (default: main)",
+    )
     _add_runtime_arguments(validate.add_argument_group("model"))
 
     bench = commands.add_parser(
@@ -308,6 +313,7 @@ def _bench(args: argparse.Namespace) -> int:
     from rerankd.bench.run import CONTENDERS, BenchSettings, run_bench
     from rerankd.devtools.random_model import write_random_model
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
     contenders = tuple(args.contenders or CONTENDERS)
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:

@@ -72,6 +72,11 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             f"({fair.big_seconds:.0f} s) {fair.during_p95:.2f} s over {fair.during_count} requests: "
             f"{fair.ratio:.2f}× alone."
         )
+    if result.bf16_peak_rss:
+        lines.append(
+            f"- Peak RSS of rerankd serving this model in bfloat16 (load, then an 8-document request): "
+            f"{_megabytes(result.bf16_peak_rss)}."
+        )
     return [*lines, ""]
 
 

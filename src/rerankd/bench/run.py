@@ -75,6 +75,7 @@ class GeometryResult:
     workloads: list[dict[str, float | str]]
     measurements: list[Measurement] = field(default_factory=list)
     fairness: Fairness | None = None
+    bf16_peak_rss: int | None = None  # rerankd serving the model in bfloat16: load plus one small request
 
 
 @dataclass
@@ -210,6 +211,28 @@ def bench_rerankd(
     return measurements, fairness
 
 
+def rerankd_bf16_peak_rss(settings: BenchSettings, geometry: str, workload: Workload) -> int | None:
+    """Peak RSS of `rerankd serve --dtype bfloat16` after loading and scoring 8 of the workload's texts."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "rerankd",
+        "serve",
+        "--model",
+        str(settings.models[geometry]),
+        "--port",
+        str(port),
+        "--dtype",
+        "bfloat16",
+    ]
+    log = settings.log_dir / f"rerankd-{geometry}-bf16.log"
+    with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}) as server:
+        _warm_up(f"{url}/rerank", workload, None)
+        return server.peak_rss()
+
+
 def bench_infinity(
     settings: BenchSettings, geometry: str, config: DebertaConfig, workloads: list[Workload]
 ) -> list[Measurement]:
@@ -339,6 +362,7 @@ def run_bench(settings: BenchSettings, command: str) -> BenchResult:
         if "rerankd" in settings.contenders:
             measured, result.fairness = bench_rerankd(settings, geometry, config, workloads, big)
             result.measurements += measured
+            result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, geometry, workloads[0])
         for contender, dtype in CROSSENCODER_DTYPES.items():
             if contender in settings.contenders:
                 result.measurements += bench_crossencoder(settings, geometry, config, workloads, dtype)

@@ -13,6 +13,7 @@ normalization is exact only with SentencePiece's precompiled table, which Antfly
 from __future__ import annotations
 
 import json
+import mmap
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class _MappedGGUFReader(GGUFReader):
     @data.setter
     def data(self, value: np.ndarray) -> None:
         self._mapped = value.view(np.ndarray)
+        self.file_map: mmap.mmap | None = value.base if isinstance(value.base, mmap.mmap) else None
 
 
 class GGUFTensors:
@@ -88,8 +90,9 @@ class GGUFTensors:
     F32, F16 and BF16 come back in their stored dtype, Q8_0 and Q4_K dequantized to float32.
     """
 
-    def __init__(self, tensors: Mapping[str, ReaderTensor]) -> None:
+    def __init__(self, tensors: Mapping[str, ReaderTensor], file_map: mmap.mmap | None = None) -> None:
         self._tensors = dict(tensors)
+        self._file_map = file_map
 
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -99,12 +102,21 @@ class GGUFTensors:
         shape = _torch_shape(tensor)
         if tensor.tensor_type == GGMLQuantizationType.BF16:
             # Copied out of the read-only map; bfloat16 has no numpy dtype, so its bits go through int16.
-            return torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-        if tensor.tensor_type in QUANTIZED_TYPES:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            values = torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16)
+        elif tensor.tensor_type in QUANTIZED_TYPES:
+            values = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
         else:
-            values = np.array(tensor.data)
-        return torch.from_numpy(values).reshape(shape)
+            values = torch.from_numpy(np.array(tensor.data))
+        self._release(tensor)
+        return values.reshape(shape)
+
+    def _release(self, tensor: ReaderTensor) -> None:
+        """Drop the tensor's pages of the memory map once copied out: mapped pages stay resident (and count
+        in RSS) until unmapped, so without this a load peaks at the whole file plus the converted weights."""
+        if self._file_map is None:
+            return
+        start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+        self._file_map.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
     def types(self) -> dict[str, str]:
         """Stored type of each tensor, e.g. {'classifier.weight': 'Q8_0'}."""
@@ -175,7 +187,11 @@ def open_deberta_gguf(path: Path) -> DebertaGGUF:
             f"{parsed.vocab_size} rows",
         )
     return DebertaGGUF(
-        path=path, config=config, tensors=GGUFTensors(tensors), reader=reader, _tokenizer=tokenizer
+        path=path,
+        config=config,
+        tensors=GGUFTensors(tensors, getattr(reader, "file_map", None)),
+        reader=reader,
+        _tokenizer=tokenizer,
     )
 
 
