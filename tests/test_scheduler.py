@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rerankd.engine.scheduler import BatchLimits, BatchScheduler
+from rerankd.engine.scheduler import BatchLimits, BatchScheduler, QueueFullError
 
 
 class RecordingForward:
@@ -145,3 +145,25 @@ def test_token_budget_defaults_per_device_and_a_user_value_wins() -> None:
     assert BatchLimits(max_batch_tokens=700).for_device("cuda").max_batch_tokens == 700
     with pytest.raises(ValueError, match="resolve the token budget"):
         BatchScheduler(lambda ids: [0.0] * len(ids), ThreadPoolExecutor(1), BatchLimits())
+
+
+def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(
+        forward, max_batch_tokens=64, max_batch_pairs=1, batch_wait_ms=0, max_queued_pairs=5
+    )
+
+    async def fill_then_overflow():
+        forward.release.clear()
+        first = asyncio.ensure_future(
+            scheduler.submit(sequences(1, [4] * 20))
+        )  # an empty queue takes any size
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError, match="max-queued-pairs"):
+            await scheduler.submit(sequences(2, [4]))
+        forward.release.set()
+        await first
+        return await scheduler.submit(sequences(3, [4] * 5))
+
+    assert len(run(fill_then_overflow())) == 5
+    executor.shutdown()
+    assert all(ids[0] != 2 for batch in forward.batches for ids in batch)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from rerankd import __version__
 from rerankd.catalog import CATALOG, DEFAULT_MODEL
+from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP
 
 if TYPE_CHECKING:
     from rerankd.engine.engine import RerankEngine
@@ -77,11 +78,19 @@ def _add_runtime_arguments(group: argparse._ActionsContainer) -> None:
     )
 
 
-def _positive(value: str) -> int:
+def _at_least(minimum: int, value: str) -> int:
     number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
     return number
+
+
+def _positive(value: str) -> int:
+    return _at_least(1, value)
+
+
+def _non_negative(value: str) -> int:
+    return _at_least(0, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind (default: %(default)s)")
     serve.add_argument(
         "--max-documents", type=_positive, default=1000, help="documents per request (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-queued-pairs",
+        type=_positive,
+        default=None,
+        help="pairs waiting per model; a request that would pass it gets 429 and Retry-After (default: none)",
+    )
+    serve.add_argument(
+        "--max-chunks-per-doc",
+        type=_positive,
+        default=64,
+        help="token windows per document in chunk mode, at most (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--chunk-overlap",
+        type=_non_negative,
+        default=DEFAULT_CHUNK_OVERLAP,
+        help="tokens shared by consecutive windows of a chunked document (default: %(default)s)",
     )
 
     rank = commands.add_parser("rank", help="rank documents for a query and print the ranking")
@@ -231,7 +258,12 @@ def _load_engine(
         cache_dir=args.model_cache,
         options=BackendOptions(device=args.device, dtype=dtype or args.dtype, threads=args.threads),
         max_length=args.max_length,
-        batching=BatchLimits(args.max_batch_tokens, args.max_batch_pairs, args.batch_wait_ms),
+        batching=BatchLimits(
+            args.max_batch_tokens,
+            args.max_batch_pairs,
+            args.batch_wait_ms,
+            max_queued_pairs=getattr(args, "max_queued_pairs", None),
+        ),
     )
 
 
@@ -242,7 +274,12 @@ def _serve(args: argparse.Namespace) -> int:
     from rerankd.engine.models import ServedModels
 
     engine = _load_engine(args, args.model, served_name=args.served_model_name)
-    app = create_app(ServedModels([engine]), APISettings(max_documents=args.max_documents))
+    settings = APISettings(
+        max_documents=args.max_documents,
+        max_chunks_per_doc=args.max_chunks_per_doc,
+        chunk_overlap=args.chunk_overlap,
+    )
+    app = create_app(ServedModels([engine]), settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -1,24 +1,43 @@
-"""One error shape for every failure a client can see, and the handlers that produce it.
+"""Every failure a client can see goes through here, in the error shape of the dialect it spoke.
 
-Body: `{"error": {"message": ..., "type": ..., "param": ..., "code": <status>}}`. Messages name the offending
-field; no traceback or internal path ever reaches a client.
+A route's dialect decides the body (`ErrorShape`): rerankd's own is
+`{"error": {"message", "type", "param", "code"}}`; TEI clients read `{"error", "error_type"}`, Jina clients
+`detail`, Cohere clients `message`. Messages name the offending field; no traceback or internal path ever
+reaches a client. 429 and 503 carry `Retry-After`, which Cohere's and Mixedbread's clients honour.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_SECONDS = 1
+# Tags of the request unions a route may take (see `rerankd.api.routes`): part of pydantic's error location,
+# never a field a client sent.
+UNION_TAGS = frozenset({"rerankd request", "tei request"})
+# The failures every rerank route documents in its OpenAPI entry.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed JSON"},
+    404: {"description": "Unknown model"},
+    413: {"description": "Too many documents, or a pair over the model's limit with truncation off"},
+    422: {"description": "Invalid field"},
+    429: {"description": "Queue full; retry after `Retry-After` seconds"},
+}
+
 
 class APIError(Exception):
-    """Raised by routes for a client-visible failure."""
+    """Raised by routes for a client-visible failure. `error_type` is one of rerankd's own error types
+    (invalid_request, invalid_json, too_many_documents, input_too_long, model_not_found, overloaded,
+    http_error, internal_error); dialects translate it."""
 
     def __init__(self, status: int, message: str, error_type: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -28,49 +47,89 @@ class APIError(Exception):
         self.param = param
 
 
-def error_response(status: int, message: str, error_type: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(status_code=status, content=body)
+ErrorShape = Callable[[APIError], dict[str, Any]]
+
+
+def native_error(error: APIError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.status,
+        }
+    }
+
+
+class DialectRoute(APIRoute):
+    """A route that knows its dialect's error shape; `body` is the raw JSON when the request had one."""
+
+    error_shape: ErrorShape = staticmethod(native_error)
+
+    def error_shape_for(self, body: Any) -> ErrorShape:
+        return self.error_shape
+
+
+def dialect_route(shape: ErrorShape) -> type[DialectRoute]:
+    """A route class for an `APIRouter(route_class=...)` whose errors take `shape`."""
+    return type(f"{shape.__name__}_route", (DialectRoute,), {"error_shape": staticmethod(shape)})
+
+
+def _shape(request: Request, body: Any = None) -> ErrorShape:
+    chosen = getattr(request.state, "error_shape", None)
+    if chosen is not None:
+        return chosen
+    route = request.scope.get("route")
+    if isinstance(route, DialectRoute):
+        return route.error_shape_for(body)
+    return native_error
+
+
+def _respond(request: Request, error: APIError, body: Any = None) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status in (429, 503) else None
+    return JSONResponse(status_code=error.status, content=_shape(request, body)(error), headers=headers)
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
-    parts = [str(part) for part in location if part != "body"]
+    parts = [str(part) for part in location if part != "body" and part not in UNION_TAGS]
     return ".".join(parts) if parts else "body"
 
 
-def _validation_message(error: dict[str, Any]) -> tuple[str, str]:
+def _validation_error(error: dict[str, Any]) -> APIError:
     field = _field_path(tuple(error.get("loc", ())))
     kind = error.get("type", "")
-    if kind == "json_invalid":
-        return "body", "request body is not valid JSON"
     if kind == "missing":
-        return field, f"{field}: field required"
-    if field == "body" and kind in ("dict_type", "model_attributes_type"):
-        return field, "body: must be a JSON object (sent as Content-Type: application/json)"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return field, f"{field}: {message}"
+        message = f"{field}: field required"
+    elif field == "body" and kind in ("dict_type", "model_attributes_type"):
+        message = "body: must be a JSON object (sent as Content-Type: application/json)"
+    else:
+        message = f"{field}: " + str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(422, message, "invalid_request", field)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return error_response(error.status, error.message, error.error_type, error.param)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return _respond(request, error)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = error.errors()
         if any(item.get("type") == "json_invalid" for item in errors):
-            return error_response(400, "request body is not valid JSON", "invalid_json", "body")
-        field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
+            invalid = APIError(400, "request body is not valid JSON", "invalid_json", "body")
+            return _respond(request, invalid)
+        first = (
+            _validation_error(errors[0]) if errors else APIError(422, "invalid request", "invalid_request")
+        )
         if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return error_response(422, message, "invalid_request", field)
+            first.message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return _respond(request, first, error.body)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), "http_error")
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _respond(request, APIError(error.status_code, str(error.detail), "http_error"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "internal_error")
+        return _respond(request, APIError(500, "internal server error", "internal_error"))

@@ -1,14 +1,20 @@
-"""HTTP routes: translate requests into engine calls and engine results into responses."""
+"""rerankd's own routes: `/rerank` (which also answers TEI's `{query, texts}` and infinity_client), `/health`
+and `/info`."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
+from pydantic import Discriminator, Tag
 
 from rerankd import __version__
-from rerankd.api.errors import APIError
+from rerankd.api.dialects.infinity import INFINITY_DEFAULT_MODEL, InfinityRerankResponse, infinity_response
+from rerankd.api.dialects.tei import TEIRankResult, TEIRerankRequest, is_tei_body, rerank_tei, tei_error
+from rerankd.api.errors import ERROR_RESPONSES, DialectRoute, ErrorShape, native_error
 from rerankd.api.schemas import (
+    ChunkInfo,
     DocumentText,
     ModelInfo,
     RerankRequest,
@@ -17,17 +23,25 @@ from rerankd.api.schemas import (
     ServerInfo,
     Usage,
 )
-from rerankd.engine.models import ServedModels, UnknownModelError
-from rerankd.engine.postprocess import rank
+from rerankd.api.service import RerankCall, chunk_options, run_rerank, settings_of
+from rerankd.engine.models import ServedModels
+from rerankd.engine.tokenize import PairOptions
 
-router = APIRouter()
 
-ERROR_RESPONSES = {
-    400: {"description": "Malformed JSON"},
-    404: {"description": "Unknown model"},
-    413: {"description": "Too many documents"},
-    422: {"description": "Invalid field"},
-}
+class NativeRoute(DialectRoute):
+    """`/rerank` speaks TEI's error shape to TEI's requests."""
+
+    def error_shape_for(self, body: Any) -> ErrorShape:
+        return tei_error if is_tei_body(body) else native_error
+
+
+router = APIRouter(route_class=NativeRoute)
+
+RerankBody = Annotated[
+    Annotated[RerankRequest, Tag("rerankd request")] | Annotated[TEIRerankRequest, Tag("tei request")],
+    Discriminator(lambda body: "tei request" if is_tei_body(body) else "rerankd request"),
+    Body(),
+]
 
 
 @router.get("/health", summary="Liveness: the process is up")
@@ -40,7 +54,7 @@ async def info(request: Request) -> ServerInfo:
     models: ServedModels = request.app.state.models
     return ServerInfo(
         version=__version__,
-        max_documents=request.app.state.settings.max_documents,
+        max_documents=settings_of(request).max_documents,
         models=[
             ModelInfo(
                 name=engine.name,
@@ -58,40 +72,49 @@ async def info(request: Request) -> ServerInfo:
 
 @router.post(
     "/rerank",
-    response_model=RerankResponse,
+    response_model=RerankResponse | list[TEIRankResult] | InfinityRerankResponse,
     response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
-    summary="Rerank documents",
+    summary="Rerank documents (rerankd's own; TEI's when the body has `texts`)",
+    description="Scores every document against the query and returns them best first. A body with `texts` "
+    "instead of `documents` is TEI's request and gets TEI's answer, a bare sorted list. Requests naming "
+    f"Infinity's placeholder model `{INFINITY_DEFAULT_MODEL}` (infinity_client's default) get Infinity's "
+    "answer, with each document as a plain string.",
 )
-async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
-    models: ServedModels = request.app.state.models
-    max_documents: int = request.app.state.settings.max_documents
-    if len(body.documents) > max_documents:
-        raise APIError(
-            413,
-            f"documents: {len(body.documents)} documents exceed the limit of {max_documents} "
-            "(--max-documents)",
-            "too_many_documents",
-            "documents",
-        )
-    try:
-        engine = models.get(body.model)
-    except UnknownModelError as error:
-        raise APIError(404, str(error), "model_not_found", "model") from error
-
-    scored = await engine.score(body.query, body.documents)
-    ranked = rank(scored.logits, raw_scores=body.raw_scores, top_n=body.top_n)
+async def rerank(
+    body: RerankBody, request: Request
+) -> RerankResponse | list[TEIRankResult] | InfinityRerankResponse:
+    if isinstance(body, TEIRerankRequest):
+        return await rerank_tei(request, body)
+    infinity = body.model == INFINITY_DEFAULT_MODEL
+    if body.long_documents == "chunk":
+        options = chunk_options(request, body.max_chunks_per_doc, body.chunk_overlap, "max_chunks_per_doc")
+    else:
+        options = PairOptions()
+    call = RerankCall(
+        query=body.query,
+        texts=body.documents,
+        model=None if infinity else body.model,
+        top_n=body.top_n,
+        raw_scores=body.raw_scores,
+        options=options,
+    )
+    outcome = await run_rerank(request, call)
+    if infinity:
+        return infinity_response(outcome, body.documents, body.return_documents)
     results = [
         RerankResult(
             index=item.index,
             relevance_score=item.score,
             document=DocumentText(text=body.documents[item.index]) if body.return_documents else None,
+            chunk=ChunkInfo.of(item.detail) if options.chunk else None,
         )
-        for item in ranked
+        for item in outcome.results
     ]
     return RerankResponse(
         id=f"rerank-{uuid.uuid4().hex}",
-        model=engine.name,
+        model=outcome.model,
         results=results,
-        usage=Usage(prompt_tokens=scored.token_count, total_tokens=scored.token_count),
+        usage=Usage.of(outcome.token_count),
+        query_truncated=True if outcome.query_truncated else None,
     )

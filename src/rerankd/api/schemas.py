@@ -1,8 +1,13 @@
-"""Request and response bodies of the native `/rerank` route. The schema is what validation enforces."""
+"""Request and response bodies of rerankd's own routes, and pieces every dialect shares. The schema is what
+validation enforces."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from rerankd.engine.engine import DocumentScore
 
 EXAMPLE_REQUEST = {
     "model": "mixedbread-ai/mxbai-rerank-base-v1",
@@ -15,39 +20,95 @@ EXAMPLE_REQUEST = {
 }
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+QueryText = Annotated[
+    StrictStr, AfterValidator(_not_blank), Field(description="The search query (not blank).")
+]
+ModelName = Annotated[
+    StrictStr | None, Field(description="Served model name; the default model when omitted.")
+]
+TopN = Annotated[StrictInt | None, Field(ge=1, description="Return only the n best results.")]
+RawScores = Annotated[StrictBool, Field(description="Return the model's logit instead of sigmoid(logit).")]
+# A document as Cohere v1, Jina and Mixedbread clients send it: a string, or an object scored by its
+# rank fields.
+ObjectDocument = StrictStr | dict[StrictStr, Any]
+RankFields = Annotated[
+    list[StrictStr] | None,
+    Field(
+        min_length=1,
+        description="Fields of object documents that make the scored text (default: text). One field: its "
+        "value; several: `field: value` lines in this order.",
+    ),
+]
+MaxChunksPerDoc = Annotated[
+    StrictInt | None,
+    Field(
+        ge=1,
+        description="Chunk long documents into at most this many token windows, each scored with the "
+        "query; a document scores its best window's score.",
+    ),
+]
+ChunkOverlap = Annotated[
+    StrictInt | None, Field(ge=0, description="Tokens shared by consecutive windows (default: the server's).")
+]
+
+
 class RerankRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_REQUEST]})
 
-    model: StrictStr | None = Field(None, description="Served model name; the default model when omitted.")
-    query: StrictStr = Field(description="The search query (not blank).")
+    model: ModelName = None
+    query: QueryText
     documents: list[StrictStr] = Field(
         min_length=1, description="Candidate texts to score against the query."
     )
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the n best results.")
+    top_n: TopN = None
     return_documents: StrictBool = Field(False, description="Echo each document's text in its result.")
-    raw_scores: StrictBool = Field(False, description="Return the model's logit instead of sigmoid(logit).")
-
-    @field_validator("query")
-    @classmethod
-    def _query_not_blank(cls, query: str) -> str:
-        if not query.strip():
-            raise ValueError("must not be blank")
-        return query
+    raw_scores: RawScores = False
+    long_documents: Literal["truncate", "chunk"] = Field(
+        "truncate",
+        description="Documents longer than the room the query leaves: `truncate` (the reference's "
+        "longest-first cut) or `chunk` (score every window, keep the best).",
+    )
+    max_chunks_per_doc: MaxChunksPerDoc = None
+    chunk_overlap: ChunkOverlap = None
 
 
 class DocumentText(BaseModel):
     text: str
 
 
+class ChunkInfo(BaseModel):
+    """Which window of a chunked document won: its index among `count`, and the characters it covers."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+
+    @classmethod
+    def of(cls, detail: DocumentScore) -> ChunkInfo:
+        return cls(index=detail.window, count=detail.windows, start=detail.start, end=detail.end)
+
+
 class RerankResult(BaseModel):
     index: int
     relevance_score: float
     document: DocumentText | None = None
+    chunk: ChunkInfo | None = None
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, tokens: int) -> Usage:
+        return cls(prompt_tokens=tokens, total_tokens=tokens)
 
 
 class RerankResponse(BaseModel):
@@ -55,6 +116,9 @@ class RerankResponse(BaseModel):
     model: str
     results: list[RerankResult]
     usage: Usage
+    query_truncated: bool | None = Field(
+        None, description="Present (true) when the query lost tokens to fit the model's limit."
+    )
 
 
 class ModelInfo(BaseModel):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from rerankd.backends.base import BackendInfo, RerankBackend
 from rerankd.engine.scheduler import BatchLimits, BatchScheduler
-from rerankd.engine.tokenize import PairTokenizer
+from rerankd.engine.tokenize import DEFAULT_PAIR_OPTIONS, EncodedDocument, PairOptions, PairTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,33 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
-class ScoredPairs:
-    logits: list[float]  # one per document, in input order
+class DocumentScore:
+    """A document's score: its best window's logit, and which window that was."""
+
+    logit: float
+    window: int  # index of the winning window; 0 unless the document was chunked
+    windows: int  # how many windows were scored
+    start: int  # characters of the document the winning window covers
+    end: int
+    truncated: bool  # part of the document was in no window
+
+    @classmethod
+    def best_of(cls, document: EncodedDocument, logits: Sequence[float]) -> DocumentScore:
+        best = max(range(len(logits)), key=lambda index: logits[index])
+        window = document.windows[best]
+        return cls(logits[best], best, len(logits), window.start, window.end, document.truncated)
+
+
+@dataclass(frozen=True)
+class ScoredDocuments:
+    documents: list[DocumentScore]  # in input order
     token_count: int  # tokens fed to the model, special tokens included
+    pair_count: int  # (query, window) pairs scored
+    query_truncated: bool
+
+    @property
+    def logits(self) -> list[float]:
+        return [document.logit for document in self.documents]
 
 
 class RerankEngine:
@@ -53,14 +77,29 @@ class RerankEngine:
     def info(self) -> BackendInfo:
         return self.backend.info
 
-    async def score(self, query: str, documents: Sequence[str]) -> ScoredPairs:
-        """Relevance logits of (query, document) for every document, in input order."""
+    async def score(
+        self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
+    ) -> ScoredDocuments:
+        """Relevance of every document to the query, in input order. Raises `InputTooLongError` when
+        `options` forbid truncation and a pair does not fit."""
         loop = asyncio.get_running_loop()
-        token_ids = await loop.run_in_executor(
-            self._tokenize_pool, self.tokenizer.encode_pairs, query, documents
+        encoded = await loop.run_in_executor(
+            self._tokenize_pool, self.tokenizer.encode, query, documents, options
         )
+        token_ids = encoded.token_ids
         logits = await self.scheduler.submit(token_ids)
-        return ScoredPairs(logits=logits, token_count=sum(len(ids) for ids in token_ids))
+        scores = []
+        position = 0
+        for document in encoded.documents:
+            count = len(document.windows)
+            scores.append(DocumentScore.best_of(document, logits[position : position + count]))
+            position += count
+        return ScoredDocuments(
+            documents=scores,
+            token_count=sum(len(ids) for ids in token_ids),
+            pair_count=len(token_ids),
+            query_truncated=encoded.query_truncated,
+        )
 
     def close(self) -> None:
         self.scheduler.stop()

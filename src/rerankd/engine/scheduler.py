@@ -33,6 +33,7 @@ class BatchLimits:
     max_batch_tokens: int | None = None  # padded tokens per forward pass (batch size x longest pair)
     max_batch_pairs: int = 64
     batch_wait_ms: float = 2.0
+    max_queued_pairs: int | None = None  # admission limit: a request that would pass it is refused
 
     def for_device(self, device_type: str) -> BatchLimits:
         """These limits with the token budget filled in for `device_type` when the user set none."""
@@ -40,6 +41,16 @@ class BatchLimits:
             return self
         return replace(
             self, max_batch_tokens=DEFAULT_BATCH_TOKENS.get(device_type, DEFAULT_BATCH_TOKENS["cpu"])
+        )
+
+
+class QueueFullError(RuntimeError):
+    """The queue cannot take a request's pairs now; the client should retry shortly."""
+
+    def __init__(self, pairs: int, queued: int, limit: int) -> None:
+        super().__init__(
+            f"server busy: {queued} pairs queued, and {pairs} more would pass the limit of {limit} "
+            "(--max-queued-pairs); retry shortly"
         )
 
 
@@ -79,9 +90,15 @@ class BatchScheduler:
         return sum(len(request.pending) for request in self._requests)
 
     async def submit(self, token_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Logits for every sequence, in input order. Cancelling the caller drops its queued pairs."""
+        """Logits for every sequence, in input order. Cancelling the caller drops its queued pairs.
+        Raises `QueueFullError` when taking them would pass `max_queued_pairs` (an empty queue takes any
+        request, so a request larger than the limit is not refused forever)."""
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
+        limit = self._limits.max_queued_pairs
+        queued = self.queued_pairs
+        if limit is not None and queued and queued + len(token_ids) > limit:
+            raise QueueFullError(len(token_ids), queued, limit)
         order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))
         request = _Request(
             next(self._arrivals), order, token_ids, [0.0] * len(token_ids), loop.create_future()

@@ -1,24 +1,178 @@
-"""Pair tokenization: `[CLS] query [SEP] document [SEP]`, truncated longest-first to the model's limit."""
+"""Pair building: `[CLS] query [SEP] document [SEP]` from the query and each document encoded on their own.
+
+Encoding the texts separately and assembling the pairs here (instead of letting the tokenizer encode pairs)
+gives one tokenization per document whatever happens next: truncation exactly like the tokenizer's own
+`longest_first` (the reference's), truncation from either end, a per-document token cap, or cutting a long
+document into overlapping windows that are each scored with the query (`chunk` mode).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
+
+TruncationDirection = Literal["right", "left"]
+DEFAULT_CHUNK_OVERLAP = 64  # tokens shared by consecutive windows of a chunked document
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """How a request wants its long inputs handled."""
+
+    truncate: bool = True  # False: a pair over the model's limit is an error (TEI's `truncate: false`)
+    truncation_direction: TruncationDirection = "right"  # "left" keeps a document's end instead of its start
+    max_tokens_per_doc: int | None = None  # cap on each document's own tokens, applied first
+    chunk: bool = False  # score windows of long documents, each document by its best window
+    max_chunks_per_doc: int | None = None  # windows past this many are dropped
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+
+
+DEFAULT_PAIR_OPTIONS = PairOptions()
+
+
+@dataclass(frozen=True)
+class Window:
+    """One (query, piece of a document) pair, and which characters of the document the piece covers."""
+
+    token_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class EncodedDocument:
+    windows: list[Window]  # one unless the document was chunked
+    truncated: bool  # tokens of the document were left out of every window
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    documents: list[EncodedDocument]
+    query_truncated: bool
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Every window's pair, documents in order."""
+        return [window.token_ids for document in self.documents for window in document.windows]
+
+
+class InputTooLongError(ValueError):
+    def __init__(self, index: int, length: int, max_length: int) -> None:
+        super().__init__(
+            f"the (query, document) pair has {length} tokens, more than the model's {max_length} "
+            "(allow truncation, or shorten the document)"
+        )
+        self.index = index
+
+
+def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
+    """Lengths kept of two sequences under `budget` tokens, exactly as `tokenizers`' `longest_first`: the
+    longer one is cut first; when both must be cut, the shorter keeps budget // 2 and the longer the rest."""
+    if first + second <= budget:
+        return first, second
+    shorter, longer = sorted((first, second))
+    longer = shorter if shorter > budget else max(shorter, budget - shorter)
+    if shorter + longer > budget:
+        shorter = budget // 2
+        longer = shorter + budget % 2
+    return (longer, shorter) if first > second else (shorter, longer)
+
+
+def _window_span(document: Encoding, start: int, stop: int) -> tuple[int, int]:
+    if start >= stop:
+        return 0, 0
+    return document.offsets[start][0], document.offsets[stop - 1][1]
 
 
 class PairTokenizer:
-    """Encodes (query, document) pairs with the model's own tokenizer; thread-safe (Rust, no shared state).
+    """Builds model inputs for (query, document) pairs with the model's own tokenizer; thread-safe.
 
-    Takes the tokenizer over and sets its truncation: a copy of a 128k-piece vocabulary costs ~130 MB.
+    Takes the tokenizer over (a copy of a 128k-piece vocabulary costs ~130 MB) and turns its truncation and
+    padding off: every text is encoded whole, and the pairs are cut here.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self._tokenizer.no_truncation()
         self.max_length = max_length
+        self._prefix, self._middle, self._suffix = self._special_tokens()
+        self.budget = max_length - len(self._prefix) - len(self._middle) - len(self._suffix)
+        if self.budget < 2:
+            raise ValueError(f"max length {max_length} leaves no room for a query and a document")
+
+    def _special_tokens(self) -> tuple[list[int], list[int], list[int]]:
+        """The special tokens the tokenizer's pair template puts before, between and after the two texts."""
+        first = self._tokenizer.encode("a", add_special_tokens=False)
+        second = self._tokenizer.encode("b", add_special_tokens=False)
+        pair = self._tokenizer.post_process(first, second, add_special_tokens=True)
+        texts = [at for at, special in enumerate(pair.special_tokens_mask) if not special]
+        first_at, second_at = texts[0], texts[len(first.ids)]
+        first_end = first_at + len(first.ids)
+        second_end = second_at + len(second.ids)
+        return pair.ids[:first_at], pair.ids[first_end:second_at], pair.ids[second_end:]
+
+    def _pair(self, query: list[int], document: list[int]) -> list[int]:
+        return [*self._prefix, *query, *self._middle, *document, *self._suffix]
+
+    def encode(
+        self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
+    ) -> EncodedRequest:
+        """Every document's window(s) with the query, as `options` ask. Raises `InputTooLongError` when
+        truncation is off and a pair does not fit."""
+        query_ids = self._tokenizer.encode(query, add_special_tokens=False).ids
+        encodings = self._tokenizer.encode_batch(list(documents), add_special_tokens=False)
+        query_truncated = False
+        encoded: list[EncodedDocument] = []
+        for index, encoding in enumerate(encodings):
+            start, stop = 0, len(encoding.ids)
+            if options.max_tokens_per_doc is not None and stop > options.max_tokens_per_doc:
+                start, stop = self._cut(start, stop, options.max_tokens_per_doc, options.truncation_direction)
+            if options.chunk:
+                kept_query = min(len(query_ids), self.budget // 2)
+                document = self._windows(query_ids[:kept_query], encoding, start, stop, options)
+            else:
+                if not options.truncate and len(query_ids) + stop - start > self.budget:
+                    length = self.max_length - self.budget + len(query_ids) + stop - start
+                    raise InputTooLongError(index, length, self.max_length)
+                kept_query, kept_document = longest_first(len(query_ids), stop - start, self.budget)
+                start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
+                ids = self._pair(query_ids[:kept_query], encoding.ids[start:stop])
+                window = Window(ids, *_window_span(encoding, start, stop))
+                document = EncodedDocument([window], truncated=stop - start < len(encoding.ids))
+            query_truncated |= kept_query < len(query_ids)
+            encoded.append(document)
+        return EncodedRequest(encoded, query_truncated)
+
+    @staticmethod
+    def _cut(start: int, stop: int, keep: int, direction: TruncationDirection) -> tuple[int, int]:
+        if stop - start <= keep:
+            return start, stop
+        return (start, start + keep) if direction == "right" else (stop - keep, stop)
+
+    def _windows(
+        self, query: list[int], document: Encoding, start: int, stop: int, options: PairOptions
+    ) -> EncodedDocument:
+        """Windows of `room` tokens, each `room - overlap` after the last, until the end is covered."""
+        room = self.budget - len(query)
+        step = room - min(options.chunk_overlap, room // 2)
+        starts = [start]
+        while starts[-1] + room < stop:
+            starts.append(starts[-1] + step)
+        limit = options.max_chunks_per_doc
+        kept = starts if limit is None else starts[:limit]
+        windows = []
+        for window_start in kept:
+            window_stop = min(window_start + room, stop)
+            ids = self._pair(query, document.ids[window_start:window_stop])
+            windows.append(Window(ids, *_window_span(document, window_start, window_stop)))
+        covered_stop = min(kept[-1] + room, stop)
+        truncated = start > 0 or covered_stop < len(document.ids)
+        return EncodedDocument(windows, truncated)
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[list[int]]:
-        encodings = self._tokenizer.encode_batch([(query, document) for document in documents])
-        return [encoding.ids for encoding in encodings]
+        """One truncated pair per document, as the reference builds them."""
+        return self.encode(query, documents).token_ids

@@ -1,0 +1,42 @@
+"""Documents as clients send them: plain strings, or objects whose `rank_fields` make the scored text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rerankd.api.errors import APIError
+
+DEFAULT_RANK_FIELDS = ("text",)
+
+
+def _field_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def document_text(document: str | dict[str, Any], rank_fields: Sequence[str], where: str) -> str:
+    """The text scored for one document. A string is itself. An object with one rank field is that field's
+    value (so `{"text": x}` scores exactly like `x`); with several, `field: value` lines in the order given,
+    skipping fields the object lacks. An object with none of the fields is refused, naming it (`where`)."""
+    if isinstance(document, str):
+        return document
+    present = [field for field in rank_fields if field in document]
+    if not present:
+        raise APIError(
+            422,
+            f"{where}: has none of the rank fields {list(rank_fields)} (its fields: {sorted(document)[:10]})",
+            "invalid_request",
+            where,
+        )
+    if len(rank_fields) == 1:
+        return _field_text(document[present[0]])
+    return "\n".join(f"{field}: {_field_text(document[field])}" for field in present)
+
+
+def document_texts(
+    documents: Sequence[str | dict[str, Any]], rank_fields: Sequence[str] | None, field: str
+) -> list[str]:
+    """Texts of every document of the request's `field` (documents, input, …)."""
+    fields = tuple(rank_fields) if rank_fields else DEFAULT_RANK_FIELDS
+    return [document_text(document, fields, f"{field}.{index}") for index, document in enumerate(documents)]

@@ -1,0 +1,110 @@
+"""The one rerank path every dialect calls: limits, model lookup, scoring, ranking.
+
+Dialect modules only translate their request into a `RerankCall` and the `RerankOutcome` into their
+response, so every route scores the same pairs the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from rerankd.api.errors import APIError
+from rerankd.engine.engine import DocumentScore
+from rerankd.engine.models import ServedModels, UnknownModelError
+from rerankd.engine.postprocess import rank
+from rerankd.engine.scheduler import QueueFullError
+from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP, InputTooLongError, PairOptions
+
+
+@dataclass(frozen=True)
+class APISettings:
+    max_documents: int = 1000
+    max_chunks_per_doc: int = 64  # windows per document in chunk mode, at most
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP  # tokens, when a request sets none
+
+
+@dataclass(frozen=True)
+class RerankCall:
+    query: str
+    texts: Sequence[str]
+    model: str | None = None
+    top_n: int | None = None
+    raw_scores: bool = False
+    options: PairOptions = field(default_factory=PairOptions)
+    documents_field: str = "documents"  # what the dialect calls its documents, for error messages
+
+
+@dataclass(frozen=True)
+class RankedText:
+    index: int
+    score: float
+    detail: DocumentScore
+
+
+@dataclass(frozen=True)
+class RerankOutcome:
+    model: str
+    results: list[RankedText]  # best first, cut to top_n
+    token_count: int
+    pair_count: int
+    query_truncated: bool
+
+
+def settings_of(request: Request) -> APISettings:
+    return request.app.state.settings
+
+
+def chunk_options(
+    request: Request, max_chunks_per_doc: int | None, chunk_overlap: int | None, field_name: str
+) -> PairOptions:
+    """Chunk-mode options within the server's limits (a request asking for more windows is refused)."""
+    settings = settings_of(request)
+    limit = settings.max_chunks_per_doc
+    if max_chunks_per_doc is not None and max_chunks_per_doc > limit:
+        raise APIError(
+            422,
+            f"{field_name}: {max_chunks_per_doc} exceeds this server's limit of {limit} "
+            "(--max-chunks-per-doc)",
+            "invalid_request",
+            field_name,
+        )
+    return PairOptions(
+        chunk=True,
+        max_chunks_per_doc=max_chunks_per_doc or limit,
+        chunk_overlap=settings.chunk_overlap if chunk_overlap is None else chunk_overlap,
+    )
+
+
+async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
+    models: ServedModels = request.app.state.models
+    max_documents = settings_of(request).max_documents
+    where = call.documents_field
+    if len(call.texts) > max_documents:
+        raise APIError(
+            413,
+            f"{where}: {len(call.texts)} documents exceed the limit of {max_documents} (--max-documents)",
+            "too_many_documents",
+            where,
+        )
+    try:
+        engine = models.get(call.model)
+    except UnknownModelError as error:
+        raise APIError(404, str(error), "model_not_found", "model") from error
+    try:
+        scored = await engine.score(call.query, call.texts, call.options)
+    except InputTooLongError as error:
+        param = f"{where}.{error.index}"
+        raise APIError(413, f"{param}: {error}", "input_too_long", param) from error
+    except QueueFullError as error:
+        raise APIError(429, str(error), "overloaded") from error
+    ranked = rank(scored.logits, raw_scores=call.raw_scores, top_n=call.top_n)
+    return RerankOutcome(
+        model=engine.name,
+        results=[RankedText(item.index, item.score, scored.documents[item.index]) for item in ranked],
+        token_count=scored.token_count,
+        pair_count=scored.pair_count,
+        query_truncated=scored.query_truncated,
+    )
