@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,15 +14,15 @@ from typing import TYPE_CHECKING
 
 from rerankd import __version__
 from rerankd.catalog import CATALOG, DEFAULT_MODEL
-from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP
+from rerankd.settings import RuntimeSettings, ServeSettings, add_settings_flags, given_flags, load_settings
 
 if TYPE_CHECKING:
     from rerankd.engine.engine import RerankEngine
-
-DEFAULT_PORT = 8082
+    from rerankd.engine.scheduler import BatchObserver
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` (one) and the runtime settings, for commands that run one model in process."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -29,53 +30,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="local model folder, or Hub id such as mixedbread-ai/mxbai-rerank-base-v1 "
         "(default: %(default)s)",
     )
-    group.add_argument("--revision", default=None, help="Hub branch, tag or commit to pin (default: main)")
-    _add_runtime_arguments(group)
-
-
-def _add_runtime_arguments(group: argparse._ActionsContainer) -> None:
-    """Where models are cached and how they run: shared by every command that loads a model."""
-    group.add_argument(
-        "--model-cache",
-        type=Path,
-        default=Path("models"),
-        help="where Hub downloads are kept (default: %(default)s)",
-    )
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    group.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="compute dtype; auto = float16 on CUDA and bfloat16 on CPUs with AMX/AVX512-BF16 when the "
-        "model's validation scores hold within 0.01 of float32, else float32 (default: %(default)s)",
-    )
-    group.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="truncate pairs to this many tokens (default: the model's, 512)",
-    )
-    group.add_argument(
-        "--max-batch-tokens",
-        type=_positive,
-        default=None,
-        help="padded tokens per forward pass, batch x longest pair (default: 1024 on CPU, 16384 on CUDA)",
-    )
-    group.add_argument(
-        "--max-batch-pairs", type=_positive, default=64, help="pairs per forward pass (default: %(default)s)"
-    )
-    group.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=2.0,
-        help="ms an idle queue waits to gather concurrent requests into one batch (default: %(default)s)",
-    )
-    group.add_argument(
-        "--threads",
-        type=_positive,
-        default=None,
-        help="CPU threads for the forward pass (default: torch's choice, one per core)",
-    )
+    add_settings_flags(group, RuntimeSettings)
 
 
 def _at_least(minimum: int, value: str) -> int:
@@ -101,34 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the HTTP server")
-    _add_model_arguments(serve)
-    serve.add_argument(
-        "--served-model-name", default=None, help="name clients use for the model (default: --model)"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind (default: %(default)s)")
-    serve.add_argument(
-        "--max-documents", type=_positive, default=1000, help="documents per request (default: %(default)s)"
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Every setting also comes from RERANKD_<NAME> environment variables or a TOML file "
+        "(--config); a flag wins over the environment, which wins over the file.",
     )
     serve.add_argument(
-        "--max-queued-pairs",
-        type=_positive,
-        default=None,
-        help="pairs waiting per model; a request that would pass it gets 429 and Retry-After (default: none)",
+        "--config", type=Path, default=None, help="a TOML file of settings (env RERANKD_CONFIG)"
     )
-    serve.add_argument(
-        "--max-chunks-per-doc",
-        type=_positive,
-        default=64,
-        help="token windows per document in chunk mode, at most (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--chunk-overlap",
-        type=_non_negative,
-        default=DEFAULT_CHUNK_OVERLAP,
-        help="tokens shared by consecutive windows of a chunked document (default: %(default)s)",
-    )
+    add_settings_flags(serve.add_argument_group("model"), RuntimeSettings)
+    add_settings_flags(serve.add_argument_group("server"), ServeSettings)
 
     rank = commands.add_parser("rank", help="rank documents for a query and print the ranking")
     _add_model_arguments(rank)
@@ -173,12 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, action="append", default=[], help="a BEIR folder whose passages add a case"
     )
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    validate.add_argument(
-        "--revision",
-        default=None,
-        help="Hub branch, tag or commit for the Hub models compared (default: main)",
-    )
-    _add_runtime_arguments(validate.add_argument_group("model"))
+    add_settings_flags(validate.add_argument_group("model"), RuntimeSettings)
 
     bench = commands.add_parser(
         "bench", help="benchmark rerankd against sentence-transformers and Infinity; write BENCHMARKS.md"
@@ -244,8 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _runtime(args: argparse.Namespace) -> RuntimeSettings:
+    return load_settings(RuntimeSettings, given_flags(args, RuntimeSettings))
+
+
 def _load_engine(
-    args: argparse.Namespace, model: str, served_name: str | None = None, dtype: str | None = None
+    runtime: RuntimeSettings,
+    model: str,
+    served_name: str | None = None,
+    dtype: str | None = None,
+    max_queued_pairs: int | None = None,
+    on_batch: BatchObserver | None = None,
 ) -> RerankEngine:
     from rerankd.backends.base import BackendOptions
     from rerankd.engine.loader import load_engine
@@ -254,34 +196,92 @@ def _load_engine(
     return load_engine(
         model,
         served_name=served_name,
-        revision=getattr(args, "revision", None),
-        cache_dir=args.model_cache,
-        options=BackendOptions(device=args.device, dtype=dtype or args.dtype, threads=args.threads),
-        max_length=args.max_length,
+        revision=runtime.revision,
+        cache_dir=runtime.model_cache,
+        options=BackendOptions(device=runtime.device, dtype=dtype or runtime.dtype, threads=runtime.threads),
+        max_length=runtime.max_length,
         batching=BatchLimits(
-            args.max_batch_tokens,
-            args.max_batch_pairs,
-            args.batch_wait_ms,
-            max_queued_pairs=getattr(args, "max_queued_pairs", None),
+            runtime.max_batch_tokens,
+            runtime.max_batch_pairs,
+            runtime.batch_wait_ms,
+            max_queued_pairs=max_queued_pairs,
         ),
+        on_batch=on_batch,
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from rerankd.api.app import APISettings, create_app
     from rerankd.engine.models import ServedModels
+    from rerankd.logs import configure_logging
+    from rerankd.metrics import ServerMetrics
 
-    engine = _load_engine(args, args.model, served_name=args.served_model_name)
-    settings = APISettings(
-        max_documents=args.max_documents,
-        max_chunks_per_doc=args.max_chunks_per_doc,
-        chunk_overlap=args.chunk_overlap,
+    try:
+        settings = load_settings(ServeSettings, given_flags(args, ServeSettings), args.config)
+    except (ValidationError, ValueError) as error:
+        print(f"rerankd serve: invalid settings: {error}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, settings.log_format)
+    metrics = ServerMetrics()
+
+    def load(name: str, reference: str) -> RerankEngine:
+        return _load_engine(
+            settings,
+            reference,
+            served_name=name,
+            max_queued_pairs=settings.max_queued_pairs,
+            on_batch=metrics.batch_observer(name),
+        )
+
+    api_settings = APISettings(
+        max_documents=settings.max_documents,
+        max_document_chars=settings.max_document_chars,
+        max_request_bytes=settings.max_request_bytes,
+        max_chunks_per_doc=settings.max_chunks_per_doc,
+        chunk_overlap=settings.chunk_overlap,
+        request_timeout=settings.request_timeout,
+        api_keys=tuple(settings.api_key),
+        metrics_auth=settings.metrics_auth,
+        cors_origins=tuple(settings.cors_origin),
+        log_format=settings.log_format,
     )
-    app = create_app(ServedModels([engine]), settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    config = uvicorn.Config(
+        app=None,  # set below, once the server exists for the loader to stop it
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,  # rerankd logs one structured line per request itself
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+    no_model = {"failed": False}
+
+    def stop_without_models() -> None:
+        logging.getLogger("rerankd").error("no model could be loaded; stopping")
+        no_model["failed"] = True
+        server.should_exit = True
+
+    config.app = create_app(
+        ServedModels.pending(settings.served_models()),
+        api_settings,
+        loader=load,
+        metrics=metrics,
+        warmup=settings.warmup,
+        on_no_model=stop_without_models,
+    )
+    # uvicorn finishes in-flight requests on SIGTERM (within --shutdown-timeout), then re-raises the signal
+    # to the handler it found: this one, so that a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, _exit_gracefully)
+    server.run()
+    return 1 if no_model["failed"] else 0
+
+
+def _exit_gracefully(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _rank(args: argparse.Namespace) -> int:
@@ -291,7 +291,7 @@ def _rank(args: argparse.Namespace) -> int:
     if not documents:
         print("rerankd rank: no documents given (as arguments or on standard input)", file=sys.stderr)
         return 2
-    engine = _load_engine(args, args.model)
+    engine = _load_engine(_runtime(args), args.model)
     try:
         scored = asyncio.run(engine.score(args.query, documents))
     finally:
@@ -331,11 +331,13 @@ def _validate(args: argparse.Namespace) -> int:
         print("rerankd validate: name variants, or dtypes to compare with --compare-dtypes", file=sys.stderr)
         return 2
 
+    runtime = _runtime(args)
+
     def scorer_for(model: str, dtype: str | None = None) -> Callable[[], Scorer]:
         if args.url:
             return lambda: HTTPScorer(args.url, model)
         label = f"{model} ({dtype})" if dtype else model
-        return lambda: EngineScorer(label, _load_engine(args, model, dtype=dtype))
+        return lambda: EngineScorer(label, _load_engine(runtime, model, dtype=dtype))
 
     cases = builtin_cases() + [beir_case(folder) for folder in args.data]
     variants = [scorer_for(model) for model in args.variants]

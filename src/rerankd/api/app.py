@@ -2,26 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from rerankd import __version__
 from rerankd.api.dialects import antfly, cohere, mixedbread
 from rerankd.api.errors import install_error_handlers
+from rerankd.api.observability import RequestObserver
 from rerankd.api.routes import router
 from rerankd.api.service import APISettings
-from rerankd.engine.models import ServedModels
+from rerankd.engine.models import EngineLoader, ServedModels
+from rerankd.metrics import ServerMetrics
 
 __all__ = ["APISettings", "create_app"]
 
 
-def create_app(models: ServedModels, settings: APISettings | None = None) -> FastAPI:
-    """An app serving the already-loaded `models`; their engines are closed when the app shuts down."""
+def create_app(
+    models: ServedModels,
+    settings: APISettings | None = None,
+    *,
+    loader: EngineLoader | None = None,
+    metrics: ServerMetrics | None = None,
+    warmup: bool = True,
+    on_no_model: Callable[[], None] | None = None,
+) -> FastAPI:
+    """An app serving `models`. Models still to load are loaded by `loader` in a background thread once the
+    app starts (so `/health` and `/ready` answer meanwhile); `on_no_model` runs if every one of them failed.
+    Engines are closed when the app shuts down."""
+    settings = settings or APISettings()
+    metrics = metrics or ServerMetrics()
+
+    def load_models() -> None:
+        assert loader is not None
+        models.load_all(loader, warmup=warmup)
+        if on_no_model is not None and not models.engines():
+            on_no_model()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if loader is not None:
+            threading.Thread(target=load_models, name="model-loader", daemon=True).start()
         yield
         models.close()
 
@@ -35,8 +60,24 @@ def create_app(models: ServedModels, settings: APISettings | None = None) -> Fas
         lifespan=lifespan,
     )
     app.state.models = models
-    app.state.settings = settings or APISettings()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
     install_error_handlers(app)
     for dialect_router in (router, cohere.v1_router, cohere.v2_router, mixedbread.router, antfly.router):
         app.include_router(dialect_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Total-Time", "X-Inference-Time", "X-Queue-Time"],
+        )
+    app.add_middleware(
+        RequestObserver,
+        routes=app.router.routes,
+        metrics=metrics,
+        max_request_bytes=settings.max_request_bytes,
+    )
     return app

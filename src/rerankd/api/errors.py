@@ -9,7 +9,7 @@ reaches a client. 429 and 503 carry `Retry-After`, which Cohere's and Mixedbread
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,30 @@ def _shape(request: Request, body: Any = None) -> ErrorShape:
     return native_error
 
 
+def leaf_routes(routes: Iterable[BaseRoute]) -> Iterable[BaseRoute]:
+    """Routes, with FastAPI's included routers (`original_router`) opened up (none of ours has a prefix)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from leaf_routes(included.routes)
+        else:
+            yield route
+
+
+def error_body_for(scope: Scope, routes: Iterable[BaseRoute], error: APIError) -> dict[str, Any]:
+    """`error` in the shape of the route `scope` is for, found by matching (before routing has run)."""
+    for route in leaf_routes(routes):
+        if isinstance(route, DialectRoute) and route.matches(scope)[0] == Match.FULL:
+            return route.error_shape_for(None)(error)
+    return native_error(error)
+
+
 def _respond(request: Request, error: APIError, body: Any = None) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status in (429, 503) else None
+    headers = {}
+    if error.status in (429, 503):
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(status_code=error.status, content=_shape(request, body)(error), headers=headers)
 
 

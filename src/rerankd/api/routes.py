@@ -6,25 +6,32 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import Discriminator, Tag
 
 from rerankd import __version__
 from rerankd.api.dialects.infinity import INFINITY_DEFAULT_MODEL, InfinityRerankResponse, infinity_response
 from rerankd.api.dialects.tei import TEIRankResult, TEIRerankRequest, is_tei_body, rerank_tei, tei_error
-from rerankd.api.errors import ERROR_RESPONSES, DialectRoute, ErrorShape, native_error
+from rerankd.api.errors import ERROR_RESPONSES, RETRY_AFTER_SECONDS, DialectRoute, ErrorShape, native_error
 from rerankd.api.schemas import (
     ChunkInfo,
     DocumentText,
+    ModelCard,
     ModelInfo,
+    ModelList,
+    Readiness,
     RerankRequest,
     RerankResponse,
     RerankResult,
     ServerInfo,
     Usage,
 )
+from rerankd.api.security import bearer, check_api_key, require_api_key
 from rerankd.api.service import RerankCall, chunk_options, run_rerank, settings_of
-from rerankd.engine.models import ServedModels
+from rerankd.engine.models import ModelSlot, ServedModels
 from rerankd.engine.tokenize import PairOptions
 
 
@@ -44,30 +51,78 @@ RerankBody = Annotated[
 ]
 
 
+def _model_info(slot: ModelSlot) -> ModelInfo:
+    engine = slot.engine
+    if engine is None:
+        return ModelInfo(name=slot.name, state=slot.state, error=slot.error)
+    return ModelInfo(
+        name=slot.name,
+        state=slot.state,
+        backend=engine.info.backend,
+        device=engine.info.device,
+        dtype=engine.info.dtype,
+        max_length=engine.limits.max_length,
+        max_batch_tokens=engine.limits.batching.max_batch_tokens,
+        untrained=engine.info.untrained,
+        load_seconds=slot.load_seconds,
+    )
+
+
+def _served(request: Request) -> ServedModels:
+    return request.app.state.models
+
+
 @router.get("/health", summary="Liveness: the process is up")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/info", summary="Version, served models and limits")
+@router.get(
+    "/ready",
+    summary="Readiness: every model loaded and warmed up",
+    responses={503: {"model": Readiness, "description": "models still loading, or failed"}},
+)
+async def ready(request: Request) -> JSONResponse:
+    slots = _served(request).slots()
+    pending = [slot.name for slot in slots if slot.state == "loading"]
+    failed = {slot.name: slot.error or "failed" for slot in slots if slot.state == "failed"}
+    status = "ready" if not pending and not failed else "loading" if pending else "failed"
+    body = Readiness(
+        status=status, ready=[s.name for s in slots if s.state == "ready"], pending=pending, failed=failed
+    )
+    if status == "ready":
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+async def metrics(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> PlainTextResponse:
+    if settings_of(request).metrics_auth:
+        check_api_key(request, credentials)
+    text = request.app.state.metrics.render(_served(request))
+    return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/info", summary="Version, served models and limits", dependencies=[Depends(require_api_key)])
 async def info(request: Request) -> ServerInfo:
-    models: ServedModels = request.app.state.models
     return ServerInfo(
         version=__version__,
         max_documents=settings_of(request).max_documents,
-        models=[
-            ModelInfo(
-                name=engine.name,
-                backend=engine.info.backend,
-                device=engine.info.device,
-                dtype=engine.info.dtype,
-                max_length=engine.limits.max_length,
-                max_batch_tokens=engine.limits.batching.max_batch_tokens or 0,
-                untrained=engine.info.untrained,
-            )
-            for engine in models.engines()
-        ],
+        models=[_model_info(slot) for slot in _served(request).slots()],
     )
+
+
+@router.get("/models", summary="Served models and how each runs", dependencies=[Depends(require_api_key)])
+async def models(request: Request) -> list[ModelInfo]:
+    return [_model_info(slot) for slot in _served(request).slots()]
+
+
+@router.get("/v1/models", summary="Served models (OpenAI's list)", dependencies=[Depends(require_api_key)])
+async def openai_models(request: Request) -> ModelList:
+    created = request.app.state.started
+    return ModelList(data=[ModelCard(id=name, created=created) for name in _served(request).names()])
 
 
 @router.post(
@@ -76,6 +131,7 @@ async def info(request: Request) -> ServerInfo:
     response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
     summary="Rerank documents (rerankd's own; TEI's when the body has `texts`)",
+    dependencies=[Depends(require_api_key)],
     description="Scores every document against the query and returns them best first. A body with `texts` "
     "instead of `documents` is TEI's request and gets TEI's answer, a bare sorted list. Requests naming "
     f"Infinity's placeholder model `{INFINITY_DEFAULT_MODEL}` (infinity_client's default) get Infinity's "

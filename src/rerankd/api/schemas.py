@@ -123,12 +123,34 @@ class RerankResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    backend: str
-    device: str
-    dtype: str
-    max_length: int
-    max_batch_tokens: int
-    untrained: bool = Field(description="random weights: scores carry no meaning")
+    state: Literal["loading", "ready", "failed"]
+    error: str | None = Field(None, description="why the model failed to load")
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_length: int | None = None
+    max_batch_tokens: int | None = None
+    untrained: bool | None = Field(None, description="random weights: scores carry no meaning")
+    load_seconds: float | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rerankd"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    ready: list[str]
+    pending: list[str] = Field(description="models still loading")
+    failed: dict[str, str] = Field(description="models that failed to load, and why")
 
 
 class ServerInfo(BaseModel):

@@ -6,14 +6,15 @@ response, so every route scores the same pairs the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from rerankd.api.errors import APIError
-from rerankd.engine.engine import DocumentScore
-from rerankd.engine.models import ServedModels, UnknownModelError
+from rerankd.engine.engine import DocumentScore, ScoredDocuments
+from rerankd.engine.models import ModelNotReadyError, ServedModels, UnknownModelError
 from rerankd.engine.postprocess import rank
 from rerankd.engine.scheduler import QueueFullError
 from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP, InputTooLongError, PairOptions
@@ -22,8 +23,15 @@ from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP, InputTooLongError, Pa
 @dataclass(frozen=True)
 class APISettings:
     max_documents: int = 1000
+    max_document_chars: int = 100_000  # per document and for the query
+    max_request_bytes: int = 16 * 1024 * 1024
     max_chunks_per_doc: int = 64  # windows per document in chunk mode, at most
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP  # tokens, when a request sets none
+    request_timeout: float | None = None  # seconds
+    api_keys: tuple[str, ...] = ()  # none: no authentication
+    metrics_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    log_format: str = "json"
 
 
 @dataclass(frozen=True)
@@ -78,28 +86,78 @@ def chunk_options(
     )
 
 
-async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
-    models: ServedModels = request.app.state.models
-    max_documents = settings_of(request).max_documents
+def _check_sizes(call: RerankCall, settings: APISettings) -> None:
     where = call.documents_field
-    if len(call.texts) > max_documents:
+    if len(call.texts) > settings.max_documents:
         raise APIError(
             413,
-            f"{where}: {len(call.texts)} documents exceed the limit of {max_documents} (--max-documents)",
+            f"{where}: {len(call.texts)} documents exceed the limit of {settings.max_documents} "
+            "(--max-documents)",
             "too_many_documents",
             where,
         )
+    limit = settings.max_document_chars
+    if len(call.query) > limit:
+        raise APIError(
+            413, f"query: longer than {limit} characters (--max-document-chars)", "too_long", "query"
+        )
+    for index, text in enumerate(call.texts):
+        if len(text) > limit:
+            field_name = f"{where}.{index}"
+            message = (
+                f"{field_name}: {len(text)} characters exceed the limit of {limit} (--max-document-chars)"
+            )
+            raise APIError(413, message, "too_long", field_name)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, scoring: Awaitable[ScoredDocuments]) -> ScoredDocuments:
+    """Score, but stop (dropping the request's queued pairs) if the client goes away first."""
+    task = asyncio.ensure_future(scoring)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this coroutine is cancelled (--request-timeout): the scoring must stop too
+        watcher.cancel()
+        disconnected = not task.done()
+        if disconnected:
+            task.cancel()
+    if disconnected:
+        raise APIError(499, "client closed the request", "client_closed")
+    return task.result()
+
+
+async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
+    models: ServedModels = request.app.state.models
+    settings = settings_of(request)
+    _check_sizes(call, settings)
     try:
         engine = models.get(call.model)
     except UnknownModelError as error:
         raise APIError(404, str(error), "model_not_found", "model") from error
+    except ModelNotReadyError as error:
+        raise APIError(503, str(error), "unavailable", "model") from error
+    where = call.documents_field
     try:
-        scored = await engine.score(call.query, call.texts, call.options)
+        scoring = engine.score(call.query, call.texts, call.options)
+        scored = await asyncio.wait_for(_unless_disconnected(request, scoring), settings.request_timeout)
+    except TimeoutError as error:
+        message = (
+            f"the request took longer than {settings.request_timeout:g} s (--request-timeout); "
+            "its queued work was dropped"
+        )
+        raise APIError(504, message, "timeout") from error
     except InputTooLongError as error:
         param = f"{where}.{error.index}"
         raise APIError(413, f"{param}: {error}", "input_too_long", param) from error
     except QueueFullError as error:
         raise APIError(429, str(error), "overloaded") from error
+    request.state.model = engine.name
+    request.state.scored = scored
     ranked = rank(scored.logits, raw_scores=call.raw_scores, top_n=call.top_n)
     return RerankOutcome(
         model=engine.name,

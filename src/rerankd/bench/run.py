@@ -159,25 +159,21 @@ def _fairness(url: str, small: Workload, big: Workload, settings: BenchSettings)
     return Fairness(percentile(alone, 95), percentile(during, 95), len(during), big_seconds[0])
 
 
+def _serve_command(settings: BenchSettings, geometry: str, port: int, *flags: str) -> list[str]:
+    model = str(settings.models[geometry])
+    return [sys.executable, "-m", "rerankd", "serve", "--model", model, "--port", str(port), *flags]
+
+
 def bench_rerankd(
     settings: BenchSettings, geometry: str, config: DebertaConfig, workloads: list[Workload], big: Workload
 ) -> tuple[list[Measurement], Fairness]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "rerankd",
-        "serve",
-        "--model",
-        str(settings.models[geometry]),
-        "--port",
-        str(port),
-        "--max-documents",
-        str(max(settings.big_request, settings.passages)),
-    ]
+    command = _serve_command(
+        settings, geometry, port, "--max-documents", str(max(settings.big_request, settings.passages))
+    )
     log = settings.log_dir / f"rerankd-{geometry}.log"
-    with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}) as server:
+    with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         dtype = httpx.get(f"{url}/info").json()["models"][0]["dtype"]
         _warm_up(f"{url}/rerank", workloads[0], None)
         measurements = [
@@ -215,20 +211,9 @@ def rerankd_bf16_peak_rss(settings: BenchSettings, geometry: str, workload: Work
     """Peak RSS of `rerankd serve --dtype bfloat16` after loading and scoring 8 of the workload's texts."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "rerankd",
-        "serve",
-        "--model",
-        str(settings.models[geometry]),
-        "--port",
-        str(port),
-        "--dtype",
-        "bfloat16",
-    ]
+    command = _serve_command(settings, geometry, port, "--dtype", "bfloat16")
     log = settings.log_dir / f"rerankd-{geometry}-bf16.log"
-    with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}) as server:
+    with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         _warm_up(f"{url}/rerank", workload, None)
         return server.peak_rss()
 

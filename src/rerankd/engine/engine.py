@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from rerankd.backends.base import BackendInfo, RerankBackend
-from rerankd.engine.scheduler import BatchLimits, BatchScheduler
+from rerankd.engine.scheduler import BatchLimits, BatchObserver, BatchScheduler, RequestTiming
 from rerankd.engine.tokenize import DEFAULT_PAIR_OPTIONS, EncodedDocument, PairOptions, PairTokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class ScoredDocuments:
     token_count: int  # tokens fed to the model, special tokens included
     pair_count: int  # (query, window) pairs scored
     query_truncated: bool
+    tokenization_seconds: float
+    queue_seconds: float  # from joining the queue until the first batch with its pairs started
+    inference_seconds: float  # from then until its last pair was scored
 
     @property
     def logits(self) -> list[float]:
@@ -55,7 +59,9 @@ class RerankEngine:
     """Owns one backend and its batch scheduler. Forward passes run one at a time in a dedicated thread (one
     in-flight batch per device); tokenization runs in its own small pool; the event loop only awaits."""
 
-    def __init__(self, name: str, backend: RerankBackend, limits: EngineLimits) -> None:
+    def __init__(
+        self, name: str, backend: RerankBackend, limits: EngineLimits, on_batch: BatchObserver | None = None
+    ) -> None:
         device_type = backend.info.device.split(":")[0]
         limits = replace(limits, batching=limits.batching.for_device(device_type))
         budget = limits.batching.max_batch_tokens or 0
@@ -71,7 +77,9 @@ class RerankEngine:
         self.tokenizer = PairTokenizer(backend.tokenizer, limits.max_length)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{name}")
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
-        self.scheduler = BatchScheduler(backend.relevance_logits, self._forward_thread, limits.batching)
+        self.scheduler = BatchScheduler(
+            backend.relevance_logits, self._forward_thread, limits.batching, on_batch=on_batch
+        )
 
     @property
     def info(self) -> BackendInfo:
@@ -83,11 +91,14 @@ class RerankEngine:
         """Relevance of every document to the query, in input order. Raises `InputTooLongError` when
         `options` forbid truncation and a pair does not fit."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         encoded = await loop.run_in_executor(
             self._tokenize_pool, self.tokenizer.encode, query, documents, options
         )
+        tokenized = time.perf_counter()
         token_ids = encoded.token_ids
-        logits = await self.scheduler.submit(token_ids)
+        timing = RequestTiming()
+        logits = await self.scheduler.submit(token_ids, timing)
         scores = []
         position = 0
         for document in encoded.documents:
@@ -99,6 +110,9 @@ class RerankEngine:
             token_count=sum(len(ids) for ids in token_ids),
             pair_count=len(token_ids),
             query_truncated=encoded.query_truncated,
+            tokenization_seconds=tokenized - started,
+            queue_seconds=timing.queue_seconds,
+            inference_seconds=timing.inference_seconds,
         )
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import replace
@@ -10,9 +11,10 @@ from pathlib import Path
 
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
+from rerankd.devtools.faults import FAULT_MARKER_ENV, FaultInjectingBackend
 from rerankd.engine.engine import EngineLimits, RerankEngine
 from rerankd.engine.precision import settle_auto_precision
-from rerankd.engine.scheduler import BatchLimits
+from rerankd.engine.scheduler import BatchLimits, BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
 
@@ -39,6 +41,7 @@ def load_engine(
     options: BackendOptions | None = None,
     max_length: int | None = None,
     batching: BatchLimits | None = None,
+    on_batch: BatchObserver | None = None,
 ) -> RerankEngine:
     """Raises `ModelSourceError` or `ModelLoadError` with a message meant for the user."""
     started = time.perf_counter()
@@ -47,6 +50,8 @@ def load_engine(
     source = resolve_model_source(reference, revision=revision, cache_dir=cache_dir, files=files)
     options = options or BackendOptions()
     backend = load_backend(source.path, options, gguf_variant=variant)
+    if os.environ.get(FAULT_MARKER_ENV):
+        backend = FaultInjectingBackend(backend, os.environ[FAULT_MARKER_ENV])
     limits = EngineLimits(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
         batching=batching or BatchLimits(),
@@ -57,7 +62,7 @@ def load_engine(
             PairTokenizer(backend.tokenizer, limits.max_length),
             lambda: load_backend(source.path, replace(options, dtype="float32"), gguf_variant=variant),
         )
-    engine = RerankEngine(served_name or model, backend, limits)
+    engine = RerankEngine(served_name or model, backend, limits, on_batch=on_batch)
     logger.info(
         "loaded %s (%s, %s on %s, max length %d) in %.1fs",
         engine.name,

@@ -1,11 +1,28 @@
-"""The models a server answers for, looked up by the name a request gives."""
+"""The models a server answers for: each one's load state, looked up by the name a request gives.
+
+A server starts listening before its models are loaded (so `/health` and `/ready` can answer while a large
+model downloads); `load_all` loads and warms them one after another in a background thread. A model that
+fails to load keeps its reason and the others still serve.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 from rerankd.catalog import canonical_repo_id
 from rerankd.engine.engine import RerankEngine
+
+logger = logging.getLogger(__name__)
+
+ModelState = Literal["loading", "ready", "failed"]
+EngineLoader = Callable[[str, str], RerankEngine]  # (served name, model reference) -> engine
+WARMUP_QUERY = "rerankd warm-up"
+WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
 
 class UnknownModelError(LookupError):
@@ -15,32 +32,104 @@ class UnknownModelError(LookupError):
         self.served = served
 
 
+class ModelNotReadyError(LookupError):
+    """The model is still loading (retry later) or failed to load (`reason`)."""
+
+    def __init__(self, name: str, state: ModelState, reason: str | None) -> None:
+        detail = "is still loading; retry shortly" if state == "loading" else f"failed to load: {reason}"
+        super().__init__(f"model {name!r} {detail}")
+        self.state = state
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    reference: str
+    state: ModelState = "loading"
+    engine: RerankEngine | None = None
+    error: str | None = None
+    load_seconds: float | None = None
+
+
 class ServedModels:
-    """Name -> engine. A request may name a model by its served name or by an alias of the same Hub repo;
+    """Name -> model slot. A request may name a model by its served name or by an alias of the same Hub repo;
     without a name it gets the first (default) model."""
 
-    def __init__(self, engines: Iterable[RerankEngine]) -> None:
-        self._engines: dict[str, RerankEngine] = {engine.name: engine for engine in engines}
-        if not self._engines:
+    def __init__(self, slots: Iterable[ModelSlot]) -> None:
+        self._slots: dict[str, ModelSlot] = {}
+        for slot in slots:
+            if slot.name in self._slots:
+                raise ValueError(f"two models are served as {slot.name!r}; name them apart with name=model")
+            self._slots[slot.name] = slot
+        if not self._slots:
             raise ValueError("at least one model must be served")
+        self._closed = threading.Event()
+
+    @classmethod
+    def of(cls, engines: Iterable[RerankEngine]) -> ServedModels:
+        """Already-loaded engines, all ready."""
+        return cls(ModelSlot(engine.name, engine.name, "ready", engine) for engine in engines)
+
+    @classmethod
+    def pending(cls, models: Iterable[tuple[str, str]]) -> ServedModels:
+        """(served name, reference) pairs still to be loaded by `load_all`."""
+        return cls(ModelSlot(name, reference) for name, reference in models)
 
     def names(self) -> list[str]:
-        return list(self._engines)
+        return list(self._slots)
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
 
     def engines(self) -> list[RerankEngine]:
-        return list(self._engines.values())
+        """The engines of the models that are ready."""
+        return [slot.engine for slot in self._slots.values() if slot.engine is not None]
 
-    def get(self, requested: str | None) -> RerankEngine:
+    @property
+    def ready(self) -> bool:
+        return all(slot.state == "ready" for slot in self._slots.values())
+
+    def _slot(self, requested: str | None) -> ModelSlot:
         if requested is None:
-            return next(iter(self._engines.values()))
-        if requested in self._engines:
-            return self._engines[requested]
+            return next(iter(self._slots.values()))
+        if requested in self._slots:
+            return self._slots[requested]
         wanted = canonical_repo_id(requested)
-        for name, engine in self._engines.items():
+        for name, slot in self._slots.items():
             if canonical_repo_id(name) == wanted:
-                return engine
+                return slot
         raise UnknownModelError(requested, self.names())
 
+    def get(self, requested: str | None) -> RerankEngine:
+        slot = self._slot(requested)
+        if slot.engine is None:
+            raise ModelNotReadyError(slot.name, slot.state, slot.error)
+        return slot.engine
+
+    def load_all(self, load: EngineLoader, warmup: bool = True) -> None:
+        """Load (and warm up) every pending model in turn; failures are kept, not raised."""
+        for slot in self._slots.values():
+            if slot.state != "loading" or self._closed.is_set():
+                continue
+            started = time.perf_counter()
+            try:
+                engine = load(slot.name, slot.reference)
+                if warmup:
+                    engine.backend.relevance_logits(
+                        engine.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
+                    )
+            except Exception as error:  # any failure is this model's, reported by /ready and its requests
+                slot.state, slot.error = "failed", str(error) or type(error).__name__
+                logger.error("model %s (%s) failed to load: %s", slot.name, slot.reference, slot.error)
+                continue
+            if self._closed.is_set():
+                engine.close()
+                return
+            slot.engine, slot.load_seconds, slot.state = engine, time.perf_counter() - started, "ready"
+            logger.info("model %s ready after %.1fs", slot.name, slot.load_seconds)
+
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        self._closed.set()
+        for slot in self._slots.values():
+            if slot.engine is not None:
+                slot.engine.close()

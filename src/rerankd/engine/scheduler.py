@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,36 @@ from dataclasses import dataclass, field, replace
 logger = logging.getLogger(__name__)
 
 ForwardFn = Callable[[Sequence[Sequence[int]]], list[float]]
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One forward pass, for metrics."""
+
+    pairs: int
+    tokens: int  # real tokens
+    padded_tokens: int  # batch size x longest pair
+    seconds: float
+
+
+BatchObserver = Callable[[BatchStats], None]
+
+
+@dataclass
+class RequestTiming:
+    """Filled in by the scheduler: when a request's first pair went into a batch, and its last came out."""
+
+    submitted: float = 0.0
+    first_batch: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.first_batch or self.submitted) - self.submitted
+
+    @property
+    def inference_seconds(self) -> float:
+        return (self.finished or self.submitted) - (self.first_batch or self.submitted)
 
 
 # Padded tokens per forward pass when the user sets none. Measured with `rerankd bench`-style sweeps on the
@@ -63,6 +94,7 @@ class _Request:
     token_ids: Sequence[Sequence[int]]
     logits: list[float]
     done: asyncio.Future[list[float]]
+    timing: RequestTiming
     scheduled: int = 0
     remaining: int = field(init=False)
 
@@ -73,10 +105,17 @@ class _Request:
 class BatchScheduler:
     """Owns the queue and the loop that turns it into forward passes for one model."""
 
-    def __init__(self, forward: ForwardFn, executor: Executor, limits: BatchLimits) -> None:
+    def __init__(
+        self,
+        forward: ForwardFn,
+        executor: Executor,
+        limits: BatchLimits,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
         if limits.max_batch_tokens is None:
             raise ValueError("resolve the token budget first (BatchLimits.for_device)")
         self._forward = forward
+        self._on_batch = on_batch
         self._executor = executor
         self._limits = limits
         self._requests: list[_Request] = []
@@ -89,10 +128,13 @@ class BatchScheduler:
     def queued_pairs(self) -> int:
         return sum(len(request.pending) for request in self._requests)
 
-    async def submit(self, token_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Logits for every sequence, in input order. Cancelling the caller drops its queued pairs.
-        Raises `QueueFullError` when taking them would pass `max_queued_pairs` (an empty queue takes any
-        request, so a request larger than the limit is not refused forever)."""
+    async def submit(
+        self, token_ids: Sequence[Sequence[int]], timing: RequestTiming | None = None
+    ) -> list[float]:
+        """Logits for every sequence, in input order; `timing`, when given, is filled in. Cancelling the
+        caller drops its queued pairs. Raises `QueueFullError` when taking them would pass
+        `max_queued_pairs` (an empty queue takes any request, so a request larger than the limit is not
+        refused forever)."""
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
         limit = self._limits.max_queued_pairs
@@ -100,8 +142,10 @@ class BatchScheduler:
         if limit is not None and queued and queued + len(token_ids) > limit:
             raise QueueFullError(len(token_ids), queued, limit)
         order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))
+        timing = timing or RequestTiming()
+        timing.submitted = time.perf_counter()
         request = _Request(
-            next(self._arrivals), order, token_ids, [0.0] * len(token_ids), loop.create_future()
+            next(self._arrivals), order, token_ids, [0.0] * len(token_ids), loop.create_future(), timing
         )
         if not order:
             return []
@@ -148,12 +192,19 @@ class BatchScheduler:
             if not batch:
                 continue
             sequences = [request.token_ids[index] for request, index in batch]
+            started = time.perf_counter()
+            for request, _ in batch:
+                request.timing.first_batch = request.timing.first_batch or started
             try:
                 logits = await loop.run_in_executor(self._executor, self._forward, sequences)
             except Exception as error:  # a failed forward fails only the requests in this batch
                 logger.exception("forward pass failed for a batch of %d pairs", len(batch))
                 self._fail({request for request, _ in batch}, error)
                 continue
+            if self._on_batch is not None:
+                lengths = [len(ids) for ids in sequences]
+                seconds = time.perf_counter() - started
+                self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
             self._deliver(batch, logits)
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
@@ -180,6 +231,7 @@ class BatchScheduler:
             request.logits[index] = logit
             request.remaining -= 1
             if request.remaining == 0 and not request.done.done():
+                request.timing.finished = time.perf_counter()
                 request.done.set_result(request.logits)
 
     def _fail(self, requests: set[_Request], error: Exception) -> None:

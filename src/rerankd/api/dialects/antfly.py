@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from rerankd.api.errors import ERROR_RESPONSES, APIError, dialect_route
 from rerankd.api.schemas import EXAMPLE_REQUEST, ModelName, QueryText, Usage
+from rerankd.api.security import require_api_key
 from rerankd.api.service import RerankCall, run_rerank
 
 
@@ -17,7 +18,7 @@ def antfly_error(error: APIError) -> dict[str, Any]:
     return {"error": error.message}
 
 
-router = APIRouter(route_class=dialect_route(antfly_error))
+router = APIRouter(route_class=dialect_route(antfly_error), dependencies=[Depends(require_api_key)])
 
 
 class AntflyRerankRequest(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from rerankd.api.documents import document_texts
@@ -27,6 +27,7 @@ from rerankd.api.schemas import (
     RawScores,
     TopN,
 )
+from rerankd.api.security import require_api_key
 from rerankd.api.service import RerankCall, RerankOutcome, chunk_options, run_rerank
 from rerankd.engine.tokenize import PairOptions
 
@@ -39,8 +40,8 @@ def cohere_v2_error(error: APIError) -> dict[str, Any]:
     return {"message": error.message}
 
 
-v1_router = APIRouter(route_class=dialect_route(cohere_v1_error))
-v2_router = APIRouter(route_class=dialect_route(cohere_v2_error))
+v1_router = APIRouter(route_class=dialect_route(cohere_v1_error), dependencies=[Depends(require_api_key)])
+v2_router = APIRouter(route_class=dialect_route(cohere_v2_error), dependencies=[Depends(require_api_key)])
 
 
 class ApiVersion(BaseModel):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from rerankd.api.documents import document_texts
 from rerankd.api.errors import ERROR_RESPONSES, APIError, dialect_route
 from rerankd.api.schemas import ModelName, ObjectDocument, QueryText, RankFields, Usage
+from rerankd.api.security import require_api_key
 from rerankd.api.service import RerankCall, run_rerank
 
 
@@ -18,7 +19,7 @@ def mixedbread_error(error: APIError) -> dict[str, Any]:
     return {"detail": error.message}
 
 
-router = APIRouter(route_class=dialect_route(mixedbread_error))
+router = APIRouter(route_class=dialect_route(mixedbread_error), dependencies=[Depends(require_api_key)])
 
 
 class MixedbreadRerankRequest(BaseModel):
