@@ -167,3 +167,52 @@ def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingFo
     assert len(run(fill_then_overflow())) == 5
     executor.shutdown()
     assert all(ids[0] != 2 for batch in forward.batches for ids in batch)
+
+
+class GatedForward:
+    """Lets one batch through per `step()`, so a test can queue requests between batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self._gate = threading.Semaphore(0)
+        self._entered = threading.Semaphore(0)
+
+    def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        self.batches.append([list(ids) for ids in batch])
+        self._entered.release()
+        self._gate.acquire(timeout=10)
+        return [float(sum(ids)) for ids in batch]
+
+    async def entered(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._entered.acquire, True, 10)
+
+    def step(self) -> None:
+        self._gate.release()
+
+
+def test_a_partly_served_request_is_not_overtaken_forever_by_new_ones() -> None:
+    """Before every batch, two new requests arrive that alone could fill it; the older, partly served request
+    still gets its share of each batch."""
+    forward = GatedForward()
+    executor = ThreadPoolExecutor(max_workers=1)
+    limits = BatchLimits(max_batch_tokens=1024, max_batch_pairs=2, batch_wait_ms=0)
+    scheduler = BatchScheduler(forward, executor, limits)
+
+    async def old_request_amid_new_ones() -> None:
+        old = asyncio.ensure_future(scheduler.submit(sequences(1, [4] * 6)))
+        await forward.entered()  # the first batch: two of its pairs
+        newcomers = []
+        for round_index in range(10):
+            tags = (100 + 2 * round_index, 101 + 2 * round_index)
+            newcomers += [asyncio.ensure_future(scheduler.submit(sequences(tag, [4]))) for tag in tags]
+            await asyncio.sleep(0.01)
+            forward.step()
+            await forward.entered()
+        for _ in range(20):
+            forward.step()
+        await asyncio.gather(old, *newcomers)
+
+    run(old_request_amid_new_ones())
+    executor.shutdown()
+    old_pairs_in_contested_batches = sum(ids[0] == 1 for batch in forward.batches[1:11] for ids in batch)
+    assert old_pairs_in_contested_batches >= 3

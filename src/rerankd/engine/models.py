@@ -33,10 +33,11 @@ class UnknownModelError(LookupError):
 
 
 class ModelNotReadyError(LookupError):
-    """The model is still loading (retry later) or failed to load (`reason`)."""
+    """The model is still loading (retry later) or failed to load."""
 
-    def __init__(self, name: str, state: ModelState, reason: str | None) -> None:
-        detail = "is still loading; retry shortly" if state == "loading" else f"failed to load: {reason}"
+    def __init__(self, name: str, state: ModelState) -> None:
+        # The reason (which may name server paths) goes to /ready and the log, not to every client.
+        detail = "is still loading; retry shortly" if state == "loading" else "failed to load (see /ready)"
         super().__init__(f"model {name!r} {detail}")
         self.state = state
 
@@ -103,7 +104,7 @@ class ServedModels:
     def get(self, requested: str | None) -> RerankEngine:
         slot = self._slot(requested)
         if slot.engine is None:
-            raise ModelNotReadyError(slot.name, slot.state, slot.error)
+            raise ModelNotReadyError(slot.name, slot.state)
         return slot.engine
 
     def load_all(self, load: EngineLoader, warmup: bool = True) -> None:

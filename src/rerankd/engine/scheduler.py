@@ -1,11 +1,14 @@
 """Cross-request dynamic batching: one queue of pairs per model, one forward pass in flight at a time.
 
 Every request's pairs join one queue. Each batch is packed under a padded-token budget (batch size × longest
-pair ≤ `max_batch_tokens`) and a pair cap, taking pairs in length order so that padding stays low. Requests
-that have had the fewest pairs scheduled go first, so a 10-document request that arrives while a
-1,000-document request is queued rides in the very next batch instead of waiting for the whole big one
-(no starvation). A short wait (`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the
-same batch. Forward passes run in one worker thread: the event loop never blocks on the model.
+pair ≤ `max_batch_tokens`) and a pair cap, each request giving its pairs in length order so that padding stays
+low. Requests share the model fairly, pair by pair (fair queueing on a virtual clock): the clock advances by
+1/n for every pair served while n requests wait; a request joins at the clock's time, its tag is that time
+plus the pairs it has had, and the lowest tag goes next. So a 10-document request that arrives while a
+1,000-document one is queued rides in the very next batch, and a request that has had some pairs is never
+overtaken forever by a stream of new ones. A short wait
+(`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the same batch. Forward passes run
+in one worker thread: the event loop never blocks on the model.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class _Request:
     """A request's pairs waiting in the queue, shortest first, and where their logits go."""
 
     arrival: int
+    start: float  # the virtual clock when the request joined
     pending: list[int]  # indices into token_ids, sorted by length
     token_ids: Sequence[Sequence[int]]
     logits: list[float]
@@ -100,6 +104,10 @@ class _Request:
 
     def __post_init__(self) -> None:
         self.remaining = len(self.pending)
+
+    @property
+    def tag(self) -> float:
+        return self.start + self.scheduled
 
 
 class BatchScheduler:
@@ -120,6 +128,7 @@ class BatchScheduler:
         self._limits = limits
         self._requests: list[_Request] = []
         self._arrivals = itertools.count()
+        self._clock = 0.0  # virtual time of fair queueing
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,7 +154,13 @@ class BatchScheduler:
         timing = timing or RequestTiming()
         timing.submitted = time.perf_counter()
         request = _Request(
-            next(self._arrivals), order, token_ids, [0.0] * len(token_ids), loop.create_future(), timing
+            next(self._arrivals),
+            self._clock,
+            order,
+            token_ids,
+            [0.0] * len(token_ids),
+            loop.create_future(),
+            timing,
         )
         if not order:
             return []
@@ -208,21 +223,27 @@ class BatchScheduler:
             self._deliver(batch, logits)
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
-        """Fill a batch from the least-served requests first, each contributing its shortest pairs."""
+        """Fill a batch pair by pair from the request with the lowest tag, each giving its shortest pair; a
+        request whose next pair would pass the token budget sits this batch out."""
         limits = self._limits
         budget = limits.max_batch_tokens or 0
         batch: list[tuple[_Request, int]] = []
         longest = 0
-        for request in sorted(self._requests, key=lambda r: (r.scheduled, r.arrival)):
-            while request.pending and len(batch) < limits.max_batch_pairs:
-                length = len(request.token_ids[request.pending[0]])
-                if batch and (len(batch) + 1) * max(longest, length) > budget:
-                    break
-                batch.append((request, request.pending.pop(0)))
-                request.scheduled += 1
-                longest = max(longest, length)
-            if len(batch) >= limits.max_batch_pairs:
-                break
+        candidates = [request for request in self._requests if request.pending]
+        waiting = len(candidates)
+        while candidates and len(batch) < limits.max_batch_pairs:
+            request = min(candidates, key=lambda r: (r.tag, r.arrival))
+            length = len(request.token_ids[request.pending[0]])
+            if batch and (len(batch) + 1) * max(longest, length) > budget:
+                candidates.remove(request)
+                continue
+            batch.append((request, request.pending.pop(0)))
+            request.scheduled += 1
+            self._clock += 1 / waiting
+            longest = max(longest, length)
+            if not request.pending:
+                candidates.remove(request)
+                waiting -= 1
         self._requests = [request for request in self._requests if request.pending]
         return batch
 
