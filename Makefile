@@ -28,8 +28,10 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# The test suite checks our Q4_K quantizer byte for byte against the libggml that llama-cpp-python ships.
-# A portable build (no -march=native), reused from pip's wheel cache after the first time.
+# The test suite checks our Q4_K quantizer byte for byte against the libggml that llama-cpp-python ships, and
+# serves a llama.cpp GGUF through the llamacpp backend. A portable CPU build (no -march=native), reused from
+# pip's wheel cache after the first time. For the llamacpp backend on a GPU, install a CUDA build instead:
+#   CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install --force-reinstall --no-cache-dir llama-cpp-python
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
 	# antfly-cli's wheel ships its binary without the executable bit.

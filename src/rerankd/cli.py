@@ -113,6 +113,51 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_settings_flags(validate.add_argument_group("model"), RuntimeSettings)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure reranking quality (nDCG@10, MRR@10, Recall@10/100) over BM25 on a BEIR folder, and the "
+        "drift of model variants",
+        description="Reranks BM25's top k of every judged query with each model (the first is the base the "
+        "others' drift is measured against) and prints the quality and drift tables.",
+    )
+    evaluate.add_argument(
+        "--data", type=Path, required=True, help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv"
+    )
+    evaluate.add_argument("--split", default="test", help="read qrels/SPLIT.tsv (default: %(default)s)")
+    evaluate.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="MODEL[@DTYPE]",
+        help="a reranker (repeatable): folder, .gguf or Hub id, optionally @float32, @bfloat16 or @float16; "
+        "with --url, a served model name. None: BM25 alone",
+    )
+    evaluate.add_argument(
+        "--url", default=None, help="score through a running rerankd; models are then its served model names"
+    )
+    evaluate.add_argument("--first-stage", choices=["bm25"], default="bm25", help="(default: %(default)s)")
+    evaluate.add_argument(
+        "--k", type=_positive, default=100, help="candidates reranked per query (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--queries", type=_positive, default=None, help="evaluate only the first N judged queries"
+    )
+    evaluate.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="also write the results here"
+    )
+    evaluate.add_argument(
+        "--markdown", type=Path, default=None, metavar="FILE", help="also write the tables here"
+    )
+    evaluate.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="score drift and nDCG@10 per query (matplotlib)",
+    )
+    add_settings_flags(evaluate.add_argument_group("model"), RuntimeSettings)
+
     bench = commands.add_parser(
         "bench", help="benchmark rerankd against sentence-transformers and Infinity; write BENCHMARKS.md"
     )
@@ -198,7 +243,12 @@ def _load_engine(
         served_name=served_name,
         revision=runtime.revision,
         cache_dir=runtime.model_cache,
-        options=BackendOptions(device=runtime.device, dtype=dtype or runtime.dtype, threads=runtime.threads),
+        options=BackendOptions(
+            device=runtime.device,
+            dtype=dtype or runtime.dtype,
+            threads=runtime.threads,
+            backend=runtime.backend,
+        ),
         max_length=runtime.max_length,
         batching=BatchLimits(
             runtime.max_batch_tokens,
@@ -347,6 +397,57 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import httpx
+
+    from rerankd.quality.beir import BeirError, load_judged_beir
+    from rerankd.quality.eval import evaluate, split_model_spec
+    from rerankd.quality.report import render_markdown, render_tables, report_json, write_plot
+    from rerankd.quality.scorers import EngineScorer, HTTPScorer, Scorer
+
+    def fail(message: str) -> int:
+        print(f"rerankd eval: {message}", file=sys.stderr)
+        return 2
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return fail("--plot needs matplotlib: pip install 'rerankd[plot]'")
+    specs = [(spec, None) if args.url else split_model_spec(spec) for spec in args.models]
+    if args.url and not specs:
+        return fail("--url needs the served model names to evaluate, as --model NAME")
+    try:
+        data = load_judged_beir(args.data, args.split)
+    except BeirError as error:
+        return fail(str(error))
+    for note in data.warnings():
+        print(f"rerankd eval: warning: {note}", file=sys.stderr)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each indexing step at DEBUG, whatever ours
+    runtime = _runtime(args)
+
+    def scorer_for(label: str, model: str, dtype: str | None) -> Callable[[], Scorer]:
+        if args.url:
+            return lambda: HTTPScorer(args.url, model)
+        return lambda: EngineScorer(label, _load_engine(runtime, model, dtype=dtype))
+
+    rerankers = [scorer_for(spec, *split) for spec, split in zip(args.models, specs, strict=True)]
+    try:
+        report = evaluate(data, rerankers, args.k, args.queries, progress=sys.stderr.isatty())
+    except (httpx.HTTPError, RuntimeError) as error:
+        if not args.url:
+            raise
+        print(f"rerankd eval: {args.url}: {error}", file=sys.stderr)  # unreachable, or a refused request
+        return 1
+    print(render_tables(report))
+    if args.json:
+        args.json.write_text(report_json(report))
+    if args.markdown:
+        args.markdown.write_text(render_markdown(report, " ".join(["rerankd", *sys.argv[1:]])))
+    if args.plot:
+        write_plot(report, args.plot)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from rerankd.bench.report import render_json, render_markdown
     from rerankd.bench.run import CONTENDERS, BenchSettings, run_bench
@@ -423,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rank": _rank,
         "export": _export,
         "validate": _validate,
+        "eval": _eval,
         "bench": _bench,
         "random-model": _random_model,
     }

@@ -9,6 +9,33 @@ from typing import Any
 from rerankd.api.errors import APIError
 
 DEFAULT_RANK_FIELDS = ("text",)
+MAX_OBJECT_DEPTH = 32  # objects are echoed back; deeper ones are refused rather than failing to serialize
+
+
+def is_valid_text(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows `\\ud800`; UTF-8 and the tokenizer do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_object(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse what could not be scored or echoed back: lone surrogates anywhere, or nesting past the limit."""
+    if depth > MAX_OBJECT_DEPTH:
+        raise APIError(
+            422, f"{where}: nested deeper than {MAX_OBJECT_DEPTH} levels", "invalid_request", where
+        )
+    if isinstance(value, str) and not is_valid_text(value):
+        raise APIError(422, f"{where}: contains a lone surrogate (invalid Unicode)", "invalid_request", where)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_object(key, where, depth + 1)
+            _check_object(item, where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_object(item, where, depth + 1)
 
 
 def _field_text(value: Any) -> str:
@@ -21,6 +48,7 @@ def document_text(document: str | dict[str, Any], rank_fields: Sequence[str], wh
     skipping fields the object lacks. An object with none of the fields is refused, naming it (`where`)."""
     if isinstance(document, str):
         return document
+    _check_object(document, where)
     present = [field for field in rank_fields if field in document]
     if not present:
         raise APIError(

@@ -23,12 +23,14 @@ from starlette.types import Scope
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+MAX_MESSAGE_CHARS = 1000
 # Tags of the request unions a route may take (see `rerankd.api.routes`): part of pydantic's error location,
 # never a field a client sent.
 UNION_TAGS = frozenset({"rerankd request", "tei request"})
 # The failures every rerank route documents in its OpenAPI entry.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Malformed JSON"},
+    401: {"description": "Missing or invalid API key (when the server has --api-key)"},
     404: {"description": "Unknown model"},
     413: {"description": "Too many documents, or a pair over the model's limit with truncation off"},
     422: {"description": "Invalid field"},
@@ -41,12 +43,22 @@ class APIError(Exception):
     (invalid_request, invalid_json, too_many_documents, input_too_long, model_not_found, overloaded,
     http_error, internal_error); dialects translate it."""
 
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:  # messages may quote client input: never echo megabytes back
+            message = message[:MAX_MESSAGE_CHARS] + "… (cut)"
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.headers = headers or {}
 
 
 ErrorShape = Callable[[APIError], dict[str, Any]]
@@ -106,7 +118,7 @@ def error_body_for(scope: Scope, routes: Iterable[BaseRoute], error: APIError) -
 
 
 def _respond(request: Request, error: APIError, body: Any = None) -> JSONResponse:
-    headers = {}
+    headers = dict(error.headers)
     if error.status in (429, 503):
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if error.status == 401:
@@ -151,7 +163,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _respond(request, APIError(error.status_code, str(error.detail), "http_error"))
+        http_error = APIError(error.status_code, str(error.detail), "http_error", headers=error.headers)
+        return _respond(request, http_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

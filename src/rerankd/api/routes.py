@@ -43,6 +43,7 @@ class NativeRoute(DialectRoute):
 
 
 router = APIRouter(route_class=NativeRoute)
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
 
 RerankBody = Annotated[
     Annotated[RerankRequest, Tag("rerankd request")] | Annotated[TEIRerankRequest, Tag("tei request")],
@@ -95,7 +96,9 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=AUTH_RESPONSES
+)
 async def metrics(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> PlainTextResponse:
@@ -105,7 +108,12 @@ async def metrics(
     return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/info", summary="Version, served models and limits", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/info",
+    summary="Version, served models and limits",
+    dependencies=[Depends(require_api_key)],
+    responses=AUTH_RESPONSES,
+)
 async def info(request: Request) -> ServerInfo:
     return ServerInfo(
         version=__version__,
@@ -114,12 +122,22 @@ async def info(request: Request) -> ServerInfo:
     )
 
 
-@router.get("/models", summary="Served models and how each runs", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/models",
+    summary="Served models and how each runs",
+    dependencies=[Depends(require_api_key)],
+    responses=AUTH_RESPONSES,
+)
 async def models(request: Request) -> list[ModelInfo]:
     return [_model_info(slot) for slot in _served(request).slots()]
 
 
-@router.get("/v1/models", summary="Served models (OpenAI's list)", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/v1/models",
+    summary="Served models (OpenAI's list)",
+    dependencies=[Depends(require_api_key)],
+    responses=AUTH_RESPONSES,
+)
 async def openai_models(request: Request) -> ModelList:
     created = request.app.state.started
     return ModelList(data=[ModelCard(id=name, created=created) for name in _served(request).names()])

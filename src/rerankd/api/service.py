@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from rerankd.api.documents import is_valid_text
 from rerankd.api.errors import APIError
 from rerankd.engine.engine import DocumentScore, ScoredDocuments
 from rerankd.engine.models import ModelNotReadyError, ServedModels, UnknownModelError
@@ -97,17 +98,16 @@ def _check_sizes(call: RerankCall, settings: APISettings) -> None:
             where,
         )
     limit = settings.max_document_chars
-    if len(call.query) > limit:
-        raise APIError(
-            413, f"query: longer than {limit} characters (--max-document-chars)", "too_long", "query"
-        )
-    for index, text in enumerate(call.texts):
+    texts = [("query", call.query), *((f"{where}.{index}", text) for index, text in enumerate(call.texts))]
+    for field_name, text in texts:
         if len(text) > limit:
-            field_name = f"{where}.{index}"
             message = (
                 f"{field_name}: {len(text)} characters exceed the limit of {limit} (--max-document-chars)"
             )
             raise APIError(413, message, "too_long", field_name)
+        if not is_valid_text(text):
+            message = f"{field_name}: contains a lone surrogate (invalid Unicode)"
+            raise APIError(422, message, "invalid_request", field_name)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -20,6 +20,10 @@ class BackendOptions:
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     threads: int | None = None  # CPU threads for the forward pass; None keeps torch's default
+    backend: str = "auto"  # auto | torch | gguf | llamacpp: auto picks from the files
+    # The engine's largest batch, for backends that size a fixed context up front (llama.cpp).
+    batch_tokens: int | None = None  # None: the scheduler's default for the device
+    batch_pairs: int = 64
 
 
 @dataclass(frozen=True)

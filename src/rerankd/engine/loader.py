@@ -48,13 +48,18 @@ def load_engine(
     reference, variant = split_gguf_selector(model)
     files = gguf_files(variant) if variant else SAFETENSORS_FILES
     source = resolve_model_source(reference, revision=revision, cache_dir=cache_dir, files=files)
-    options = options or BackendOptions()
+    batching = batching or BatchLimits()
+    options = replace(
+        options or BackendOptions(),
+        batch_tokens=batching.max_batch_tokens,
+        batch_pairs=batching.max_batch_pairs,
+    )
     backend = load_backend(source.path, options, gguf_variant=variant)
     if os.environ.get(FAULT_MARKER_ENV):
         backend = FaultInjectingBackend(backend, os.environ[FAULT_MARKER_ENV])
     limits = EngineLimits(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
-        batching=batching or BatchLimits(),
+        batching=batching,
     )
     if options.dtype == "auto":
         backend = settle_auto_precision(

@@ -1,0 +1,145 @@
+"""A tiny random-weight BERT cross-encoder, and its GGUF in llama.cpp's own layout, for the llama.cpp backend.
+
+The GGUF is what llama.cpp's `convert_hf_to_gguf.py` writes for a BERT reranker: architecture `bert`,
+tensor names from the `gguf` package's BERT name map, the pooler as `cls` and the classifier as
+`cls.output` (llama.cpp's rank pooling computes `cls.output(tanh(cls(h_CLS)))`, i.e. BERT's pooler and
+classifier), `bert.pooling_type` = RANK, and the WordPiece vocabulary in llama.cpp's "phantom space" form
+(`##piece` -> `piece`, `word` -> `▁word`, `[SPECIAL]` kept) under tokenizer model `bert`.
+The reference `BertForSequenceClassification` comes back with it, so tests can compare scores.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import torch
+
+if TYPE_CHECKING:
+    from transformers import BertForSequenceClassification
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Whole words of the vocabulary; anything else is spelled out of single characters and ## continuations.
+WORDS = (
+    *("the", "a", "an", "of", "to", "in", "is", "was", "by", "and", "or", "for", "on", "with"),
+    *("who", "what", "where", "when", "which", "how", "why", "wrote", "write", "written", "novel", "book"),
+    *("author", "story", "city", "capital", "country", "river", "paris", "france", "berlin", "germany"),
+    *("london", "england", "harper", "lee", "herman", "melville", "jane", "austen", "moby", "dick"),
+    *("mockingbird", "kill", "pride", "prejudice", "water", "music", "search", "rank", "score", "query"),
+)
+PIECES = ("ing", "ed", "s", "er", "est", "ly", "tion")
+WORDPIECE_PREFIX = "##"
+PHANTOM_SPACE = "\u2581"
+CONTEXT_LENGTH = 128
+# The gguf name map knows a sequence classifier's head under RoBERTa's names.
+HEAD_NAMES = {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"}
+
+
+def tiny_bert_vocabulary() -> list[str]:
+    """Special tokens, whole words, single characters and `##` continuations: a few hundred entries that
+    tokenize any lowercase ASCII text without [UNK]."""
+    characters = string.ascii_lowercase + string.digits
+    vocabulary = [*SPECIAL_TOKENS, *WORDS, *characters, *string.punctuation]
+    vocabulary += [WORDPIECE_PREFIX + piece for piece in PIECES]
+    vocabulary += [WORDPIECE_PREFIX + character for character in characters]
+    return list(dict.fromkeys(vocabulary))
+
+
+def random_bert_cross_encoder(vocabulary: list[str], seed: int = 0) -> BertForSequenceClassification:
+    """hidden 64, 2 layers, 4 heads, one label; every weight random (LayerNorms and biases included) and
+    wide enough that scores spread over the sigmoid instead of sitting at sigmoid(0)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=CONTEXT_LENGTH,
+        # One segment type, as XLM-RoBERTa rerankers have: llama.cpp adds type 0 to every token.
+        type_vocab_size=1,
+        num_labels=1,
+        pad_token_id=vocabulary.index("[PAD]"),
+    )
+    model = BertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "LayerNorm.weight" in name:
+                parameter.copy_(1.0 + 0.1 * noise)
+            else:
+                parameter.copy_(noise * 0.2)
+        model.classifier.weight.mul_(2.0)
+        model.classifier.bias.zero_()  # logits around 0, where the sigmoid is steepest
+    return model
+
+
+def gguf_tensor_name(hf_name: str, name_map: gguf.TensorNameMap) -> str:
+    """llama.cpp's name for a `BertForSequenceClassification` tensor: the pooler is `cls` and the classifier
+    `cls.output`, the head llama.cpp's rank pooling applies."""
+    stem, _, suffix = hf_name.removeprefix("bert.").rpartition(".")
+    mapped = name_map.get_name(HEAD_NAMES.get(stem, stem))
+    if mapped is None:
+        raise ValueError(f"no llama.cpp name for {hf_name}")
+    return f"{mapped}.{suffix}"
+
+
+def phantom_space(token: str) -> str:
+    """llama.cpp's WPM vocabulary form of a WordPiece token."""
+    if token.startswith("[") and token.endswith("]"):
+        return token
+    if token.startswith(WORDPIECE_PREFIX):
+        return token[len(WORDPIECE_PREFIX) :]
+    return PHANTOM_SPACE + token
+
+
+def write_bert_gguf(model: BertForSequenceClassification, vocabulary: list[str], path: Path) -> Path:
+    """Write `model` as an F32 llama.cpp BERT reranker GGUF at `path`."""
+    config = model.config
+    architecture = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT]
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_name("tiny random BERT cross-encoder")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_layer_norm_eps(config.layer_norm_eps)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_classifier_output_labels(["LABEL_0"])
+
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list([phantom_space(token) for token in vocabulary])
+    writer.add_token_types(
+        [
+            gguf.TokenType.UNKNOWN
+            if token == "[UNK]"
+            else gguf.TokenType.CONTROL
+            if token in SPECIAL_TOKENS
+            else gguf.TokenType.NORMAL
+            for token in vocabulary
+        ]
+    )
+    writer.add_token_type_count(config.type_vocab_size)
+    writer.add_bos_token_id(vocabulary.index("[CLS]"))  # llama.cpp reads [CLS] as BERT's BOS
+    writer.add_sep_token_id(vocabulary.index("[SEP]"))
+    writer.add_unk_token_id(vocabulary.index("[UNK]"))
+    writer.add_pad_token_id(vocabulary.index("[PAD]"))
+    writer.add_mask_token_id(vocabulary.index("[MASK]"))
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("position_ids") or hf_name.endswith("token_type_ids"):
+            continue
+        writer.add_tensor(gguf_tensor_name(hf_name, name_map), tensor.to(torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
