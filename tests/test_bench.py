@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
-from rerankd.bench.flops import pair_flops
+from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import percentile
 from rerankd.bench.workloads import make_workloads
@@ -34,6 +35,28 @@ def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int
     flops = pair_flops(model.config, length)
     assert flops.dense + flops.relative == counter.get_total_flops()
     assert flops.attention == 4 * length * length * 384 * 12
+
+
+@pytest.mark.parametrize("length", [1, 9, 200])
+def test_bert_pair_flops_equal_torch_flop_counter(length: int) -> None:
+    """The llama.cpp contender's BERT: every product counted, attention included (eager attention is
+    visible to torch's counter)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=300,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=160,
+        num_labels=1,
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(5, 300, (1, length))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(input_ids=ids)
+    assert EncoderShape.of_bert(config.to_dict()).pair_flops(length).total == counter.get_total_flops()
 
 
 @pytest.mark.parametrize(
@@ -108,6 +131,37 @@ def test_bench_end_to_end_writes_benchmarks_md(
         assert measurement["mean_flops"] > 1e9
     assert geometry["fairness"]["during_count"] >= 1
     assert geometry["bf16_peak_rss"] > 100 * 2**20
+    assert geometry["score_drift"]["float32"] < 1e-5  # the same model in both: the same scores
     report = out.read_text()
     assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
     assert "Fairness:" in report and "Concurrency: 2 clients" in report and "in bfloat16" in report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_bench_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
+    """A BERT reranker served as a GGUF through the llama.cpp backend, next to sentence-transformers on the
+    same weights: measured, and scoring alike."""
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--data", str(msmarco_dir),
+        "--models-dir", str(tmp_path / "models"), "--contenders", "llamacpp", "--passages", "6",
+        "--long-documents", "1", "--max-requests", "1", "--clients", "2",
+        "--out", str(out), "--json", str(raw),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    [section] = json.loads(raw.read_text())["geometries"]  # no DeBERTa section without its contenders
+    seen = {(m["contender"], m["dtype"], m["workload"], m["clients"]) for m in section["measurements"]}
+    assert seen == {
+        ("rerankd (llama.cpp)", "float32", "6 passages", 1),
+        ("rerankd (llama.cpp)", "float32", "1 long documents", 1),
+        ("rerankd (llama.cpp)", "float32", "6 passages", 2),
+        ("sentence-transformers float32", "float32", "6 passages", 1),
+        ("sentence-transformers float32", "float32", "1 long documents", 1),
+    }
+    assert section["config"] == {"hidden": 384, "layers": 6, "heads": 12}
+    assert 0 < section["score_drift"]["float32"] < 1e-3
+    assert all(m["mean_flops"] > 1e9 and m["peak_rss"] > 50 * 2**20 for m in section["measurements"])
+    report = out.read_text()
+    assert "## BERT MiniLM-L6 geometry" in report and "| rerankd (llama.cpp) | float32 | 1 |" in report
+    assert "sentence-transformers float32 is within" in report

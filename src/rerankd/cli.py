@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
@@ -181,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-dir", type=Path, default=Path("models/bench"), help="random models are kept here"
     )
     bench.add_argument(
-        "--contenders", nargs="+", default=None, help="subset of: rerankd st-fp32 st-bf16 infinity"
+        "--contenders",
+        nargs="+",
+        default=None,
+        help="subset of: rerankd st-fp32 st-bf16 infinity llamacpp (a BERT GGUF on the llama.cpp backend)",
     )
     bench.add_argument(
         "--infinity", type=Path, default=None, help="the infinity_emb executable (its own venv)"
@@ -465,6 +469,9 @@ def _bench(args: argparse.Namespace) -> int:
         if not path.exists():
             print(f"rerankd bench: {what}: {path} does not exist", file=sys.stderr)
             return 2
+    if "llamacpp" in contenders and importlib.util.find_spec("llama_cpp") is None:
+        print("rerankd bench: skipping llamacpp: pip install 'rerankd[llamacpp]'", file=sys.stderr)
+        contenders = tuple(contender for contender in contenders if contender != "llamacpp")
     models = {}
     for geometry in args.geometry or ["base", "xsmall"]:
         folder = args.models_dir / f"random-{geometry}"
@@ -476,6 +483,7 @@ def _bench(args: argparse.Namespace) -> int:
         models=models,
         contenders=contenders,
         infinity=args.infinity,
+        llamacpp=_bench_bert_reranker(args.models_dir, args.data) if "llamacpp" in contenders else None,
         passages=args.passages,
         long_documents=args.long_documents,
         max_requests=args.max_requests,
@@ -490,6 +498,19 @@ def _bench(args: argparse.Namespace) -> int:
         args.json.write_text(render_json(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def _bench_bert_reranker(models_dir: Path, data: Path) -> tuple[Path, Path]:
+    """The llama.cpp contender's model (transformers folder, GGUF), made once and kept in `models_dir`."""
+    from rerankd.devtools.random_bert_gguf import bert_reranker_paths, write_bert_reranker
+    from rerankd.quality.beir import load_beir
+
+    folder = models_dir / "random-bert-minilm-l6"
+    paths = bert_reranker_paths(folder)
+    if not paths[1].is_file():
+        dataset = load_beir(data)
+        paths = write_bert_reranker(folder, [*dataset.passages.values(), *dataset.queries.values()])
+    return paths
 
 
 def _random_model(args: argparse.Namespace) -> int:

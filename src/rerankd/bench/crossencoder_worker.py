@@ -1,7 +1,8 @@
 """Run sentence-transformers' `CrossEncoder.rank` on the benchmark's workloads in a process of its own.
 
 Invoked by `rerankd bench` as `python -m rerankd.bench.crossencoder_worker SPEC.json`, so that its peak RSS
-is its own. Prints one JSON object: per workload, the latency of each `rank` call.
+is its own. Prints one JSON object: per workload, the latency of each `rank` call; and the scores of the
+first workload's documents in input order, to compare with rerankd's on the same model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def main(spec_path: str) -> None:
         runs.append(
             {"workload": workload["name"], "latencies": latencies, "seconds": time.perf_counter() - start}
         )
-    print(json.dumps({"runs": runs, "peak_rss": peak_rss_bytes(os.getpid())}))
+    ranked = model.rank(first["query"], first["documents"])
+    scores = [0.0] * len(first["documents"])
+    for entry in ranked:
+        scores[entry["corpus_id"]] = float(entry["score"])
+    print(json.dumps({"runs": runs, "scores": scores, "peak_rss": peak_rss_bytes(os.getpid())}))
 
 
 if __name__ == "__main__":

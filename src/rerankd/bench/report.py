@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
-from rerankd.bench.run import BenchResult, GeometryResult
+from rerankd.bench.run import LLAMACPP_CONTENDER, BenchResult, GeometryResult
 
 BASELINE = "sentence-transformers float32"
 
@@ -58,8 +58,9 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             if m.workload == name
         ]
         lines.append("")
-    single = next((m for m in result.measurements if m.contender == "rerankd" and m.clients == 1), None)
-    many = next((m for m in result.measurements if m.contender == "rerankd" and m.clients > 1), None)
+    served = [m for m in result.measurements if m.contender.startswith("rerankd")]
+    single = next((m for m in served if m.clients == 1), None)
+    many = next((m for m in served if m.clients > 1), None)
     if single and many:
         lines.append(
             f"- Concurrency: {many.clients} clients reach {many.pairs_per_second:.2f} pairs/s in total, "
@@ -71,6 +72,11 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             f"- Fairness: p95 of a small request alone {fair.alone_p95:.2f} s; while a big request runs "
             f"({fair.big_seconds:.0f} s) {fair.during_p95:.2f} s over {fair.during_count} requests: "
             f"{fair.ratio:.2f}× alone."
+        )
+    for dtype, drift in result.score_drift.items():
+        lines.append(
+            f"- Same model, same scores: sentence-transformers {dtype} is within {drift:.1e} of rerankd's "
+            f"scores on the {result.workloads[0]['name']} (max |Δscore|)."
         )
     if result.bf16_peak_rss:
         lines.append(
@@ -102,6 +108,12 @@ def render_markdown(result: BenchResult) -> str:
         "Peak RSS is each process's VmHWM.",
         "",
     ]
+    if any(m.contender == LLAMACPP_CONTENDER for g in result.geometries for m in g.measurements):
+        lines[-1:-1] = [
+            f"- {LLAMACPP_CONTENDER}: a random-weight BERT at cross-encoder/ms-marco-MiniLM-L6-v2's shape "
+            "with an uncased WordPiece tokenizer trained on the corpus, served as an F32 GGUF by rerankd's "
+            "llama.cpp backend; sentence-transformers runs the same weights from the transformers folder."
+        ]
     for geometry in result.geometries:
         lines += _geometry_section(geometry, result.ceilings)
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """`rerankd bench`: rerankd and its peers on the same model and workloads, in one run, on one machine.
 
 Contenders: rerankd over HTTP (1 client and N concurrent clients), sentence-transformers `CrossEncoder.rank`
-in fp32 and bf16 in a process of its own, and Infinity (`infinity-emb`) over HTTP. Every one gets the same
-random-weight model at a real geometry with the real tokenizer, one warm-up call, then timed calls.
+in fp32 and bf16 in a process of its own, and Infinity (`infinity-emb`) over HTTP, on DeBERTa models; and
+rerankd serving a BERT GGUF through its llama.cpp backend against sentence-transformers on the same weights.
+Every one gets a random-weight model at a real geometry with a real tokenizer, one warm-up call, then timed
+calls; the scores of rerankd and sentence-transformers on the same model are compared too.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
 
-from rerankd.bench.flops import pair_flops
+from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import describe_machine, matmul_gflops
 from rerankd.bench.measure import Measurement, http_load, mean, percentile, rerank_sender, timed_requests
 from rerankd.bench.processes import free_port, running_process
@@ -34,7 +37,52 @@ from rerankd.quality.beir import load_beir
 logger = logging.getLogger(__name__)
 
 CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16"}
-CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity")
+DEBERTA_CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity")
+CONTENDERS = (*DEBERTA_CONTENDERS, "llamacpp")
+LLAMACPP_CONTENDER = "rerankd (llama.cpp)"
+# What llama.cpp's weight types compute in, to find the matmul ceiling they are measured against.
+GGUF_COMPUTE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model every contender of one section runs: its transformers folder (tokenizer for the workloads;
+    what sentence-transformers and Infinity load) and what `rerankd serve --model` gets."""
+
+    title: str
+    folder: Path
+    shape: dict[str, int]
+    flops: Callable[[int], int]  # per pair of this many tokens
+    served: Path
+    serve_flags: tuple[str, ...] = ()
+
+    @classmethod
+    def deberta(cls, geometry: str, folder: Path) -> BenchModel:
+        config = DebertaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        return cls(
+            geometry,
+            folder,
+            {
+                "hidden": config.hidden_size,
+                "layers": config.num_hidden_layers,
+                "heads": config.num_attention_heads,
+            },
+            lambda length: pair_flops(config, length).total,
+            folder,
+        )
+
+    @classmethod
+    def llamacpp(cls, title: str, folder: Path, gguf_path: Path) -> BenchModel:
+        config = json.loads((folder / "config.json").read_text())
+        shape = EncoderShape.of_bert(config)
+        return cls(
+            title,
+            folder,
+            {"hidden": shape.hidden, "layers": shape.layers, "heads": int(config["num_attention_heads"])},
+            lambda length: shape.pair_flops(length).total,
+            gguf_path,
+            ("--backend", "llamacpp"),
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +91,7 @@ class BenchSettings:
     models: dict[str, Path]  # geometry -> random-weight model folder
     contenders: tuple[str, ...] = CONTENDERS
     infinity: Path | None = None  # the `infinity_emb` executable (its own virtual environment)
+    llamacpp: tuple[Path, Path] | None = None  # a BERT reranker: (transformers folder, the same as GGUF)
     passages: int = 64
     long_documents: int = 16
     max_requests: int = 3
@@ -76,6 +125,8 @@ class GeometryResult:
     measurements: list[Measurement] = field(default_factory=list)
     fairness: Fairness | None = None
     bf16_peak_rss: int | None = None  # rerankd serving the model in bfloat16: load plus one small request
+    # Max |Δscore| of each sentence-transformers dtype against rerankd on the first workload's documents.
+    score_drift: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,8 +138,8 @@ class BenchResult:
     geometries: list[GeometryResult]
 
 
-def _flops(config: DebertaConfig, workload: Workload) -> float:
-    return mean([float(pair_flops(config, length).total) for length in workload.pair_lengths])
+def _flops(model: BenchModel, workload: Workload) -> float:
+    return mean([float(model.flops(length)) for length in workload.pair_lengths])
 
 
 def _body(workload: Workload, model: str | None = None) -> dict[str, object]:
@@ -101,6 +152,16 @@ def _body(workload: Workload, model: str | None = None) -> dict[str, object]:
 def _warm_up(url: str, workload: Workload, model: str | None) -> None:
     warm = Workload("warm-up", workload.query, workload.documents[:8], workload.pair_lengths[:8])
     httpx.post(url, json=_body(warm, model), timeout=600).raise_for_status()
+
+
+def _served_scores(url: str, workload: Workload) -> list[float]:
+    """The server's relevance scores for the workload's documents, in input order."""
+    response = httpx.post(url, json=_body(workload), timeout=3600)
+    response.raise_for_status()
+    scores = [0.0] * len(workload.documents)
+    for result in response.json()["results"]:
+        scores[result["index"]] = result["relevance_score"]
+    return scores
 
 
 def _http_measure(
@@ -134,6 +195,26 @@ def _http_measure(
     )
 
 
+def _measure_server(
+    settings: BenchSettings,
+    contender: str,
+    dtype: str,
+    url: str,
+    model: BenchModel,
+    workloads: list[Workload],
+    served_name: str | None = None,
+) -> list[Measurement]:
+    """Warm up, then every workload from one client and the first from `settings.clients` at once."""
+    _warm_up(url, workloads[0], served_name)
+    runs = [(workload, 1) for workload in workloads] + [(workloads[0], settings.clients)]
+    return [
+        _http_measure(
+            settings, contender, dtype, url, workload, clients, served_name, _flops(model, workload)
+        )
+        for workload, clients in runs
+    ]
+
+
 def _fairness(url: str, small: Workload, big: Workload, settings: BenchSettings) -> Fairness:
     """p95 of small requests alone, then while one big request is queued and running."""
     with httpx.Client(timeout=3600) as client:
@@ -159,67 +240,70 @@ def _fairness(url: str, small: Workload, big: Workload, settings: BenchSettings)
     return Fairness(percentile(alone, 95), percentile(during, 95), len(during), big_seconds[0])
 
 
-def _serve_command(settings: BenchSettings, geometry: str, port: int, *flags: str) -> list[str]:
-    model = str(settings.models[geometry])
-    return [sys.executable, "-m", "rerankd", "serve", "--model", model, "--port", str(port), *flags]
+def _log(settings: BenchSettings, contender: str, model: BenchModel) -> Path:
+    return settings.log_dir / f"{contender}-{model.served.stem}.log"
+
+
+def _serve_command(model: BenchModel, port: int, *flags: str) -> list[str]:
+    command = [sys.executable, "-m", "rerankd", "serve", "--model", str(model.served), "--port", str(port)]
+    return [*command, *model.serve_flags, *flags]
+
+
+@dataclass
+class ServedRun:
+    measurements: list[Measurement]
+    scores: list[float]  # for the first workload, in input order
+    fairness: Fairness | None = None
 
 
 def bench_rerankd(
-    settings: BenchSettings, geometry: str, config: DebertaConfig, workloads: list[Workload], big: Workload
-) -> tuple[list[Measurement], Fairness]:
+    settings: BenchSettings,
+    model: BenchModel,
+    contender: str,
+    workloads: list[Workload],
+    big: Workload | None = None,
+) -> ServedRun:
+    """rerankd over HTTP; with `big`, also the fairness of small requests next to it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = _serve_command(
-        settings, geometry, port, "--max-documents", str(max(settings.big_request, settings.passages))
+        model, port, "--max-documents", str(max(settings.big_request, settings.passages))
     )
-    log = settings.log_dir / f"rerankd-{geometry}.log"
+    log = _log(settings, "rerankd", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
-        dtype = httpx.get(f"{url}/info").json()["models"][0]["dtype"]
-        _warm_up(f"{url}/rerank", workloads[0], None)
-        measurements = [
-            _http_measure(
-                settings, "rerankd", dtype, f"{url}/rerank", workload, 1, None, _flops(config, workload)
-            )
-            for workload in workloads
-        ]
-        measurements.append(
-            _http_measure(
-                settings,
-                "rerankd",
-                dtype,
-                f"{url}/rerank",
-                workloads[0],
-                settings.clients,
-                None,
-                _flops(config, workloads[0]),
-            )
+        info = httpx.get(f"{url}/info").json()["models"][0]
+        dtype = GGUF_COMPUTE_DTYPES.get(info["dtype"], info["dtype"])
+        run = ServedRun(
+            _measure_server(settings, contender, dtype, f"{url}/rerank", model, workloads),
+            _served_scores(f"{url}/rerank", workloads[0]),
         )
-        small = Workload(
-            "small",
-            workloads[0].query,
-            workloads[0].documents[: settings.small_request],
-            workloads[0].pair_lengths[: settings.small_request],
-        )
-        fairness = _fairness(f"{url}/rerank", small, big, settings)
+        if big is not None:
+            small = Workload(
+                "small",
+                workloads[0].query,
+                workloads[0].documents[: settings.small_request],
+                workloads[0].pair_lengths[: settings.small_request],
+            )
+            run.fairness = _fairness(f"{url}/rerank", small, big, settings)
         peak = server.peak_rss()
-    for measurement in measurements:
+    for measurement in run.measurements:
         measurement.peak_rss = peak
-    return measurements, fairness
+    return run
 
 
-def rerankd_bf16_peak_rss(settings: BenchSettings, geometry: str, workload: Workload) -> int | None:
+def rerankd_bf16_peak_rss(settings: BenchSettings, model: BenchModel, workload: Workload) -> int | None:
     """Peak RSS of `rerankd serve --dtype bfloat16` after loading and scoring 8 of the workload's texts."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = _serve_command(settings, geometry, port, "--dtype", "bfloat16")
-    log = settings.log_dir / f"rerankd-{geometry}-bf16.log"
+    command = _serve_command(model, port, "--dtype", "bfloat16")
+    log = _log(settings, "rerankd-bf16", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         _warm_up(f"{url}/rerank", workload, None)
         return server.peak_rss()
 
 
 def bench_infinity(
-    settings: BenchSettings, geometry: str, config: DebertaConfig, workloads: list[Workload]
+    settings: BenchSettings, model: BenchModel, workloads: list[Workload]
 ) -> list[Measurement]:
     assert settings.infinity is not None
     port = free_port()
@@ -228,7 +312,7 @@ def bench_infinity(
         str(settings.infinity),
         "v2",
         "--model-id",
-        str(settings.models[geometry]),
+        str(model.folder),
         "--served-model-name",
         "bench",
         "--engine",
@@ -242,33 +326,10 @@ def bench_infinity(
         "--no-bettertransformer",
         "--no-model-warmup",
     ]
-    log = settings.log_dir / f"infinity-{geometry}.log"
+    log = _log(settings, "infinity", model)
     with running_process(command, url, log, env={"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}) as server:
-        _warm_up(f"{url}/rerank", workloads[0], "bench")
-        measurements = [
-            _http_measure(
-                settings,
-                "infinity",
-                "float32",
-                f"{url}/rerank",
-                workload,
-                1,
-                "bench",
-                _flops(config, workload),
-            )
-            for workload in workloads
-        ]
-        measurements.append(
-            _http_measure(
-                settings,
-                "infinity",
-                "float32",
-                f"{url}/rerank",
-                workloads[0],
-                settings.clients,
-                "bench",
-                _flops(config, workloads[0]),
-            )
+        measurements = _measure_server(
+            settings, "infinity", "float32", f"{url}/rerank", model, workloads, "bench"
         )
         peak = server.peak_rss()
     for measurement in measurements:
@@ -277,10 +338,11 @@ def bench_infinity(
 
 
 def bench_crossencoder(
-    settings: BenchSettings, geometry: str, config: DebertaConfig, workloads: list[Workload], dtype: str
-) -> list[Measurement]:
+    settings: BenchSettings, model: BenchModel, workloads: list[Workload], dtype: str
+) -> tuple[list[Measurement], list[float]]:
+    """sentence-transformers in a process of its own; also its scores for the first workload."""
     spec = {
-        "model": str(settings.models[geometry]),
+        "model": str(model.folder),
         "dtype": dtype,
         "max_requests": settings.max_requests,
         "max_seconds": settings.max_seconds,
@@ -289,7 +351,7 @@ def bench_crossencoder(
     with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
         json.dump(spec, spec_file)
         spec_file.flush()
-        log = settings.log_dir / f"crossencoder-{geometry}-{dtype}.log"
+        log = _log(settings, f"crossencoder-{dtype}", model)
         with log.open("w") as log_file:
             completed = subprocess.run(
                 [sys.executable, "-m", "rerankd.bench.crossencoder_worker", spec_file.name],
@@ -313,47 +375,80 @@ def bench_crossencoder(
                 len(run["latencies"]) * len(workload.documents),
                 run["seconds"],
                 report["peak_rss"],
-                _flops(config, workload),
+                _flops(model, workload),
             )
         )
         logger.info(
             "CrossEncoder %s %s: %.2f pairs/s", dtype, workload.name, measurements[-1].pairs_per_second
         )
-    return measurements
+    return measurements, report["scores"]
+
+
+def _max_difference(left: list[float], right: list[float]) -> float:
+    return max(abs(a - b) for a, b in zip(left, right, strict=True))
+
+
+def bench_model(
+    settings: BenchSettings,
+    model: BenchModel,
+    contender: str | None,
+    crossencoders: dict[str, str],
+    peers: bool,
+) -> GeometryResult:
+    """One section: rerankd as `contender` (None: not measured), sentence-transformers in `crossencoders`'
+    dtypes and, with `peers`, the fairness run, the bf16 footprint and Infinity."""
+    workloads = make_workloads(settings.data, model.folder, settings.passages, settings.long_documents)
+    result = GeometryResult(
+        model.title,
+        model.shape,
+        [
+            {"name": w.name, "mean_tokens": w.mean_tokens, "gflops_per_pair": _flops(model, w) / 1e9}
+            for w in workloads
+        ],
+    )
+    served_scores = None
+    if contender is not None:
+        big = None
+        if peers:
+            tokenizer = PairTokenizer(load_tokenizer(model.folder), 512)
+            big = passages_workload(load_beir(settings.data), tokenizer, settings.big_request)
+        run = bench_rerankd(settings, model, contender, workloads, big)
+        result.measurements += run.measurements
+        result.fairness, served_scores = run.fairness, run.scores
+        if peers:
+            result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, model, workloads[0])
+    for dtype in crossencoders.values():
+        measured, scores = bench_crossencoder(settings, model, workloads, dtype)
+        result.measurements += measured
+        if served_scores is not None:
+            result.score_drift[dtype] = _max_difference(served_scores, scores)
+    if peers and "infinity" in settings.contenders and settings.infinity is not None:
+        result.measurements += bench_infinity(settings, model, workloads)
+    return result
 
 
 def run_bench(settings: BenchSettings, command: str) -> BenchResult:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     ceilings = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
     logger.info("matmul ceilings (GFLOP/s): %s", {k: round(v) for k, v in ceilings.items()})
-    dataset = load_beir(settings.data)
-    results = []
-    for geometry, model_dir in settings.models.items():
-        config = DebertaConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
-        workloads = make_workloads(settings.data, model_dir, settings.passages, settings.long_documents)
-        big = passages_workload(dataset, PairTokenizer(load_tokenizer(model_dir), 512), settings.big_request)
-        result = GeometryResult(
-            geometry,
-            {
-                "hidden": config.hidden_size,
-                "layers": config.num_hidden_layers,
-                "heads": config.num_attention_heads,
-            },
-            [
-                {"name": w.name, "mean_tokens": w.mean_tokens, "gflops_per_pair": _flops(config, w) / 1e9}
-                for w in workloads
-            ],
+    crossencoders = {
+        name: dtype for name, dtype in CROSSENCODER_DTYPES.items() if name in settings.contenders
+    }
+    results = [
+        bench_model(
+            settings,
+            BenchModel.deberta(geometry, folder),
+            "rerankd" if "rerankd" in settings.contenders else None,
+            crossencoders,
+            peers=True,
         )
-        if "rerankd" in settings.contenders:
-            measured, result.fairness = bench_rerankd(settings, geometry, config, workloads, big)
-            result.measurements += measured
-            result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, geometry, workloads[0])
-        for contender, dtype in CROSSENCODER_DTYPES.items():
-            if contender in settings.contenders:
-                result.measurements += bench_crossencoder(settings, geometry, config, workloads, dtype)
-        if "infinity" in settings.contenders and settings.infinity is not None:
-            result.measurements += bench_infinity(settings, geometry, config, workloads)
-        results.append(result)
+        for geometry, folder in settings.models.items()
+        if set(settings.contenders) & set(DEBERTA_CONTENDERS)
+    ]
+    if "llamacpp" in settings.contenders and settings.llamacpp is not None:
+        folder, gguf_path = settings.llamacpp
+        model = BenchModel.llamacpp("BERT MiniLM-L6 geometry, F32 GGUF on llama.cpp", folder, gguf_path)
+        results.append(bench_model(settings, model, LLAMACPP_CONTENDER, {"st-fp32": "float32"}, peers=False))
     return BenchResult(
         datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         command,

@@ -10,12 +10,15 @@ The reference `BertForSequenceClassification` comes back with it, so tests can c
 
 from __future__ import annotations
 
+import json
 import string
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gguf
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification
@@ -35,6 +38,15 @@ PHANTOM_SPACE = "\u2581"
 CONTEXT_LENGTH = 128
 # The gguf name map knows a sequence classifier's head under RoBERTa's names.
 HEAD_NAMES = {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"}
+# cross-encoder/ms-marco-MiniLM-L6-v2's shape, the most used BERT reranker: the benchmark's llama.cpp model.
+MINILM_L6_GEOMETRY = {
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
+BERT_VOCABULARY_SIZE = 30522
 
 
 def tiny_bert_vocabulary() -> list[str]:
@@ -97,12 +109,17 @@ def phantom_space(token: str) -> str:
     return PHANTOM_SPACE + token
 
 
-def write_bert_gguf(model: BertForSequenceClassification, vocabulary: list[str], path: Path) -> Path:
+def write_bert_gguf(
+    model: BertForSequenceClassification,
+    vocabulary: list[str],
+    path: Path,
+    name: str = "tiny random BERT cross-encoder",
+) -> Path:
     """Write `model` as an F32 llama.cpp BERT reranker GGUF at `path`."""
     config = model.config
     architecture = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT]
     writer = gguf.GGUFWriter(path, architecture)
-    writer.add_name("tiny random BERT cross-encoder")
+    writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -143,3 +160,64 @@ def write_bert_gguf(model: BertForSequenceClassification, vocabulary: list[str],
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = BERT_VOCABULARY_SIZE) -> Tokenizer:
+    """An uncased BERT WordPiece tokenizer trained on `texts`, so pairs are as long as a real BERT's, with
+    the normalization llama.cpp's WPM applies. Every token has type 0, as llama.cpp feeds them."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix=WORDPIECE_PREFIX
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:0 [SEP]:0",
+        special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("[CLS]", "[SEP]")],
+    )
+    return tokenizer
+
+
+def bert_reranker_paths(folder: Path) -> tuple[Path, Path]:
+    """Where `write_bert_reranker` puts the transformers folder and the GGUF."""
+    return folder / "transformers", folder / "gguf" / "random-bert.F32.gguf"
+
+
+def write_bert_reranker(
+    folder: Path, texts: Iterable[str], geometry: Mapping[str, int] = MINILM_L6_GEOMETRY, seed: int = 0
+) -> tuple[Path, Path]:
+    """One random-weight BERT reranker twice: a transformers folder (what sentence-transformers loads) and
+    the same weights as a llama.cpp GGUF alone in a folder of its own (its tokenizer rebuilt from the
+    metadata). Returns (transformers folder, GGUF path)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = train_wordpiece(texts)
+    vocabulary = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocabulary),
+        type_vocab_size=1,
+        num_labels=1,
+        pad_token_id=vocabulary.index("[PAD]"),
+        **geometry,
+    )
+    model = BertForSequenceClassification(config).eval()
+    transformers_dir, gguf_path = bert_reranker_paths(folder)
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(transformers_dir)
+    tokenizer.save(str(transformers_dir / "tokenizer.json"))
+    special = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS, strict=True))
+    (transformers_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": geometry["max_position_embeddings"],
+                **{f"{role}_token": token for role, token in special.items()},
+            }
+        )
+    )
+    write_bert_gguf(model, vocabulary, gguf_path, name="random BERT cross-encoder")
+    return transformers_dir, gguf_path
