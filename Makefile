@@ -79,3 +79,33 @@ bench: install-test $(INFINITY_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache .ruff_cache
+
+# Container images (README, "Docker"): `make docker-build` (CPU) or `make docker-build-cuda`, then
+# `make docker-run` (or docker-run-cuda). Any engine with docker's CLI works: `make docker-build
+# DOCKER=podman`. Extra build flags go in DOCKER_BUILD_ARGS (e.g. --build-arg TORCH_VERSION=...), extra run
+# flags in DOCKER_RUN_ARGS; MODEL and SERVE_ARGS go to `rerankd serve` as for `make serve`; the port is
+# published on HOST:PORT.
+DOCKER ?= docker
+IMAGE ?= rerankd
+DOCKER_BUILD_ARGS ?=
+DOCKER_RUN_ARGS ?=
+DOCKER_VOLUME ?= rerankd-models
+DOCKER_GPUS ?= --gpus all
+# HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE and every RERANKD_* variable that is set go into the container.
+DOCKER_ENV = $(foreach name,HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE $(filter RERANKD_%,$(.VARIABLES)),-e $(name))
+DOCKER_RUN = $(DOCKER) run --rm -p $(HOST):$(PORT):8082 -v $(DOCKER_VOLUME):/models $(DOCKER_ENV) \
+	$(DOCKER_RUN_ARGS)
+
+.PHONY: docker-build docker-build-cuda docker-run docker-run-cuda
+
+docker-build:
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE):cpu $(DOCKER_BUILD_ARGS) .
+
+docker-build-cuda:
+	$(DOCKER) build -f docker/Dockerfile.cuda -t $(IMAGE):cuda $(DOCKER_BUILD_ARGS) .
+
+docker-run:
+	$(DOCKER_RUN) $(IMAGE):cpu --model "$(MODEL)" $(SERVE_ARGS)
+
+docker-run-cuda:
+	$(DOCKER_RUN) $(DOCKER_GPUS) $(IMAGE):cuda --model "$(MODEL)" $(SERVE_ARGS)

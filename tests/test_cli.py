@@ -108,6 +108,10 @@ def test_random_model_without_the_real_tokenizer_trains_one_and_serves(tmp_path:
     config = json.loads((folder / "config.json").read_text())
     assert config["rerankd_untrained"] is True
     assert config["vocab_size"] < 128100  # sized to the trained tokenizer
+    # Readable like its neighbours (safetensors writes 0600), e.g. by a container's user.
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == (
+        folder / "config.json"
+    ).stat().st_mode & 0o777
     ranked = run_cli("rank", "--model", str(folder), "--query", QUERY, "--json", *DOCUMENTS)
     assert ranked.returncode == 0, ranked.stderr
     assert len(json.loads(ranked.stdout)["results"]) == 2

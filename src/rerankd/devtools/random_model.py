@@ -100,7 +100,8 @@ def write_random_model(
     if init_std is not None:
         config["initializer_range"] = init_std
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(
-        random_checkpoint(config, seed, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"}
-    )
+    checkpoint = out_dir / "model.safetensors"
+    save_file(random_checkpoint(config, seed, dtype), str(checkpoint), metadata={"format": "pt"})
+    # safetensors creates the file 0600; a model folder mounted into a container (uid 1000) must be readable.
+    checkpoint.chmod(checkpoint.parent.joinpath("config.json").stat().st_mode & 0o777)
     return out_dir
