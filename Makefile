@@ -60,7 +60,8 @@ random-model: install
 	$(PY) -m rerankd random-model $(RANDOM_MODEL) --geometry $(GEOMETRY) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
 
 # `make bench`: rerankd against sentence-transformers (in .venv) and Infinity (its pins clash with ours:
-# numpy<2, transformers<5, so it gets .venv-infinity) on the same random-weight models; writes BENCHMARKS.md.
+# numpy<2, transformers<5, so it gets .venv-infinity) on the same random-weight models, and rerankd's llama.cpp
+# backend on a BERT GGUF against sentence-transformers on the same weights; writes BENCHMARKS.md.
 INFINITY_VENV ?= .venv-infinity
 INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 BENCH_DATA ?= ../shared/data/msmarco-dl19-subset
