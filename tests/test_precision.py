@@ -1,7 +1,8 @@
 """`--dtype auto`: a faster dtype is kept only where the hardware has it and the model's scores hold in it.
 
-CI's CPU has no bf16 units, so the hardware probe is overridden here to exercise both outcomes of the check;
-the check itself (float32 scores, cast, scores again, compare) runs for real.
+CI's CPUs may or may not have bf16 units, so the hardware probe is overridden here to exercise both outcomes
+of the check; the check itself (float32 scores, cast, scores again, compare) runs for real. The probe itself
+is checked against the CPU flags the kernel reports.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from rerankd.engine.postprocess import sigmoid
 from rerankd.fidelity import builtin_cases
 
 QUERY, DOCUMENTS = builtin_cases()[3].queries[0]
+# The real probe, taken before conftest's autouse fixture replaces it for every test.
+REAL_PROBE = torch_backend.cpu_has_bf16_units
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
@@ -27,6 +31,17 @@ def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
         return engine.info.dtype, asyncio.run(engine.score(QUERY, DOCUMENTS)).logits
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not CPUINFO.exists(), reason="reads the CPU flags from /proc/cpuinfo")
+def test_the_probe_finds_bf16_units_where_the_cpu_flags_list_them() -> None:
+    flags = {
+        flag
+        for line in CPUINFO.read_text().splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+    assert REAL_PROBE() == bool(flags & {"avx512_bf16", "amx_tile"})
 
 
 def test_auto_stays_float32_without_bf16_units(

@@ -73,10 +73,11 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             f"({fair.big_seconds:.0f} s) {fair.during_p95:.2f} s over {fair.during_count} requests: "
             f"{fair.ratio:.2f}× alone."
         )
+    served_dtype = f" ({single.dtype})" if single else ""
     for dtype, drift in result.score_drift.items():
         lines.append(
-            f"- Same model, same scores: sentence-transformers {dtype} is within {drift:.1e} of rerankd's "
-            f"scores on the {result.workloads[0]['name']} (max |Δscore|)."
+            f"- Same model, same scores: sentence-transformers {dtype} is within {drift:.1e} of rerankd's"
+            f"{served_dtype} scores on the {result.workloads[0]['name']} (max |Δscore|)."
         )
     if result.bf16_peak_rss:
         lines.append(
