@@ -98,7 +98,8 @@ def render_markdown(result: BenchResult) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, "
         f"features {machine['cpu_features'] or 'none'}, {machine['memory_gb']} GB; "
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}.",
-        "- Matmul ceiling (1024×768 · 768×3072, a dense layer's shape; best of ~1.5 s): "
+        "- Matmul ceiling (1024×768 · 768×3072, a dense layer's shape; best of ~1.5 s at the start and"
+        " at the end of the run): "
         + ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in result.ceilings.items())
         + '. "Of matmul ceiling" = pairs/s × model FLOPs per pair ÷ the ceiling of the contender\'s dtype.',
         "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "
