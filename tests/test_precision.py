@@ -14,6 +14,7 @@ import pytest
 
 from rerankd.backends import torch_backend
 from rerankd.backends.base import BackendOptions
+from rerankd.bench.machine import describe_machine
 from rerankd.engine import precision
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
@@ -35,13 +36,8 @@ def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
 
 @pytest.mark.skipif(not CPUINFO.exists(), reason="reads the CPU flags from /proc/cpuinfo")
 def test_the_probe_finds_bf16_units_where_the_cpu_flags_list_them() -> None:
-    flags = {
-        flag
-        for line in CPUINFO.read_text().splitlines()
-        if line.startswith("flags")
-        for flag in line.split(":", 1)[1].split()
-    }
-    assert REAL_PROBE() == bool(flags & {"avx512_bf16", "amx_tile"})
+    features = set(describe_machine()["cpu_features"])
+    assert REAL_PROBE() == bool(features & {"avx512_bf16", "amx_tile"})
 
 
 def test_auto_stays_float32_without_bf16_units(
