@@ -12,6 +12,7 @@ from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
+from rerankd.modeling.deberta import attend_with_matmuls
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
 from conftest import SHARED_CONFIGS
@@ -175,3 +176,16 @@ def test_weights_load_straight_into_the_target_dtype(dtype: torch.dtype) -> None
     model = load_reranker(DebertaConfig.from_dict(TINY), DictReader(tensors), dtype, CPU)
     assert {parameter.dtype for parameter in model.parameters()} == {dtype}
     assert model.layers[0].relative_keys.dtype == dtype
+
+
+@pytest.mark.parametrize("length", [1, 37, 130])
+def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int) -> None:
+    """The matmul attention a CPU runs and SDPA (what `attend` takes on CUDA) give the same context, with
+    padded keys masked by the dtype's lowest value as the model does."""
+    generator = torch.Generator().manual_seed(length)
+    heads, batch, size = 3, 2, 16
+    query, key, value = (torch.randn(heads, batch, length, size, generator=generator) for _ in range(3))
+    bias = torch.randn(heads, batch, length, length, generator=generator)
+    bias[:, 1, :, length // 2 + 1 :] = torch.finfo(torch.float32).min  # the second pair is padded
+    fused = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0)
+    assert torch.allclose(attend_with_matmuls(query, key, value, bias), fused, atol=1e-5)

@@ -100,8 +100,11 @@ def load_reranker(
         query = tensors.linear(f"{attention}.query_proj", inner, hidden)
         key = tensors.linear(f"{attention}.key_proj", inner, hidden)
         value = tensors.linear(f"{attention}.value_proj", inner, hidden)
-        state[f"layers.{index}.qkv.weight"] = torch.cat([query[0], key[0], value[0]])
-        state[f"layers.{index}.qkv.bias"] = torch.cat([query[1], key[1], value[1]])
+        # The attention scale goes into the query rows (in float32), so no forward pass multiplies by it.
+        scale = model.layers[index].scale
+        scaled_query = [(tensor.float() * scale).to(tensors.dtype) for tensor in query]
+        state[f"layers.{index}.qkv.weight"] = torch.cat([scaled_query[0], key[0], value[0]])
+        state[f"layers.{index}.qkv.bias"] = torch.cat([scaled_query[1], key[1], value[1]])
         del value
         for ours, theirs, shape in (
             ("attention_output", f"{prefix}.attention.output.dense", (hidden, inner)),
