@@ -83,7 +83,7 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
         forward.release.clear()  # hold the first batch so the huge request is queued when the small one comes
         huge = asyncio.ensure_future(scheduler.submit(sequences(7, [100] * 400)))
         await asyncio.sleep(0.05)
-        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 60, 90])))
+        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
         await asyncio.sleep(0.05)
         forward.release.set()
         small_logits = await small
@@ -92,11 +92,13 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
 
     small_logits = run(huge_then_small())
     executor.shutdown()
-    assert len(small_logits) == 3
-    # The held batch, then the very next one carries all of the small request. (Counting batches when the
-    # small request returns would race with the worker thread already starting the next batch.)
-    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 3
-    assert len(forward.batches) == 2 + (400 - 8 - 5 + 7) // 8
+    assert len(small_logits) == 6
+    # The held batch, then the very next one carries all of the small request (more than half of the batch:
+    # it does not alternate pair by pair with the huge one), topped up by the huge one. (Counting batches when
+    # the small request returns would race with the worker thread already starting the next batch.)
+    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 6
+    assert len(forward.batches[1]) == 8
+    assert len(forward.batches) == 2 + (400 - 8 - 2 + 7) // 8
 
 
 def test_cancelled_request_drops_its_queued_pairs(forward: RecordingForward) -> None:
@@ -191,8 +193,9 @@ class GatedForward:
 
 
 def test_a_partly_served_request_is_not_overtaken_forever_by_new_ones() -> None:
-    """Before every batch, two new requests arrive that alone could fill it; the older, partly served request
-    still gets its share of each batch."""
+    """Before every batch, two new requests arrive that alone could fill it, each with an earlier finish tag
+    than the older, partly served request at first; the virtual clock still brings the old one's turn within
+    the contested batches."""
     forward = GatedForward()
     executor = ThreadPoolExecutor(max_workers=1)
     limits = BatchLimits(max_batch_tokens=1024, max_batch_pairs=2, batch_wait_ms=0)

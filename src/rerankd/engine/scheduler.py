@@ -2,11 +2,12 @@
 
 Every request's pairs join one queue. Each batch is packed under a padded-token budget (batch size × longest
 pair ≤ `max_batch_tokens`) and a pair cap, each request giving its pairs in length order so that padding stays
-low. Requests share the model fairly, pair by pair (fair queueing on a virtual clock): the clock advances by
-1/n for every pair served while n requests wait; a request joins at the clock's time, its tag is that time
-plus the pairs it has had, and the lowest tag goes next. So a 10-document request that arrives while a
-1,000-document one is queued rides in the very next batch, and a request that has had some pairs is never
-overtaken forever by a stream of new ones. A short wait
+low. Requests share the model by fair queueing on a virtual clock: the clock advances by 1/n for every pair
+served while n requests wait; a request joins at the clock's time, and its finish tag is that time plus its
+number of pairs. The lowest finish tag goes first, so a 10-document request that arrives while a
+1,000-document one is queued fills the very next batch and is done after it, instead of alternating pair by
+pair with the big one over several batches. A request is never overtaken forever: the clock keeps advancing
+while others are served, so newcomers' tags eventually pass an old request's fixed one. A short wait
 (`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the same batch. Forward passes run
 in one worker thread: the event loop never blocks on the model.
 """
@@ -93,21 +94,16 @@ class _Request:
     """A request's pairs waiting in the queue, shortest first, and where their logits go."""
 
     arrival: int
-    start: float  # the virtual clock when the request joined
+    finish: float  # fair queueing's finish tag: the virtual clock when the request joined, plus its pairs
     pending: list[int]  # indices into token_ids, sorted by length
     token_ids: Sequence[Sequence[int]]
     logits: list[float]
     done: asyncio.Future[list[float]]
     timing: RequestTiming
-    scheduled: int = 0
     remaining: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.remaining = len(self.pending)
-
-    @property
-    def tag(self) -> float:
-        return self.start + self.scheduled
 
 
 class BatchScheduler:
@@ -155,7 +151,7 @@ class BatchScheduler:
         timing.submitted = time.perf_counter()
         request = _Request(
             next(self._arrivals),
-            self._clock,
+            self._clock + len(order),
             order,
             token_ids,
             [0.0] * len(token_ids),
@@ -223,8 +219,8 @@ class BatchScheduler:
             self._deliver(batch, logits)
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
-        """Fill a batch pair by pair from the request with the lowest tag, each giving its shortest pair; a
-        request whose next pair would pass the token budget sits this batch out."""
+        """Fill a batch pair by pair from the request with the lowest finish tag, each giving its shortest
+        pair; a request whose next pair would pass the token budget sits this batch out."""
         limits = self._limits
         budget = limits.max_batch_tokens or 0
         batch: list[tuple[_Request, int]] = []
@@ -232,13 +228,12 @@ class BatchScheduler:
         candidates = [request for request in self._requests if request.pending]
         waiting = len(candidates)
         while candidates and len(batch) < limits.max_batch_pairs:
-            request = min(candidates, key=lambda r: (r.tag, r.arrival))
+            request = min(candidates, key=lambda r: (r.finish, r.arrival))
             length = len(request.token_ids[request.pending[0]])
             if batch and (len(batch) + 1) * max(longest, length) > budget:
                 candidates.remove(request)
                 continue
             batch.append((request, request.pending.pop(0)))
-            request.scheduled += 1
             self._clock += 1 / waiting
             longest = max(longest, length)
             if not request.pending:
