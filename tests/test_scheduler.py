@@ -76,6 +76,21 @@ def test_concurrent_requests_share_a_batch(forward: RecordingForward) -> None:
     assert [len(result) for result in results] == [2, 2, 2]
 
 
+def test_requests_that_arrive_together_are_packed_by_length_across_them(forward: RecordingForward) -> None:
+    """Equal requests arriving together share batches by length: no batch pads a short pair to a long one."""
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=3, batch_wait_ms=20)
+
+    async def three_clients():
+        return await asyncio.gather(
+            *(scheduler.submit(sequences(tag, [90, 10, 50])) for tag in (100, 200, 300))
+        )
+
+    results = run(three_clients())
+    executor.shutdown()
+    assert [sorted(map(len, batch)) for batch in forward.batches] == [[10] * 3, [50] * 3, [90] * 3]
+    assert results == [[float(sum(ids)) for ids in sequences(tag, [90, 10, 50])] for tag in (100, 200, 300)]
+
+
 def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward) -> None:
     scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
 
