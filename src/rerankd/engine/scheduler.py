@@ -109,6 +109,11 @@ class _Request:
     def __post_init__(self) -> None:
         self.remaining = len(self.pending)
 
+    @property
+    def next_length(self) -> int:
+        """Tokens of the shortest pair still waiting."""
+        return len(self.token_ids[self.pending[0]])
+
 
 class BatchScheduler:
     """Owns the queue and the loop that turns it into forward passes for one model."""
@@ -237,12 +242,12 @@ class BatchScheduler:
 
         def priority(request: _Request) -> tuple[float, ...]:
             if request.finish <= together:
-                return (0, len(request.token_ids[request.pending[0]]), request.finish, request.arrival)
+                return (0, request.next_length, request.finish, request.arrival)
             return (1, request.finish, request.arrival)
 
         while candidates and len(batch) < limits.max_batch_pairs:
             request = min(candidates, key=priority)
-            length = len(request.token_ids[request.pending[0]])
+            length = request.next_length
             if batch and (len(batch) + 1) * max(longest, length) > budget:
                 candidates.remove(request)
                 continue
