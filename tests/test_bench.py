@@ -27,19 +27,27 @@ def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int
     """Dense, attention and relative-position products counted analytically equal what torch's counter sees.
 
     The network multiplies one relative row per distance (2L - 1); past the buckets' linear range (128) those
-    rows repeat slots, and the model FLOPs count only the slots a pair reaches.
+    rows repeat slots, and the model FLOPs count only the slots a pair reaches. Its last layer computes the
+    first token alone, so it skips products the model FLOPs (the reference's work) count.
     """
     model = load_backend(xsmall_model_dir, BackendOptions(dtype="float32")).model
     ids = torch.randint(5, 1000, (1, length))
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(ids, torch.ones_like(ids))
     flops = pair_flops(model.config, length)
-    computed_relative = 2 * 2 * length * (2 * length - 1) * 384 * 12
-    assert flops.attention == 4 * length * length * 384 * 12
-    assert flops.dense + flops.attention + computed_relative == counter.get_total_flops()
+    hidden = inner = 384
+    full_layers = 11
+    assert flops.attention == 4 * length * length * inner * (full_layers + 1)
+    computed_relative = 2 * 2 * length * (2 * length - 1) * inner * 12
     assert flops.relative <= computed_relative
     if length <= 129:
         assert flops.relative == computed_relative
+    # Last layer: no query, output projection or feed-forward for the other L - 1 tokens; attention and the
+    # c2p product for one query row; p2c for one row is an element-wise product the counter does not see.
+    skipped_dense = 2 * (length - 1) * (hidden * inner + inner * hidden + 2 * hidden * 1536)
+    attention = 4 * length * length * inner * full_layers + 4 * length * inner
+    relative = 2 * 2 * length * (2 * length - 1) * inner * full_layers + 2 * length * inner
+    assert flops.dense - skipped_dense + attention + relative == counter.get_total_flops()
 
 
 @pytest.mark.parametrize("length", [1, 9, 200])

@@ -15,6 +15,7 @@ from rerankd.backends.base import BackendOptions
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import rank, sigmoid
 from rerankd.engine.scheduler import BatchLimits
+from rerankd.modeling.onednn import PackedLinear
 
 QUERY = "Who wrote To Kill a Mockingbird?"
 
@@ -65,6 +66,8 @@ def test_engine_scores_equal_the_reference_across_split_batches(
         scored = asyncio.run(engine.score(QUERY, documents))
     finally:
         engine.close()
+    # What a CPU serves: the dense layers run on oneDNN with their weights reordered at load.
+    assert any(isinstance(module, PackedLinear) for module in engine.backend.model.modules())
     expected = reference_logits(reference, QUERY, documents)
     assert max(abs(a - b) for a, b in zip(scored.logits, expected, strict=True)) <= 1e-4
     tokenizer = reference[0]

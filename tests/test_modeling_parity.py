@@ -11,8 +11,10 @@ from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
+from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import attend_with_matmuls
+from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
 from conftest import SHARED_CONFIGS
@@ -88,6 +90,37 @@ def test_parity_at_real_geometry(geometry: str) -> None:
     for seed, lengths in enumerate(BATCHES[geometry]):
         difference = max_logit_difference(reference, ours, lengths, config["vocab_size"], seed)
         assert difference <= PARITY_BOUND, f"{geometry} {lengths}: max |Δlogit| {difference:.2e}"
+
+
+def test_parity_with_dense_layers_packed_for_onednn() -> None:
+    """What a CPU serves: every dense layer through oneDNN with a pre-reordered weight, still within the
+    parity bound in float32; in bfloat16 (at the config's own init), within the bound `--dtype auto` holds
+    bf16 to. (At the wide init both plain and packed bf16 layers drift past it, packed slightly less.)"""
+    config = geometry_config("xsmall")
+    tensors = random_checkpoint({**config, "initializer_range": 0.1}, seed=1, dtype=torch.float16)
+    reference, ours = reference_and_ours(config, tensors)
+    assert pack_dense_layers(ours, batch_rows=1024)
+    assert not any(type(module) is torch.nn.Linear for module in ours.modules())
+    for seed, lengths in enumerate(BATCHES["xsmall"]):
+        difference = max_logit_difference(reference, ours, lengths, config["vocab_size"], seed)
+        assert difference <= PARITY_BOUND, f"packed {lengths}: max |Δlogit| {difference:.2e}"
+
+    tensors = random_checkpoint(config, seed=1, dtype=torch.float16)
+    reference, _ = reference_and_ours(config, tensors)
+    packed = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.bfloat16, CPU)
+    assert pack_dense_layers(packed, batch_rows=1024)
+    input_ids, mask = padded_batch([5, 60, 130, 300], config["vocab_size"], seed=7)
+    with torch.inference_mode():
+        drift = packed(input_ids, mask).float().sigmoid() - reference(input_ids, mask).logits.sigmoid()
+    assert drift.abs().max().item() <= MAX_SCORE_DELTA
+
+
+def test_dense_layers_stay_plain_where_onednn_does_not_pack() -> None:
+    """float16 on a CPU has no packed oneDNN path here: the model is left as it was."""
+    tensors = random_checkpoint(TINY, seed=0, dtype=torch.float32)
+    ours = load_reranker(DebertaConfig.from_dict(TINY), DictReader(tensors), torch.float16, CPU)
+    assert not pack_dense_layers(ours, batch_rows=1024)
+    assert all(type(module) is not PackedLinear for module in ours.modules())
 
 
 TINY = {
@@ -179,13 +212,17 @@ def test_weights_load_straight_into_the_target_dtype(dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize("length", [1, 37, 130])
-def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int) -> None:
+@pytest.mark.parametrize("first_query_only", [False, True])
+def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int, first_query_only: bool) -> None:
     """The matmul attention a CPU runs and SDPA (what `attend` takes on CUDA) give the same context, with
-    padded keys masked by the dtype's lowest value as the model does."""
+    padded keys masked by the dtype's lowest value as the model does; also for one query row against every
+    key (the last layer)."""
     generator = torch.Generator().manual_seed(length)
     heads, batch, size = 3, 2, 16
-    query, key, value = (torch.randn(heads, batch, length, size, generator=generator) for _ in range(3))
-    bias = torch.randn(heads, batch, length, length, generator=generator)
+    queries = 1 if first_query_only else length
+    query = torch.randn(heads, batch, queries, size, generator=generator)
+    key, value = (torch.randn(heads, batch, length, size, generator=generator) for _ in range(2))
+    bias = torch.randn(heads, batch, queries, length, generator=generator)
     bias[:, 1, :, length // 2 + 1 :] = torch.finfo(torch.float32).min  # the second pair is padded
     fused = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0)
     assert torch.allclose(attend_with_matmuls(query, key, value, bias), fused, atol=1e-5)

@@ -52,3 +52,8 @@ class RerankBackend(ABC):
     def cast(self, dtype: str) -> None:
         """Convert the loaded weights to `dtype` in place (only called with what `faster_dtype` offered)."""
         raise NotImplementedError
+
+    def prepare_for_serving(self, batch_tokens: int) -> None:  # noqa: B027 (optional hook: most need none)
+        """The dtype is final: make the changes a cast could not undo, such as reordering weights for the
+        device's kernels (vLLM's `process_weights_after_loading`). The engine calls it once, before the
+        first request, with its padded-token budget per batch."""

@@ -17,6 +17,7 @@ from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckp
 from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import DebertaReranker
+from rerankd.modeling.onednn import pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, TensorReader, load_reranker
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class TorchBackend(RerankBackend):
     def cast(self, dtype: str) -> None:
         self.model.to(DTYPES[dtype])  # tensor by tensor: the peak is the weights plus one converted tensor
         self.info = replace(self.info, dtype=dtype)
+
+    def prepare_for_serving(self, batch_tokens: int) -> None:
+        if self._device.type == "cpu" and pack_dense_layers(self.model, batch_tokens):
+            logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
 
 
 def build_torch_backend(

@@ -44,3 +44,6 @@ class FaultInjectingBackend(RerankBackend):
     def cast(self, dtype: str) -> None:
         self._inner.cast(dtype)
         self.info = self._inner.info
+
+    def prepare_for_serving(self, batch_tokens: int) -> None:
+        self._inner.prepare_for_serving(batch_tokens)

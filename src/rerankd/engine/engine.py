@@ -71,6 +71,7 @@ class RerankEngine:
             )
         if budget < limits.max_length:
             raise ValueError(f"max batch tokens {budget} must be at least the max length {limits.max_length}")
+        backend.prepare_for_serving(budget)
         self.name = name
         self.backend = backend
         self.limits = limits

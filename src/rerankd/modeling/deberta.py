@@ -7,6 +7,9 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The attention scale is folded into the query projection's weights at load.
 - The relative terms are multiplied against one table row per distance a batch of length L has (2L - 1), so
   the term of every (i, j) sits at a fixed stride in the product: a strided view, not a gather.
+- The last layer computes the first token alone (its output is all the pooler reads): keys and values come
+  from every token, but the query, attention, output projection and feed-forward network only from the
+  first, which skips about three quarters of that layer's work.
 - On a CPU, attention is `baddbmm` (the relative bias enters as the matmul's addend) then softmax and `bmm`:
   measured 2-3x faster than `scaled_dot_product_attention` with a bias at these lengths. On CUDA, SDPA's fused
   kernels.
@@ -70,10 +73,11 @@ class RelativeIndex:
 
     The c2p term of (i, j) is query_i . key_table[slot(i - j)]. Multiplied against one row per distance, in
     decreasing order (L - 1 down to -(L - 1)), it sits at row i, column j - i + L - 1 of the product: at
-    offset L - 1 + i (2L - 2) + j, a strided view. The p2c term of (i, j) is key_j . query_table[slot(j - i)]
-    (transposed), with the rows in increasing order. Slots repeat where the log buckets span several
-    distances, so batches longer than the buckets' linear range (128) multiply up to twice the rows they
-    reach; no gathers pays for that (measured on 512-token batches: 1.4x faster than gathering slots).
+    offset L - 1 + i (2L - 2) + j, a strided view. The p2c term of (i, j) is key_j . query_table[slot(i - j)]:
+    with the keys as the product's rows and the table rows in increasing order, the same view transposed.
+    Slots repeat where the log buckets span several distances, so batches longer than the buckets' linear
+    range (128) multiply up to twice the rows they reach; no gathers pays for that (measured on 512-token
+    batches: 1.4x faster than gathering slots).
     """
 
     c2p_slots: torch.Tensor  # slot of each column of the c2p product: distances L - 1 down to -(L - 1)
@@ -101,6 +105,32 @@ class RelativeIndex:
             product.storage_offset() + length - 1,
         )
 
+    def first_query(self) -> FirstQueryRelativeIndex:
+        """The slots of the first query's relative terms: distances 0 down to -(L - 1), the second half of
+        the c2p columns."""
+        length = (self.c2p_slots.shape[0] + 1) // 2
+        return FirstQueryRelativeIndex(self.c2p_slots[length - 1 :])
+
+
+@dataclass(frozen=True)
+class FirstQueryRelativeIndex:
+    """`RelativeIndex` for a single query, the first token, against L keys: the terms come out as
+    (heads, pair, 1, L), so the last layer attends from the first token alone. Both terms of (0, j) use the
+    slot of the distance 0 - j."""
+
+    slots: torch.Tensor  # slot of the distance -j, for key j
+
+    def c2p(self, relative_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """query_0 . key_table[slot(-j)] for every (head, pair, j), from a (heads, batch, 1, size) query."""
+        rows = relative_keys.index_select(1, self.slots)
+        return torch.matmul(query, rows.transpose(1, 2).unsqueeze(1))
+
+    def p2c(self, relative_queries: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """key_j . query_table[slot(-j)] for every (head, pair, j): one table row per key, so a product
+        summed in float32 (as a matmul would accumulate) rather than a matmul."""
+        rows = relative_queries.index_select(1, self.slots).unsqueeze(1)
+        return (key.float() * rows.float()).sum(-1, keepdim=True).transpose(-1, -2).to(key.dtype)
+
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(query . key + bias) . value for (heads, batch, length, size) inputs with the scale applied:
@@ -114,23 +144,34 @@ def attend_with_matmuls(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """`attend` as baddbmm (the bias is the matmul's addend), softmax and bmm over heads x batch."""
-    heads, batch, length, size = query.shape
-    flat = (heads * batch, length, size)
+    heads, batch, queries, size = query.shape
+    keys = (heads * batch, key.shape[2], size)
     scores = torch.baddbmm(
-        bias.reshape(heads * batch, length, length), query.view(flat), key.view(flat).transpose(1, 2)
+        bias.reshape(heads * batch, queries, keys[1]),
+        query.view(heads * batch, queries, size),
+        key.view(keys).transpose(1, 2),
     )
-    return torch.bmm(torch.softmax(scores, dim=-1), value.view(flat)).view(heads, batch, length, size)
+    return torch.bmm(torch.softmax(scores, dim=-1), value.view(keys)).view(heads, batch, queries, size)
 
 
 class DebertaLayer(nn.Module):
-    """One transformer block: disentangled self-attention then the feed-forward network, both post-norm."""
+    """One transformer block: disentangled self-attention then the feed-forward network, both post-norm.
 
-    def __init__(self, config: DebertaConfig) -> None:
+    With `first_token_only` (the last layer) it computes the first token's output alone, (batch, 1, hidden):
+    keys and values still come from every token, the query from the first, through its own projection.
+    """
+
+    def __init__(self, config: DebertaConfig, first_token_only: bool = False) -> None:
         super().__init__()
         inner = config.num_attention_heads * config.attention_head_size
         self.num_heads = config.num_attention_heads
         self.head_size = config.attention_head_size
-        self.qkv = nn.Linear(config.hidden_size, 3 * inner)
+        self.first_token_only = first_token_only
+        if first_token_only:
+            self.query = nn.Linear(config.hidden_size, inner)
+            self.key_value = nn.Linear(config.hidden_size, 2 * inner)
+        else:
+            self.qkv = nn.Linear(config.hidden_size, 3 * inner)
         self.attention_output = nn.Linear(inner, config.hidden_size)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -163,21 +204,35 @@ class DebertaLayer(nn.Module):
         self, hidden: torch.Tensor, key_mask_bias: torch.Tensor, relative: RelativeIndex | None
     ) -> torch.Tensor:
         batch, length, _ = hidden.shape
-        heads, size = self.num_heads, self.head_size
-        # Heads lead: (3, heads, batch, length, size), so each head's relative terms are one matmul over
-        # all of the batch's tokens, and attention is one batched matmul over heads x batch.
-        qkv = self.qkv(hidden).view(batch, length, 3, heads, size).permute(2, 3, 0, 1, 4).contiguous()
-        query, key, value = qkv[0], qkv[1], qkv[2]
+        heads = self.num_heads
+        index: RelativeIndex | FirstQueryRelativeIndex | None = relative
+        if self.first_token_only:
+            residual = hidden[:, :1]
+            query = self._heads_first(self.query(residual))[0]
+            key, value = self._heads_first(self.key_value(hidden))
+            index = relative.first_query() if relative is not None else None
+        else:
+            residual = hidden
+            query, key, value = self._heads_first(self.qkv(hidden))
+        queries = query.shape[2]
 
-        bias = key_mask_bias.expand(heads, batch, length, length)
-        if relative is not None and self.relative_keys is not None:
-            bias = bias + relative.c2p(self.relative_keys, query)
-        if relative is not None and self.relative_queries is not None:
-            bias = bias + relative.p2c(self.relative_queries, key)
-        context = attend(query, key, value, bias)
-        context = context.view(heads, batch, length, size).permute(1, 2, 0, 3).reshape(batch, length, -1)
-        attended = self.attention_norm(self.attention_output(context) + hidden)
+        bias = key_mask_bias.expand(heads, batch, queries, length)
+        if index is not None and self.relative_keys is not None:
+            bias = bias + index.c2p(self.relative_keys, query)
+        if index is not None and self.relative_queries is not None:
+            bias = bias + index.p2c(self.relative_queries, key)
+        context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(batch, queries, -1)
+        attended = self.attention_norm(self.attention_output(context) + residual)
         return self.output_norm(self.output(self.activation(self.intermediate(attended))) + attended)
+
+    def _heads_first(self, projected: torch.Tensor) -> torch.Tensor:
+        """Projected (batch, length, parts x inner) Q/K/V laid out (parts, heads, batch, length, size): each
+        head's relative terms are then one matmul over all of the batch's tokens, and attention one batched
+        matmul over heads x batch."""
+        batch, length, width = projected.shape
+        parts = width // (self.num_heads * self.head_size)
+        shape = (batch, length, parts, self.num_heads, self.head_size)
+        return projected.view(shape).permute(2, 3, 0, 1, 4).contiguous()
 
 
 class DebertaReranker(nn.Module):
@@ -198,7 +253,11 @@ class DebertaReranker(nn.Module):
             else None
         )
         self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layers = nn.ModuleList(DebertaLayer(config) for _ in range(config.num_hidden_layers))
+        # The pooler reads the first token alone, so the last layer computes nothing else.
+        last = config.num_hidden_layers - 1
+        self.layers = nn.ModuleList(
+            DebertaLayer(config, first_token_only=index == last) for index in range(config.num_hidden_layers)
+        )
         self.pooler = nn.Linear(config.pooler_hidden_size, config.pooler_hidden_size)
         self.pooler_activation = ACTIVATIONS[config.pooler_hidden_act]
         self.classifier = nn.Linear(config.pooler_hidden_size, config.num_labels)

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import DebertaReranker, relative_slot_table
+from rerankd.modeling.deberta import DebertaLayer, DebertaReranker, relative_slot_table
 
 
 class TensorReader(Protocol):
@@ -101,10 +101,10 @@ def load_reranker(
         key = tensors.linear(f"{attention}.key_proj", inner, hidden)
         value = tensors.linear(f"{attention}.value_proj", inner, hidden)
         # The attention scale goes into the query rows (in float32), so no forward pass multiplies by it.
-        scale = model.layers[index].scale
-        scaled_query = [(tensor.float() * scale).to(tensors.dtype) for tensor in query]
-        state[f"layers.{index}.qkv.weight"] = torch.cat([scaled_query[0], key[0], value[0]])
-        state[f"layers.{index}.qkv.bias"] = torch.cat([scaled_query[1], key[1], value[1]])
+        layer = model.layers[index]
+        scaled_query = [(tensor.float() * layer.scale).to(tensors.dtype) for tensor in query]
+        for part, (weight, bias) in _query_key_value(layer, scaled_query, key, value).items():
+            state[f"layers.{index}.{part}.weight"], state[f"layers.{index}.{part}.bias"] = weight, bias
         del value
         for ours, theirs, shape in (
             ("attention_output", f"{prefix}.attention.output.dense", (hidden, inner)),
@@ -126,6 +126,21 @@ def load_reranker(
     model.load_state_dict(state, strict=True, assign=True)
     model.slot_table = relative_slot_table(config).to(device)
     return model.eval().requires_grad_(False)
+
+
+def _query_key_value(
+    layer: DebertaLayer,
+    query: list[torch.Tensor],
+    key: tuple[torch.Tensor, torch.Tensor],
+    value: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The layer's fused projections: Q, K and V as one, or (first-token layer) Q apart from K and V."""
+    if layer.first_token_only:
+        return {
+            "query": (query[0], query[1]),
+            "key_value": (torch.cat([key[0], value[0]]), torch.cat([key[1], value[1]])),
+        }
+    return {"qkv": (torch.cat([query[0], key[0], value[0]]), torch.cat([query[1], key[1], value[1]]))}
 
 
 def _relative_table(config: DebertaConfig, tensors: _Tensors, model: DebertaReranker) -> torch.Tensor:
