@@ -116,6 +116,31 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
     assert len(forward.batches) == 2 + (400 - 8 - 2 + 7) // 8
 
 
+def test_a_small_request_near_a_huge_ones_end_is_not_spread_over_its_batches(
+    forward: RecordingForward,
+) -> None:
+    """ "Within one batch" of the small request's finish tag counts the pairs that fit the token budget, not
+    the pair cap: a huge request 23 pairs behind (within the cap of 64, past the 11 of its 90-token pairs
+    that fit 1,024 tokens) is not mixed with it by length, which would push its longest pair a batch later."""
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=64, batch_wait_ms=0)
+
+    async def huge_then_small():
+        forward.release.clear()  # the held batch takes 51 of the huge request's 60 20-token pairs
+        huge = asyncio.ensure_future(scheduler.submit(sequences(7, [20] * 60 + [100] * 20)))
+        await asyncio.sleep(0.05)
+        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
+        await asyncio.sleep(0.05)
+        forward.release.set()
+        small_logits = await small
+        await huge
+        return small_logits
+
+    assert len(run(huge_then_small())) == 6
+    executor.shutdown()
+    assert len(forward.batches[0]) == 51
+    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 6
+
+
 def test_cancelled_request_drops_its_queued_pairs(forward: RecordingForward) -> None:
     scheduler, executor = make_scheduler(forward, max_batch_tokens=256, max_batch_pairs=2, batch_wait_ms=0)
 

@@ -114,6 +114,11 @@ class _Request:
         """Tokens of the shortest pair still waiting."""
         return len(self.token_ids[self.pending[0]])
 
+    def pairs_per_batch(self, limits: BatchLimits) -> int:
+        """How many of its longest waiting pair fit one batch: a batch's worth of this request's pairs."""
+        longest = len(self.token_ids[self.pending[-1]])
+        return max(1, min(limits.max_batch_pairs, (limits.max_batch_tokens or 0) // longest))
+
 
 class BatchScheduler:
     """Owns the queue and the loop that turns it into forward passes for one model."""
@@ -228,17 +233,18 @@ class BatchScheduler:
             self._deliver(batch, logits)
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
-        """Fill a batch pair by pair. Requests whose finish tags are within one batch (`max_batch_pairs`) of
-        the lowest are served together, shortest pair first across all of them; then the others, lowest
-        finish tag first, each giving its shortest pair. A request whose next pair would pass the token
-        budget sits this batch out."""
+        """Fill a batch pair by pair. Requests whose finish tags are within one batch of the lowest (as many
+        of its longest pair as fit the budget and the pair cap) are served together, shortest pair first
+        across all of them; then the others, lowest finish tag first, each giving its shortest pair. A
+        request whose next pair would pass the token budget sits this batch out."""
         limits = self._limits
         budget = limits.max_batch_tokens or 0
         batch: list[tuple[_Request, int]] = []
         longest = 0
         candidates = [request for request in self._requests if request.pending]
         waiting = len(candidates)
-        together = min((r.finish for r in candidates), default=0.0) + limits.max_batch_pairs
+        lowest = min(candidates, key=lambda request: request.finish, default=None)
+        together = lowest.finish + lowest.pairs_per_batch(limits) if lowest is not None else 0.0
 
         def priority(request: _Request) -> tuple[float, ...]:
             if request.finish <= together:
