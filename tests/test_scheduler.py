@@ -91,12 +91,15 @@ def test_requests_that_arrive_together_are_packed_by_length_across_them(forward:
     assert results == [[float(sum(ids)) for ids in sequences(tag, [90, 10, 50])] for tag in (100, 200, 300)]
 
 
-def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward) -> None:
-    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+def small_beside_huge(
+    scheduler: BatchScheduler, forward: RecordingForward, huge_lengths: list[int]
+) -> list[float]:
+    """Submit a huge request (tag 7) while the first batch is held, then a 6-pair one (tag 9) while the huge
+    one is queued; the small request's logits once both are done."""
 
     async def huge_then_small():
-        forward.release.clear()  # hold the first batch so the huge request is queued when the small one comes
-        huge = asyncio.ensure_future(scheduler.submit(sequences(7, [100] * 400)))
+        forward.release.clear()
+        huge = asyncio.ensure_future(scheduler.submit(sequences(7, huge_lengths)))
         await asyncio.sleep(0.05)
         small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
         await asyncio.sleep(0.05)
@@ -105,7 +108,12 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
         await huge
         return small_logits
 
-    small_logits = run(huge_then_small())
+    return run(huge_then_small())
+
+
+def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+    small_logits = small_beside_huge(scheduler, forward, [100] * 400)
     executor.shutdown()
     assert len(small_logits) == 6
     # The held batch, then the very next one carries all of the small request (more than half of the batch:
@@ -119,25 +127,14 @@ def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward)
 def test_a_small_request_near_a_huge_ones_end_is_not_spread_over_its_batches(
     forward: RecordingForward,
 ) -> None:
-    """ "Within one batch" of the small request's finish tag counts the pairs that fit the token budget, not
-    the pair cap: a huge request 23 pairs behind (within the cap of 64, past the 11 of its 90-token pairs
-    that fit 1,024 tokens) is not mixed with it by length, which would push its longest pair a batch later."""
+    """Within one batch of the small request's finish tag means the pairs that fit the token budget, not the
+    pair cap: a huge request 23 pairs behind (within the cap of 64, past the 11 of the small one's 90-token
+    pairs that fit 1,024 tokens) is not mixed with it by length, which would push its longest pair a batch
+    later."""
     scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=64, batch_wait_ms=0)
-
-    async def huge_then_small():
-        forward.release.clear()  # the held batch takes 51 of the huge request's 60 20-token pairs
-        huge = asyncio.ensure_future(scheduler.submit(sequences(7, [20] * 60 + [100] * 20)))
-        await asyncio.sleep(0.05)
-        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
-        await asyncio.sleep(0.05)
-        forward.release.set()
-        small_logits = await small
-        await huge
-        return small_logits
-
-    assert len(run(huge_then_small())) == 6
+    assert len(small_beside_huge(scheduler, forward, [20] * 60 + [100] * 20)) == 6
     executor.shutdown()
-    assert len(forward.batches[0]) == 51
+    assert len(forward.batches[0]) == 51  # the held batch: 51 of the huge request's 60 20-token pairs
     assert sum(ids[0] == 9 for ids in forward.batches[1]) == 6
 
 
