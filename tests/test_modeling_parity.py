@@ -56,10 +56,15 @@ def padded_batch(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tenso
     return input_ids, mask
 
 
-def reference_and_ours(config: dict, tensors: dict[str, torch.Tensor]):
+def reference_model(config: dict, tensors: dict[str, torch.Tensor]) -> DebertaV2ForSequenceClassification:
     reference = DebertaV2ForSequenceClassification(DebertaV2Config(**config)).eval()
     result = reference.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     assert not result.unexpected_keys and all("position_ids" in key for key in result.missing_keys)
+    return reference
+
+
+def reference_and_ours(config: dict, tensors: dict[str, torch.Tensor]):
+    reference = reference_model(config, tensors)
     ours = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.float32, CPU)
     return reference, ours
 
@@ -106,7 +111,7 @@ def test_parity_with_dense_layers_packed_for_onednn() -> None:
         assert difference <= PARITY_BOUND, f"packed {lengths}: max |Δlogit| {difference:.2e}"
 
     tensors = random_checkpoint(config, seed=1, dtype=torch.float16)
-    reference, _ = reference_and_ours(config, tensors)
+    reference = reference_model(config, tensors)
     packed = load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), torch.bfloat16, CPU)
     assert pack_dense_layers(packed, batch_rows=1024)
     input_ids, mask = padded_batch([5, 60, 130, 300], config["vocab_size"], seed=7)
