@@ -1,5 +1,5 @@
 """The production server through real processes on loopback: several models, readiness, auth, limits,
-timeouts, disconnects, metrics, request ids and logs, injected faults, load, and graceful shutdown.
+timeouts, disconnects, metrics, request ids and logs, injected faults, load, memory, and graceful shutdown.
 
 All traffic goes to loopback; every loop is bounded in count and time.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import platform
 import random
 import signal
 import sys
@@ -21,6 +22,7 @@ import cohere
 import httpx
 import pytest
 
+from rerankd.backends.heap import HeapTrimmer
 from rerankd.bench.processes import free_port, running_process
 
 from serving import running_server
@@ -337,6 +339,33 @@ def test_32_clients_times_50_requests_get_complete_ordered_results(
     assert worst <= 1e-3
     assert queued == 0
     print(f"\nload: max |score under load - score alone| = {worst:.2e}; bit-identical: {identical}")
+
+
+def test_memory_stays_bounded_across_many_batch_shapes(xsmall_model_dir: Path, tmp_path: Path) -> None:
+    """Each new batch shape gets its own oneDNN kernels, and the heap fragments around them: requests of 150
+    distinct lengths must not grow the server's peak RSS much past what the first 50 reached (unbounded
+    caches and an untrimmed heap grew it by about 390 MB)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "rerankd", "serve", "--model", str(xsmall_model_dir)]
+    command += ["--port", str(port), "--dtype", "float32"]
+    peaks = []
+    with (
+        running_process(command, url, tmp_path / "server.log", ready_path="/ready") as server,
+        httpx.Client(timeout=60) as session,
+    ):
+        for words in range(3, 453, 3):  # one pair a request: one batch of a new length each time
+            body = {"query": QUERY, "documents": [" ".join(["alpha"] * words)]}
+            assert session.post(f"{url}/rerank", json=body).status_code == 200
+            peaks.append(server.peak_rss())
+    growth = peaks[-1] - peaks[49]
+    print(f"\npeak RSS after 50 lengths {peaks[49] / 2**20:.0f} MB, after 150 {peaks[-1] / 2**20:.0f} MB")
+    assert growth < 150 * 2**20
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_the_heap_trimmer_reaches_glibc() -> None:
+    assert HeapTrimmer().available
 
 
 # --- lifecycle --------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ import torch
 from tokenizers import Tokenizer
 
 from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
+from rerankd.backends.heap import HeapTrimmer
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
 from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import DebertaReranker
-from rerankd.modeling.onednn import pack_dense_layers
+from rerankd.modeling.onednn import bound_kernel_caches, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, TensorReader, load_reranker
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class TorchBackend(RerankBackend):
         self.info = info
         self._device = torch.device(info.device)
         self._pad_id = model.config.pad_token_id
+        self._heap = HeapTrimmer() if self._device.type == "cpu" else None
 
     def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
         longest = max(len(ids) for ids in input_ids)
@@ -76,7 +78,10 @@ class TorchBackend(RerankBackend):
             logits = self.model.relevance_logits(
                 padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True)
             )
-        return logits.cpu().tolist()
+        scores = logits.cpu().tolist()
+        if self._heap is not None:
+            self._heap.batch_done()
+        return scores
 
     def faster_dtype(self) -> str | None:
         if self.info.dtype != "float32":
@@ -109,6 +114,8 @@ def build_torch_backend(
         config = DebertaConfig.from_dict(raw_config)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
+        if device.type == "cpu":
+            bound_kernel_caches()
         model = load_reranker(config, reader, dtype, device)
     except (UnsupportedModelError, CheckpointError) as error:
         raise ModelLoadError(f"{source}: {error}") from error

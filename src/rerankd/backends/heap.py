@@ -1,0 +1,41 @@
+"""Give the memory freed between CPU batches back to the operating system.
+
+Each batch allocates and frees activations of its own shape. glibc keeps the freed blocks in its heap, and the
+long-lived kernels built for new shapes land between them, so the heap fragments: on base bf16 over 240
+distinct batch shapes, RSS grew 0.36 GB and was still growing with the kernel caches capped. `malloc_trim`
+returns the free pages. After every batch it cost about 3% on repeated 64-passage requests (the next batch
+faults its pages back in); after every 8th, an eighth of that, and RSS stays within 0.24 GB of its start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+BATCHES_PER_TRIM = 8
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the loaded symbols: libc's among them
+    except OSError:
+        return None
+
+
+class HeapTrimmer:
+    """Counts batches and trims the heap after every `every`-th one."""
+
+    def __init__(self, every: int = BATCHES_PER_TRIM) -> None:
+        self._trim = _malloc_trim()
+        self._every = every
+        self._batches = 0
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def batch_done(self) -> None:
+        self._batches += 1
+        if self._trim is not None and self._batches % self._every == 0:
+            self._trim(0)
