@@ -24,11 +24,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class HeapTrimmer:
-    """Counts batches and trims the heap after every `every`-th one."""
+    """Counts batches and trims the heap after every `BATCHES_PER_TRIM`-th one."""
 
-    def __init__(self, every: int = BATCHES_PER_TRIM) -> None:
+    def __init__(self) -> None:
         self._trim = _malloc_trim()
-        self._every = every
         self._batches = 0
 
     @property
@@ -37,5 +36,5 @@ class HeapTrimmer:
 
     def batch_done(self) -> None:
         self._batches += 1
-        if self._trim is not None and self._batches % self._every == 0:
+        if self._trim is not None and self._batches % BATCHES_PER_TRIM == 0:
             self._trim(0)

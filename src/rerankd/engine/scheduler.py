@@ -114,10 +114,10 @@ class _Request:
         """Tokens of the shortest pair still waiting."""
         return len(self.token_ids[self.pending[0]])
 
-    def pairs_per_batch(self, limits: BatchLimits) -> int:
+    def pairs_per_batch(self, budget: int, max_pairs: int) -> int:
         """How many of its longest waiting pair fit one batch: a batch's worth of this request's pairs."""
         longest = len(self.token_ids[self.pending[-1]])
-        return max(1, min(limits.max_batch_pairs, (limits.max_batch_tokens or 0) // longest))
+        return max(1, min(max_pairs, budget // longest))
 
 
 class BatchScheduler:
@@ -244,7 +244,9 @@ class BatchScheduler:
         candidates = [request for request in self._requests if request.pending]
         waiting = len(candidates)
         lowest = min(candidates, key=lambda request: request.finish, default=None)
-        together = lowest.finish + lowest.pairs_per_batch(limits) if lowest is not None else 0.0
+        together = 0.0
+        if lowest is not None:
+            together = lowest.finish + lowest.pairs_per_batch(budget, limits.max_batch_pairs)
 
         def priority(request: _Request) -> tuple[float, ...]:
             if request.finish <= together:
