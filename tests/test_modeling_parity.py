@@ -13,7 +13,7 @@ from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import attend_with_matmuls
+from rerankd.modeling.deberta import TokenLayout, attend_with_matmuls
 from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
@@ -231,3 +231,18 @@ def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int, first_quer
     bias[:, 1, :, length // 2 + 1 :] = torch.finfo(torch.float32).min  # the second pair is padded
     fused = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0)
     assert torch.allclose(attend_with_matmuls(query, key, value, bias), fused, atol=1e-5)
+
+
+def test_token_layout_packs_the_tokens_and_pads_with_zeros() -> None:
+    """The dense layers see a batch's tokens alone, in order, and attention sees them back in place with
+    zeros (finite, so masked keys and values add nothing) at the padding."""
+    _, mask = padded_batch([3, 1, 4], vocab=10, seed=0)
+    layout = TokenLayout.from_mask(mask)
+    padded = torch.arange(3 * 4 * 2, dtype=torch.float32).view(12, 2) + 1
+    packed = layout.packed(padded)
+    assert packed[:, 0].tolist() == [1, 3, 5, 9, 17, 19, 21, 23]
+    assert layout.first_tokens.tolist() == [0, 3, 4]
+    restored = layout.padded(packed)
+    assert restored.shape == (3, 4, 2)
+    assert torch.equal(restored[mask.bool()], packed)
+    assert not restored[~mask.bool()].any()

@@ -7,6 +7,10 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The attention scale is folded into the query projection's weights at load.
 - The relative terms are multiplied against one table row per distance a batch of length L has (2L - 1), so
   the term of every (i, j) sits at a fixed stride in the product: a strided view, not a gather.
+- Padding never reaches the dense layers: a batch's tokens are packed, (tokens, hidden), for the projections,
+  the feed-forward network and the norms, and laid out padded, (batch, length), for attention alone. On the
+  2-core CPU over 64 MS MARCO passages under the 1,024-token budget, padding was 10% of the tokens, and
+  packing ran base 6% faster in bf16 (scores identical).
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
@@ -132,6 +136,34 @@ class FirstQueryRelativeIndex:
         return (key.float() * rows.float()).sum(-1, keepdim=True).transpose(-1, -2).to(key.dtype)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a right-padded batch's tokens sit: the dense layers see them packed, (tokens, width), in row
+    order; attention sees them padded, (batch, length, width), with zeros at the padding (finite, so masked
+    keys and values add exactly nothing)."""
+
+    batch: int
+    length: int
+    token_rows: torch.Tensor  # each token's row in the padded (batch x length) layout, in order
+    first_tokens: torch.Tensor  # each pair's first token's row in the packed layout
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
+        lengths = attention_mask.sum(1)
+        batch, length = attention_mask.shape
+        token_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+        return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths)
+
+    def packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch x length, ...) rows to the tokens' rows alone."""
+        return padded.index_select(0, self.token_rows)
+
+    def padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """(tokens, width) to (batch, length, width), zeros at the padding."""
+        rows = packed.new_zeros(self.batch * self.length, packed.shape[-1])
+        return rows.index_copy_(0, self.token_rows, packed).view(self.batch, self.length, -1)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(query . key + bias) . value for (heads, batch, length, size) inputs with the scale applied:
     SDPA's fused kernels on CUDA, plain matmuls elsewhere (2-3x faster than SDPA with a bias on a CPU)."""
@@ -157,7 +189,7 @@ def attend_with_matmuls(
 class DebertaLayer(nn.Module):
     """One transformer block: disentangled self-attention then the feed-forward network, both post-norm.
 
-    With `first_token_only` (the last layer) it computes the first token's output alone, (batch, 1, hidden):
+    With `first_token_only` (the last layer) it computes the first token's output alone, (batch, hidden):
     keys and values still come from every token, the query from the first, through its own projection.
     """
 
@@ -201,27 +233,34 @@ class DebertaLayer(nn.Module):
             self.relative_queries = queries.view(heads).transpose(0, 1).to(dtype).contiguous()
 
     def forward(
-        self, hidden: torch.Tensor, key_mask_bias: torch.Tensor, relative: RelativeIndex | None
+        self,
+        hidden: torch.Tensor,
+        layout: TokenLayout,
+        key_mask_bias: torch.Tensor,
+        relative: RelativeIndex | None,
     ) -> torch.Tensor:
-        batch, length, _ = hidden.shape
+        """Packed (tokens, hidden) in; packed out, or (batch, hidden) of the first tokens with
+        `first_token_only`."""
         heads = self.num_heads
         index: RelativeIndex | FirstQueryRelativeIndex | None = relative
         if self.first_token_only:
-            residual = hidden[:, :1]
-            query = self._heads_first(self.query(residual))[0]
-            key, value = self._heads_first(self.key_value(hidden))
+            residual = hidden.index_select(0, layout.first_tokens)
+            query = self._heads_first(self.query(residual).unsqueeze(1))[0]
+            key, value = self._heads_first(layout.padded(self.key_value(hidden)))
             index = relative.first_query() if relative is not None else None
         else:
             residual = hidden
-            query, key, value = self._heads_first(self.qkv(hidden))
+            query, key, value = self._heads_first(layout.padded(self.qkv(hidden)))
         queries = query.shape[2]
 
-        bias = key_mask_bias.expand(heads, batch, queries, length)
+        bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
         if index is not None and self.relative_keys is not None:
             bias = bias + index.c2p(self.relative_keys, query)
         if index is not None and self.relative_queries is not None:
             bias = bias + index.p2c(self.relative_queries, key)
-        context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(batch, queries, -1)
+        context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
+        if not self.first_token_only:
+            context = layout.packed(context)
         attended = self.attention_norm(self.attention_output(context) + residual)
         return self.output_norm(self.output(self.activation(self.intermediate(attended))) + attended)
 
@@ -287,19 +326,20 @@ class DebertaReranker(nn.Module):
         if length > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {length} exceeds {self.config.max_position_embeddings}")
         dtype = self.classifier.weight.dtype
-        hidden = self.word_embeddings(input_ids)
+        layout = TokenLayout.from_mask(attention_mask)
+        hidden = self.word_embeddings(layout.packed(input_ids.reshape(-1)))
         if self.position_embeddings is not None:
-            hidden = hidden + self.position_embeddings.weight[:length]
+            hidden = hidden + self.position_embeddings(layout.token_rows % length)
         if self.embed_proj is not None:
             hidden = self.embed_proj(hidden)
-        mask = attention_mask.to(dtype)
-        hidden = self.embedding_norm(hidden) * mask.unsqueeze(-1)
+        hidden = self.embedding_norm(hidden)
 
+        mask = attention_mask.to(dtype)
         key_mask_bias = ((1.0 - mask) * torch.finfo(dtype).min)[None, :, None, :]
         relative = self.relative_index(length) if self.config.relative_attention else None
         for layer in self.layers:
-            hidden = layer(hidden, key_mask_bias, relative)
-        pooled = self.pooler_activation(self.pooler(hidden[:, 0]))
+            hidden = layer(hidden, layout, key_mask_bias, relative)
+        pooled = self.pooler_activation(self.pooler(hidden))
         return self.classifier(pooled)
 
     def relevance_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
