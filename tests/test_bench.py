@@ -146,8 +146,11 @@ def test_bench_end_to_end_writes_benchmarks_md(
     assert geometry["fairness"]["during_count"] >= 1
     assert geometry["bf16_peak_rss"] > 100 * 2**20
     assert geometry["score_drift"]["float32"] < 1e-5  # the same model in both: the same scores
+    assert result["ceiling_shape"] == [1024, 768, 3072]  # the CPU's default token budget through base's FFN
+    assert set(result["ceilings"]) == {"float32", "bfloat16"}
     report = out.read_text()
     assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
+    assert "Matmul ceiling (1024×768 · 768×3072" in report
     assert "Fairness:" in report and "Concurrency: 2 clients" in report and "in bfloat16" in report
 
 
@@ -179,3 +182,12 @@ def test_bench_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
     report = out.read_text()
     assert "## BERT MiniLM-L6 geometry" in report and "| rerankd (llama.cpp) | float32 | 1 |" in report
     assert "sentence-transformers float32 is within" in report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_cuda_without_a_gpu_says_so(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "rerankd", "bench", "--device", "cuda", "--out", str(tmp_path / "B.md")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 2
+    assert "--device cuda: CUDA is not available" in completed.stderr
+    assert not (tmp_path / "B.md").exists()

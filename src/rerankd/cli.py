@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--contenders",
         nargs="+",
         default=None,
-        help="subset of: rerankd st-fp32 st-bf16 infinity llamacpp (a BERT GGUF on the llama.cpp backend)",
+        help="subset of: rerankd st-fp32 st-bf16 st-fp16 infinity llamacpp (a BERT GGUF on the llama.cpp "
+        "backend); default: all but st-fp16 on a CPU, all but st-bf16 and llamacpp on CUDA",
+    )
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where every contender runs (default: cpu)"
     )
     bench.add_argument(
         "--infinity", type=Path, default=None, help="the infinity_emb executable (its own venv)"
@@ -453,12 +457,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from rerankd.bench.report import render_json, render_markdown
-    from rerankd.bench.run import CONTENDERS, BenchSettings, run_bench
+    from rerankd.bench.run import CONTENDERS, DEFAULT_CONTENDERS, BenchSettings, run_bench
     from rerankd.devtools.random_model import write_random_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
-    contenders = tuple(args.contenders or CONTENDERS)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("rerankd bench: --device cuda: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    contenders = tuple(args.contenders or DEFAULT_CONTENDERS[args.device])
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         print(
@@ -491,6 +500,7 @@ def _bench(args: argparse.Namespace) -> int:
         clients=args.clients,
         big_request=args.big_request,
         log_dir=args.models_dir / "logs",
+        device=args.device,
     )
     result = run_bench(settings, " ".join(["rerankd", *sys.argv[1:]]))
     args.out.write_text(render_markdown(result))

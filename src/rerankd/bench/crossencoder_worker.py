@@ -22,7 +22,8 @@ from rerankd.bench.processes import peak_rss_bytes
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    model = CrossEncoder(spec["model"], device="cpu", model_kwargs={"dtype": getattr(torch, spec["dtype"])})
+    dtype = getattr(torch, spec["dtype"])
+    model = CrossEncoder(spec["model"], device=spec["device"], model_kwargs={"dtype": dtype})
     first = spec["workloads"][0]
     model.rank(first["query"], first["documents"][:8])  # warm up, as the servers are
     runs = []

@@ -89,6 +89,7 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
 
 def render_markdown(result: BenchResult) -> str:
     machine = result.machine
+    rows, inner, cols = result.ceiling_shape
     lines = [
         "# Benchmarks",
         "",
@@ -98,8 +99,8 @@ def render_markdown(result: BenchResult) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, "
         f"features {machine['cpu_features'] or 'none'}, {machine['memory_gb']} GB; "
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}.",
-        "- Matmul ceiling (1024×768 · 768×3072, a dense layer's shape; best of ~1.5 s at the start and"
-        " at the end of the run): "
+        f"- Matmul ceiling ({rows}×{inner} · {inner}×{cols}, a dense layer's shape at the device's default "
+        "token budget; best of ~1.5 s at the start and at the end of the run): "
         + ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in result.ceilings.items())
         + '. "Of matmul ceiling" = pairs/s × model FLOPs per pair ÷ the ceiling of the contender\'s dtype.',
         "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "

@@ -29,6 +29,7 @@ from rerankd.bench.machine import describe_machine, matmul_gflops
 from rerankd.bench.measure import Measurement, http_load, mean, percentile, rerank_sender, timed_requests
 from rerankd.bench.processes import free_port, running_process
 from rerankd.bench.workloads import Workload, make_workloads, passages_workload
+from rerankd.engine.scheduler import DEFAULT_BATCH_TOKENS
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.formats.tokenizer import load_tokenizer
 from rerankd.modeling.config import DebertaConfig
@@ -36,9 +37,21 @@ from rerankd.quality.beir import load_beir
 
 logger = logging.getLogger(__name__)
 
-CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16"}
+CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "float16"}
 DEBERTA_CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity")
 CONTENDERS = (*DEBERTA_CONTENDERS, "llamacpp")
+# Each device's peers in the half precision they run fastest in there (bf16 on a CPU with bf16 units, fp16 on
+# a GPU); no llama.cpp on a GPU by default (its pip build is CPU-only).
+DEFAULT_CONTENDERS = {
+    "cpu": ("rerankd", "st-fp32", "st-bf16", "infinity", "llamacpp"),
+    "cuda": ("rerankd", "st-fp32", "st-fp16", "infinity"),
+}
+CEILING_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+# What Infinity computes in: its default (`auto`) on each device, named so its share of a ceiling is found.
+INFINITY_DTYPES = {"cpu": "float32", "cuda": "float16"}
 LLAMACPP_CONTENDER = "rerankd (llama.cpp)"
 # What llama.cpp's weight types compute in, to find the matmul ceiling they are measured against.
 GGUF_COMPUTE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -101,6 +114,7 @@ class BenchSettings:
     small_request: int = 10
     small_requests: int = 10
     log_dir: Path = Path("bench-logs")
+    device: str = "cpu"  # where every contender runs: cpu or cuda
 
 
 @dataclass
@@ -135,6 +149,7 @@ class BenchResult:
     command: str
     machine: dict[str, object]
     ceilings: dict[str, float]  # dtype -> matmul GFLOP/s
+    ceiling_shape: tuple[int, int, int]  # the product measured: (rows, inner, columns)
     geometries: list[GeometryResult]
 
 
@@ -244,9 +259,9 @@ def _log(settings: BenchSettings, contender: str, model: BenchModel) -> Path:
     return settings.log_dir / f"{contender}-{model.served.stem}.log"
 
 
-def _serve_command(model: BenchModel, port: int, *flags: str) -> list[str]:
+def _serve_command(settings: BenchSettings, model: BenchModel, port: int, *flags: str) -> list[str]:
     command = [sys.executable, "-m", "rerankd", "serve", "--model", str(model.served), "--port", str(port)]
-    return [*command, *model.serve_flags, *flags]
+    return [*command, "--device", settings.device, *model.serve_flags, *flags]
 
 
 @dataclass
@@ -267,7 +282,7 @@ def bench_rerankd(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = _serve_command(
-        model, port, "--max-documents", str(max(settings.big_request, settings.passages))
+        settings, model, port, "--max-documents", str(max(settings.big_request, settings.passages))
     )
     log = _log(settings, "rerankd", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
@@ -295,7 +310,7 @@ def rerankd_bf16_peak_rss(settings: BenchSettings, model: BenchModel, workload: 
     """Peak RSS of `rerankd serve --dtype bfloat16` after loading and scoring 8 of the workload's texts."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = _serve_command(model, port, "--dtype", "bfloat16")
+    command = _serve_command(settings, model, port, "--dtype", "bfloat16")
     log = _log(settings, "rerankd-bf16", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         _warm_up(f"{url}/rerank", workload, None)
@@ -318,7 +333,9 @@ def bench_infinity(
         "--engine",
         "torch",
         "--device",
-        "cpu",
+        settings.device,
+        "--dtype",
+        INFINITY_DTYPES[settings.device],
         "--host",
         "127.0.0.1",
         "--port",
@@ -329,7 +346,7 @@ def bench_infinity(
     log = _log(settings, "infinity", model)
     with running_process(command, url, log, env={"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}) as server:
         measurements = _measure_server(
-            settings, "infinity", "float32", f"{url}/rerank", model, workloads, "bench"
+            settings, "infinity", INFINITY_DTYPES[settings.device], f"{url}/rerank", model, workloads, "bench"
         )
         peak = server.peak_rss()
     for measurement in measurements:
@@ -344,6 +361,7 @@ def bench_crossencoder(
     spec = {
         "model": str(model.folder),
         "dtype": dtype,
+        "device": settings.device,
         "max_requests": settings.max_requests,
         "max_seconds": settings.max_seconds,
         "workloads": [{"name": w.name, "query": w.query, "documents": w.documents} for w in workloads],
@@ -427,15 +445,25 @@ def bench_model(
     return result
 
 
-def measure_ceilings() -> dict[str, float]:
-    ceilings = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+def ceiling_shape(device: str) -> tuple[int, int, int]:
+    """base's 768→3072 feed-forward over the scheduler's default token budget on `device`: the product the
+    dense layers run against."""
+    return (DEFAULT_BATCH_TOKENS[device], 768, 3072)
+
+
+def measure_ceilings(device: str) -> dict[str, float]:
+    shape = ceiling_shape(device)
+    ceilings = {
+        str(dtype).removeprefix("torch."): matmul_gflops(dtype, shape, device=device)
+        for dtype in CEILING_DTYPES[device]
+    }
     logger.info("matmul ceilings (GFLOP/s): %s", {k: round(v) for k, v in ceilings.items()})
     return ceilings
 
 
 def run_bench(settings: BenchSettings, command: str) -> BenchResult:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings(settings.device)
     crossencoders = {
         name: dtype for name, dtype in CROSSENCODER_DTYPES.items() if name in settings.contenders
     }
@@ -455,11 +483,14 @@ def run_bench(settings: BenchSettings, command: str) -> BenchResult:
         model = BenchModel.llamacpp("BERT MiniLM-L6 geometry, F32 GGUF on llama.cpp", folder, gguf_path)
         results.append(bench_model(settings, model, LLAMACPP_CONTENDER, {"st-fp32": "float32"}, peers=False))
     # A busy neighbour can depress one measurement; the ceiling is the best the machine showed in the run.
-    ceilings = {dtype: max(gflops, ceilings[dtype]) for dtype, gflops in measure_ceilings().items()}
+    ceilings = {
+        dtype: max(gflops, ceilings[dtype]) for dtype, gflops in measure_ceilings(settings.device).items()
+    }
     return BenchResult(
         datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         command,
         describe_machine(),
         ceilings,
+        ceiling_shape(settings.device),
         results,
     )
