@@ -17,7 +17,7 @@ from rerankd.catalog import UNTRAINED_KEY
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
 from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import DebertaReranker
+from rerankd.modeling.deberta import DebertaReranker, TokenLayout
 from rerankd.modeling.onednn import bound_kernel_caches, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, TensorReader, load_reranker
 
@@ -74,9 +74,11 @@ class TorchBackend(RerankBackend):
         for row, ids in enumerate(input_ids):
             padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
+        # Laid out on the host, where finding the tokens costs no wait for the device.
+        layout = TokenLayout.from_mask(mask).to(self._device)
         with torch.inference_mode():
             logits = self.model.relevance_logits(
-                padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True)
+                padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True), layout
             )
         scores = logits.cpu().tolist()
         if self._heap is not None:

@@ -149,10 +149,23 @@ class TokenLayout:
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
+        """The layout of a (batch, length) mask. Finding the tokens (`nonzero`) waits for the device, so a
+        backend feeding a GPU builds it from the host's mask and moves it over (`to`)."""
         lengths = attention_mask.sum(1)
         batch, length = attention_mask.shape
         token_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
         return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths)
+
+    def to(self, device: torch.device) -> TokenLayout:
+        """This layout on `device`; from the host to a GPU through page-locked memory, so the copies are
+        queued without waiting."""
+        if device.type == "cpu":
+            return self
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.pin_memory().to(device, non_blocking=True)
+
+        return TokenLayout(self.batch, self.length, moved(self.token_rows), moved(self.first_tokens))
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch x length, ...) rows to the tokens' rows alone."""
@@ -320,13 +333,17 @@ class DebertaReranker(nn.Module):
         increasing = self.slot_table[offset - (length - 1) : offset + length]
         return RelativeIndex(increasing.flip(0), increasing)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, num_labels) for right-padded `input_ids`."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: TokenLayout | None = None
+    ) -> torch.Tensor:
+        """Logits of shape (batch, num_labels) for right-padded `input_ids`; `layout` is the mask's, when the
+        caller has it already."""
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {length} exceeds {self.config.max_position_embeddings}")
         dtype = self.classifier.weight.dtype
-        layout = TokenLayout.from_mask(attention_mask)
+        if layout is None:
+            layout = TokenLayout.from_mask(attention_mask)
         hidden = self.word_embeddings(layout.packed(input_ids.reshape(-1)))
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(layout.token_rows % length)
@@ -342,9 +359,11 @@ class DebertaReranker(nn.Module):
         pooled = self.pooler_activation(self.pooler(hidden))
         return self.classifier(pooled)
 
-    def relevance_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def relevance_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: TokenLayout | None = None
+    ) -> torch.Tensor:
         """One logit per pair whose sigmoid is the relevance: the logit itself, or l1 - l0 for two labels."""
-        logits = self.forward(input_ids, attention_mask).float()
+        logits = self.forward(input_ids, attention_mask, layout).float()
         if self.config.num_labels == 1:
             return logits[:, 0]
         return logits[:, 1] - logits[:, 0]

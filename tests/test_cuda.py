@@ -1,0 +1,128 @@
+"""The CUDA path where a GPU is present: the same parity bounds as on a CPU, no wait for the GPU inside a
+forward pass, and a server that picks float16 under `--dtype auto`. CI has no GPU, so these skip there; the
+CUDA logic's CPU-runnable parts are tested beside the CPU path's (SDPA against the CPU attention, the
+token layout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from test_modeling_parity import (
+    BATCHES,
+    PARITY_BOUND,
+    DictReader,
+    geometry_config,
+    padded_batch,
+    reference_model,
+)
+
+from rerankd.devtools.random_model import random_checkpoint
+from rerankd.engine.precision import MAX_SCORE_DELTA
+from rerankd.modeling.config import DebertaConfig
+from rerankd.modeling.deberta import TokenLayout
+from rerankd.modeling.weights import load_reranker
+
+from serving import running_server
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = torch.device("cuda")
+
+
+def on_cuda(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    return load_reranker(DebertaConfig.from_dict(config), DictReader(tensors), dtype, CUDA)
+
+
+def test_cuda_forward_equals_the_reference_in_float32() -> None:
+    config = geometry_config("xsmall")
+    tensors = random_checkpoint({**config, "initializer_range": 0.1}, seed=1, dtype=torch.float16)
+    reference, ours = reference_model(config, tensors), on_cuda(config, tensors, torch.float32)
+    for seed, lengths in enumerate(BATCHES["xsmall"]):
+        input_ids, mask = padded_batch(lengths, config["vocab_size"], seed)
+        with torch.inference_mode():
+            expected = reference(input_ids=input_ids, attention_mask=mask).logits
+            actual = ours(input_ids.to(CUDA), mask.to(CUDA)).cpu()
+        difference = (actual - expected).abs().max().item()
+        assert difference <= PARITY_BOUND, f"{lengths}: max |Δlogit| {difference:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_holds_the_auto_bound(dtype: torch.dtype) -> None:
+    config = geometry_config("base")
+    tensors = random_checkpoint(config, seed=1, dtype=torch.float16)
+    reference, ours = reference_model(config, tensors), on_cuda(config, tensors, dtype)
+    input_ids, mask = padded_batch([5, 60, 130, 300, 512], config["vocab_size"], seed=7)
+    with torch.inference_mode():
+        expected = reference(input_ids=input_ids, attention_mask=mask).logits.sigmoid()
+        actual = ours(input_ids.to(CUDA), mask.to(CUDA)).float().sigmoid().cpu()
+    assert (actual - expected).abs().max().item() <= MAX_SCORE_DELTA
+
+
+def test_a_forward_pass_never_waits_for_the_gpu() -> None:
+    """With the layout built on the host (as the torch backend does), a whole forward pass is queued without
+    one synchronizing call: torch raises on any while the sync debug mode is "error"."""
+    config = geometry_config("xsmall")
+    model = on_cuda(config, random_checkpoint(config, seed=1, dtype=torch.float16), torch.float16)
+    input_ids, mask = padded_batch([3, 70, 140], config["vocab_size"], seed=2)
+    ids, device_mask = (tensor.pin_memory().to(CUDA, non_blocking=True) for tensor in (input_ids, mask))
+    layout = TokenLayout.from_mask(mask).to(CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            queued = model.relevance_logits(ids, device_mask, layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.inference_mode():
+        assert torch.equal(queued, model.relevance_logits(ids, device_mask))
+
+
+def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_path: Path) -> None:
+    documents = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris."]
+    body = {"query": "What is the capital of France?", "documents": documents}
+    scores = {}
+    for dtype in ("float32", "auto"):
+        args = ["--model", str(xsmall_model_dir), "--device", "cuda", "--dtype", dtype]
+        with running_server(args, tmp_path / f"{dtype}.log", env={"RERANKD_DTYPE": dtype}) as url:
+            info = httpx.get(f"{url}/info").json()["models"][0]
+            assert (info["device"], info["dtype"]) == ("cuda", "float32" if dtype == "float32" else "float16")
+            results = httpx.post(f"{url}/rerank", json=body, timeout=60).json()["results"]
+            scores[dtype] = {result["index"]: result["relevance_score"] for result in results}
+    assert max(abs(scores["auto"][index] - scores["float32"][index]) for index in range(3)) <= MAX_SCORE_DELTA
+
+
+def test_bench_on_cuda(xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path) -> None:
+    """`rerankd bench --device cuda`: rerankd serving on the GPU next to sentence-transformers in fp32 and
+    fp16 there, against the GPU's matmul ceilings at its token budget."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "random-xsmall").symlink_to(xsmall_model_dir)
+    raw = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "rerankd", "bench", "--device", "cuda", "--geometry", "xsmall",
+        "--data", str(msmarco_dir), "--models-dir", str(models), "--contenders", "rerankd", "st-fp32",
+        "st-fp16", "--passages", "6", "--long-documents", "1", "--max-requests", "2", "--clients", "2",
+        "--big-request", "24", "--out", str(tmp_path / "BENCHMARKS.md"), "--json", str(raw),
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "RERANKD_DTYPE": "auto"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(raw.read_text())
+    assert result["ceiling_shape"] == [16384, 768, 3072]
+    assert set(result["ceilings"]) == {"float32", "bfloat16", "float16"}
+    [geometry] = result["geometries"]
+    seen = {(m["contender"], m["dtype"], m["clients"]) for m in geometry["measurements"]}
+    assert ("rerankd", "float16", 1) in seen and ("sentence-transformers float16", "float16", 1) in seen
+    assert geometry["score_drift"]["float16"] <= MAX_SCORE_DELTA
