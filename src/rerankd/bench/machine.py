@@ -39,12 +39,12 @@ def describe_machine() -> dict[str, object]:
 
 def matmul_gflops(
     dtype: torch.dtype,
-    shape: tuple[int, int, int] = (1024, 768, 3072),
+    shape: tuple[int, int, int],
     seconds: float = 1.5,
     device: str = "cpu",
 ) -> float:
-    """Best GFLOP/s of an (M×K)·(K×N) product shaped like the model's dense layers (1,024 tokens through
-    base's 768→3072 feed-forward by default): the ceiling those layers run against on this machine."""
+    """Best GFLOP/s of an (M×K)·(K×N) product, `shape` = (M, K, N), with the weight stored as `nn.Linear`
+    stores it: shaped like the model's dense layers, the ceiling those layers run against on this machine."""
     rows, inner, cols = shape
     a = torch.randn(rows, inner, device=device).to(dtype)
     weight = torch.randn(cols, inner, device=device).to(dtype)  # stored as nn.Linear stores it
