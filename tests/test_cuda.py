@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,10 +24,12 @@ from test_modeling_parity import (
     reference_model,
 )
 
+from rerankd.backends.base import BackendOptions
+from rerankd.backends.torch_backend import load_safetensors_backend
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
+from rerankd.engine.tokenize import PairTokenizer
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import TokenLayout
 from rerankd.modeling.weights import load_reranker
 
 from serving import running_server
@@ -64,36 +67,54 @@ def test_cuda_half_precision_holds_the_auto_bound(dtype: torch.dtype) -> None:
     assert (actual - expected).abs().max().item() <= MAX_SCORE_DELTA
 
 
-def test_a_forward_pass_never_waits_for_the_gpu() -> None:
-    """With the layout built on the host (as the torch backend does), a whole forward pass is queued without
-    one synchronizing call: torch raises on any while the sync debug mode is "error"."""
-    config = geometry_config("xsmall")
-    model = on_cuda(config, random_checkpoint(config, seed=1, dtype=torch.float16), torch.float16)
-    input_ids, mask = padded_batch([3, 70, 140], config["vocab_size"], seed=2)
-    ids, device_mask = (tensor.pin_memory().to(CUDA, non_blocking=True) for tensor in (input_ids, mask))
-    layout = TokenLayout.from_mask(mask).to(CUDA)
+def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -> None:
+    """The backend pads, lays out and queues a whole pass and its logits' copy back without one synchronizing
+    call (torch raises on any while the sync debug mode is "error"), so the scheduler can queue the next
+    batch while this one runs; `result` then waits for the logits."""
+    backend = load_safetensors_backend(xsmall_model_dir, BackendOptions(device="cuda", dtype="float16"))
+    documents = ["Paris.", "Bananas are yellow. " * 20, "word " * 600]
+    batch = PairTokenizer(backend.tokenizer, 512).encode_pairs("What is the capital of France?", documents)
+    expected = backend.relevance_logits(batch)  # also fills the page-locked buffer cache
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.inference_mode():
-            queued = model.relevance_logits(ids, device_mask, layout)
+        pending = [backend.launch(batch), backend.launch(batch)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    with torch.inference_mode():
-        assert torch.equal(queued, model.relevance_logits(ids, device_mask))
+    assert not any(logits.ready for logits in pending)
+    for logits in pending:
+        assert logits.result() == pytest.approx(expected, abs=1e-6)
 
 
 def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_path: Path) -> None:
+    """Two pairs per batch, so a request's batches and concurrent requests' batches are queued behind running
+    ones: every concurrent answer equals the lone one."""
     documents = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris."]
     body = {"query": "What is the capital of France?", "documents": documents}
     scores = {}
     for dtype in ("float32", "auto"):
-        args = ["--model", str(xsmall_model_dir), "--device", "cuda", "--dtype", dtype]
+        args = [
+            "--model",
+            str(xsmall_model_dir),
+            "--device",
+            "cuda",
+            "--dtype",
+            dtype,
+            "--max-batch-pairs",
+            "2",
+        ]
         with running_server(args, tmp_path / f"{dtype}.log", env={"RERANKD_DTYPE": dtype}) as url:
             info = httpx.get(f"{url}/info").json()["models"][0]
             assert (info["device"], info["dtype"]) == ("cuda", "float32" if dtype == "float32" else "float16")
             results = httpx.post(f"{url}/rerank", json=body, timeout=60).json()["results"]
             scores[dtype] = {result["index"]: result["relevance_score"] for result in results}
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                concurrent = pool.map(lambda _: httpx.post(f"{url}/rerank", json=body, timeout=60), range(6))
+                for response in concurrent:
+                    again = {
+                        result["index"]: result["relevance_score"] for result in response.json()["results"]
+                    }
+                    assert again == pytest.approx(scores[dtype], abs=1e-6)
     assert max(abs(scores["auto"][index] - scores["float32"][index]) for index in range(3)) <= MAX_SCORE_DELTA
 
 

@@ -1,4 +1,5 @@
-"""The cross-request batch scheduler, driven by a recording forward function in place of a model."""
+"""The cross-request batch scheduler, driven by recording launch functions in place of a model: one that
+computes at launch like a CPU, and one whose logits stay pending until collected, like a GPU's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rerankd.engine.scheduler import BatchLimits, BatchScheduler, QueueFullError
+from rerankd.backends.base import PendingLogits, ReadyLogits
+from rerankd.engine.scheduler import BatchLimits, BatchScheduler, QueueFullError, RequestTiming
 
 
 class RecordingForward:
@@ -26,7 +28,7 @@ class RecordingForward:
         self.batches.append([list(ids) for ids in batch])
         if self.fail_when(batch):
             raise RuntimeError("injected forward failure")
-        return [float(sum(ids)) for ids in batch]
+        return ReadyLogits([float(sum(ids)) for ids in batch])
 
 
 def sequences(tag: int, lengths: Sequence[int]) -> list[list[int]]:
@@ -183,7 +185,7 @@ def test_token_budget_defaults_per_device_and_a_user_value_wins() -> None:
     assert BatchLimits().for_device("cuda").max_batch_tokens == 16384
     assert BatchLimits(max_batch_tokens=700).for_device("cuda").max_batch_tokens == 700
     with pytest.raises(ValueError, match="resolve the token budget"):
-        BatchScheduler(lambda ids: [0.0] * len(ids), ThreadPoolExecutor(1), BatchLimits())
+        BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), BatchLimits())
 
 
 def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingForward) -> None:
@@ -220,7 +222,7 @@ class GatedForward:
         self.batches.append([list(ids) for ids in batch])
         self._entered.release()
         self._gate.acquire(timeout=10)
-        return [float(sum(ids)) for ids in batch]
+        return ReadyLogits([float(sum(ids)) for ids in batch])
 
     async def entered(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._entered.acquire, True, 10)
@@ -256,3 +258,96 @@ def test_a_partly_served_request_is_not_overtaken_forever_by_new_ones() -> None:
     executor.shutdown()
     old_pairs_in_contested_batches = sum(ids[0] == 1 for batch in forward.batches[1:11] for ids in batch)
     assert old_pairs_in_contested_batches >= 3
+
+
+class QueuedDevice:
+    """Stands in for an asynchronous device: a launch returns logits still pending, and a batch's logits come
+    when they are collected. Records the order of launches and collections; can fail a batch at collection,
+    where a GPU reports a failed pass."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.fail_when = lambda batch: False
+
+    def __call__(self, batch: Sequence[Sequence[int]]) -> PendingLogits:
+        launched = sum(event == "launch" for event, _ in self.events)
+        self.events.append(("launch", launched))
+        return QueuedLogits(self, launched, [list(ids) for ids in batch])
+
+
+class QueuedLogits(PendingLogits):
+    ready = False
+
+    def __init__(self, device: QueuedDevice, index: int, batch: list[list[int]]) -> None:
+        self.device, self.index, self.batch = device, index, batch
+
+    def result(self) -> list[float]:
+        self.device.events.append(("collect", self.index))
+        if self.device.fail_when(self.batch):
+            raise RuntimeError("injected device failure")
+        return [float(sum(ids)) for ids in self.batch]
+
+
+def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_one_is_collected() -> None:
+    device = QueuedDevice()
+    executor = ThreadPoolExecutor(max_workers=1)
+    scheduler = BatchScheduler(device, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=2))
+    token_ids = sequences(4, [10, 11, 12, 13, 14, 15])
+    assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
+    executor.shutdown()
+    launch, collect = ("launch", 0), ("collect", 0)
+    assert device.events == [launch, ("launch", 1), collect, ("launch", 2), ("collect", 1), ("collect", 2)]
+
+
+def first_two_requests_timings(launch) -> tuple[RequestTiming, RequestTiming]:
+    """Two one-pair requests gathered together, one batch each (pair cap 1)."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    scheduler = BatchScheduler(launch, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=1))
+    timings = RequestTiming(), RequestTiming()
+
+    async def two_clients():
+        return await asyncio.gather(
+            *(
+                scheduler.submit(sequences(tag, [8]), timing)
+                for tag, timing in zip((1, 2), timings, strict=True)
+            )
+        )
+
+    run(two_clients())
+    executor.shutdown()
+    return timings
+
+
+def test_a_cpu_batch_is_delivered_before_the_next_one_starts(forward: RecordingForward) -> None:
+    first, second = first_two_requests_timings(forward)
+    assert first.finished is not None and second.first_batch is not None
+    assert first.finished <= second.first_batch
+
+
+def test_a_gpu_batch_is_collected_after_the_next_one_is_queued() -> None:
+    first, second = first_two_requests_timings(QueuedDevice())
+    assert first.finished is not None and second.first_batch is not None
+    assert second.first_batch < first.finished
+
+
+def test_a_pass_that_fails_on_the_device_fails_only_its_batch() -> None:
+    device = QueuedDevice()
+    device.fail_when = lambda batch: any(ids[0] == 66 for ids in batch)
+    executor = ThreadPoolExecutor(max_workers=1)
+    scheduler = BatchScheduler(device, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=1))
+
+    async def failing_beside_fine():
+        failing, fine = await asyncio.gather(
+            scheduler.submit(sequences(66, [4])),
+            scheduler.submit(sequences(1, [4, 5])),
+            return_exceptions=True,
+        )
+        return failing, fine, await scheduler.submit(sequences(2, [3]))
+
+    failing, fine, after = run(failing_beside_fine())
+    executor.shutdown()
+    assert isinstance(failing, RuntimeError) and "injected" in str(failing)
+    assert fine == [4.0, 9.0] and after == [4.0]
+    assert ("launch", 1) in device.events and device.events.index(("launch", 1)) < device.events.index(
+        ("collect", 0)
+    )

@@ -35,8 +35,29 @@ class BackendInfo:
     untrained: bool  # random weights: scores mean nothing
 
 
+class PendingLogits(ABC):
+    """A batch's logits: on the host already (`ready`), or still being computed by an asynchronous device,
+    in which case `result` waits for them."""
+
+    ready: bool
+
+    @abstractmethod
+    def result(self) -> list[float]:
+        """The logits, in the batch's order (waits for the device when not `ready`)."""
+
+
+class ReadyLogits(PendingLogits):
+    ready = True
+
+    def __init__(self, logits: list[float]) -> None:
+        self._logits = logits
+
+    def result(self) -> list[float]:
+        return self._logits
+
+
 class RerankBackend(ABC):
-    """A loaded model. `relevance_logits` is called from one worker thread at a time."""
+    """A loaded model. `launch` and `relevance_logits` are called from one worker thread at a time."""
 
     info: BackendInfo
     tokenizer: Tokenizer
@@ -44,6 +65,12 @@ class RerankBackend(ABC):
     @abstractmethod
     def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
         """Score a batch of unpadded token-id sequences; sigmoid of each logit is the relevance."""
+
+    def launch(self, input_ids: Sequence[Sequence[int]]) -> PendingLogits:
+        """Start scoring a batch. A backend on an asynchronous device (CUDA) returns once the work is queued,
+        before the logits exist, so that the host prepares the next batch while the device runs this one;
+        the rest compute the logits here."""
+        return ReadyLogits(self.relevance_logits(input_ids))
 
     def faster_dtype(self) -> str | None:
         """A lower precision this hardware runs faster than the current one, if any (for `--dtype auto`)."""

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
+from rerankd.backends.base import (
+    BackendInfo,
+    BackendOptions,
+    ModelLoadError,
+    PendingLogits,
+    ReadyLogits,
+    RerankBackend,
+)
 from rerankd.backends.heap import HeapTrimmer
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
@@ -54,6 +61,29 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+class DeviceLogits(PendingLogits):
+    """Logits on their way from a GPU to page-locked host memory; `result` waits for the copy to land."""
+
+    ready = False
+
+    def __init__(self, host: torch.Tensor, landed: torch.cuda.Event) -> None:
+        self._host = host
+        self._landed = landed
+
+    @classmethod
+    def copied_from(cls, logits: torch.Tensor) -> DeviceLogits:
+        """Queue the copy behind the pass that computes `logits`, on the current stream."""
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        host.copy_(logits, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        return cls(host, landed)
+
+    def result(self) -> list[float]:
+        self._landed.synchronize()
+        return self._host.tolist()
+
+
 class TorchBackend(RerankBackend):
     """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair."""
 
@@ -66,6 +96,11 @@ class TorchBackend(RerankBackend):
         self._heap = HeapTrimmer() if self._device.type == "cpu" else None
 
     def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
+        return self.launch(input_ids).result()
+
+    def launch(self, input_ids: Sequence[Sequence[int]]) -> PendingLogits:
+        """On a CPU the logits are computed here; on a GPU this returns as soon as the pass is queued (no call
+        in it waits for the device), and `result` waits for the logits' copy back."""
         longest = max(len(ids) for ids in input_ids)
         # Page-locked host buffers make the copies to a GPU asynchronous (pinning needs a CUDA runtime).
         pin = self._device.type == "cuda"
@@ -80,10 +115,12 @@ class TorchBackend(RerankBackend):
             logits = self.model.relevance_logits(
                 padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True), layout
             )
-        scores = logits.cpu().tolist()
+            if pin:
+                return DeviceLogits.copied_from(logits)
+        scores = logits.tolist()
         if self._heap is not None:
             self._heap.batch_done()
-        return scores
+        return ReadyLogits(scores)
 
     def faster_dtype(self) -> str | None:
         if self.info.dtype != "float32":

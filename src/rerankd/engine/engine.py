@@ -57,7 +57,8 @@ class ScoredDocuments:
 
 class RerankEngine:
     """Owns one backend and its batch scheduler. Forward passes run one at a time in a dedicated thread (one
-    in-flight batch per device); tokenization runs in its own small pool; the event loop only awaits."""
+    batch running per device; a GPU gets the next one queued behind it); tokenization runs in its own small
+    pool; the event loop only awaits."""
 
     def __init__(
         self, name: str, backend: RerankBackend, limits: EngineLimits, on_batch: BatchObserver | None = None
@@ -79,7 +80,7 @@ class RerankEngine:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{name}")
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self.scheduler = BatchScheduler(
-            backend.relevance_logits, self._forward_thread, limits.batching, on_batch=on_batch
+            backend.launch, self._forward_thread, limits.batching, on_batch=on_batch
         )
 
     @property

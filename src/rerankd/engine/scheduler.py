@@ -1,4 +1,4 @@
-"""Cross-request dynamic batching: one queue of pairs per model, one forward pass in flight at a time.
+"""Cross-request dynamic batching: one queue of pairs per model, one forward pass running at a time.
 
 Every request's pairs join one queue. Each batch is packed under a padded-token budget (batch size × longest
 pair ≤ `max_batch_tokens`) and a pair cap, each request giving its pairs in length order so that padding stays
@@ -13,7 +13,10 @@ passages: 8% fewer padded tokens, 16% fewer batches, 10% more pairs/s than one r
 request is never overtaken forever: the clock keeps advancing while others are served, so newcomers' tags
 eventually pass an old request's fixed one. A short wait
 (`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the same batch. Forward passes run
-in one worker thread: the event loop never blocks on the model.
+in one worker thread: the event loop never blocks on the model. On a GPU, which runs a pass asynchronously,
+the next batch is formed and queued behind the running one before the running one's logits are collected, so
+the device does not sit idle while the host pads, lays out and queues a batch (TEI's router works the same
+way); a CPU computes a pass at launch, and each batch is delivered before the next is formed.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
+from rerankd.backends.base import PendingLogits
+
 logger = logging.getLogger(__name__)
 
-ForwardFn = Callable[[Sequence[Sequence[int]]], list[float]]
+LaunchFn = Callable[[Sequence[Sequence[int]]], PendingLogits]
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class BatchStats:
     pairs: int
     tokens: int  # real tokens
     padded_tokens: int  # batch size x longest pair
-    seconds: float
+    seconds: float  # from its launch until its logits were on the host
 
 
 BatchObserver = Callable[[BatchStats], None]
@@ -120,19 +125,27 @@ class _Request:
         return max(1, min(max_pairs, budget // longest))
 
 
+@dataclass(frozen=True)
+class _LaunchedBatch:
+    batch: list[tuple[_Request, int]]
+    lengths: list[int]  # tokens of each pair
+    started: float
+    logits: PendingLogits
+
+
 class BatchScheduler:
     """Owns the queue and the loop that turns it into forward passes for one model."""
 
     def __init__(
         self,
-        forward: ForwardFn,
+        launch: LaunchFn,
         executor: Executor,
         limits: BatchLimits,
         on_batch: BatchObserver | None = None,
     ) -> None:
         if limits.max_batch_tokens is None:
             raise ValueError("resolve the token budget first (BatchLimits.for_device)")
-        self._forward = forward
+        self._launch_fn = launch
         self._on_batch = on_batch
         self._executor = executor
         self._limits = limits
@@ -206,9 +219,16 @@ class BatchScheduler:
             logger.debug("dropped %d queued pairs of a cancelled request", len(request.pending))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Form, launch and deliver batches. A batch whose logits are not ready at launch (an asynchronous
+        device) stays in flight while the next batch is formed and launched behind it, so the device never
+        waits for the host between batches; it is then collected before anything else is launched."""
+        in_flight: _LaunchedBatch | None = None
         while True:
             if not self._requests:
+                if in_flight is not None:
+                    await self._collect(in_flight)
+                    in_flight = None
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 if self._limits.batch_wait_ms > 0:
@@ -216,21 +236,45 @@ class BatchScheduler:
             batch = self._next_batch()
             if not batch:
                 continue
-            sequences = [request.token_ids[index] for request, index in batch]
-            started = time.perf_counter()
-            for request, _ in batch:
-                request.timing.first_batch = request.timing.first_batch or started
-            try:
-                logits = await loop.run_in_executor(self._executor, self._forward, sequences)
-            except Exception as error:  # a failed forward fails only the requests in this batch
-                logger.exception("forward pass failed for a batch of %d pairs", len(batch))
-                self._fail({request for request, _ in batch}, error)
-                continue
-            if self._on_batch is not None:
-                lengths = [len(ids) for ids in sequences]
-                seconds = time.perf_counter() - started
-                self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
-            self._deliver(batch, logits)
+            launched = await self._launch(batch)
+            if in_flight is not None:
+                await self._collect(in_flight)
+                in_flight = None
+            if launched is not None and launched.logits.ready:
+                await self._collect(launched)
+            else:
+                in_flight = launched
+
+    async def _launch(self, batch: list[tuple[_Request, int]]) -> _LaunchedBatch | None:
+        """Start the batch's forward pass; None (its requests failed) when that raises."""
+        sequences = [request.token_ids[index] for request, index in batch]
+        started = time.perf_counter()
+        for request, _ in batch:
+            request.timing.first_batch = request.timing.first_batch or started
+        loop = asyncio.get_running_loop()
+        try:
+            logits = await loop.run_in_executor(self._executor, self._launch_fn, sequences)
+        except Exception as error:  # a failed forward fails only the requests in this batch
+            self._fail_batch(batch, error)
+            return None
+        return _LaunchedBatch(batch, [len(ids) for ids in sequences], started, logits)
+
+    async def _collect(self, launched: _LaunchedBatch) -> None:
+        """Wait for a launched batch's logits (off the event loop when the device still runs) and deliver."""
+        try:
+            if launched.logits.ready:
+                logits = launched.logits.result()
+            else:
+                loop = asyncio.get_running_loop()
+                logits = await loop.run_in_executor(self._executor, launched.logits.result)
+        except Exception as error:  # an asynchronous device reports a failed pass when it is collected
+            self._fail_batch(launched.batch, error)
+            return
+        if self._on_batch is not None:
+            lengths = launched.lengths
+            seconds = time.perf_counter() - launched.started
+            self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
+        self._deliver(launched.batch, logits)
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
         """Fill a batch pair by pair. Requests whose finish tags are within one batch of the lowest (as many
@@ -276,8 +320,9 @@ class BatchScheduler:
                 request.timing.finished = time.perf_counter()
                 request.done.set_result(request.logits)
 
-    def _fail(self, requests: set[_Request], error: Exception) -> None:
-        for request in requests:
+    def _fail_batch(self, batch: list[tuple[_Request, int]], error: Exception) -> None:
+        logger.error("forward pass failed for a batch of %d pairs", len(batch), exc_info=error)
+        for request in {request for request, _ in batch}:
             self._withdraw(request)
             if not request.done.done():
                 request.done.set_exception(error)
