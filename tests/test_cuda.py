@@ -1,7 +1,7 @@
 """The CUDA path where a GPU is present: the same parity bounds as on a CPU, no wait for the GPU inside a
 forward pass, and a server that picks float16 under `--dtype auto`. CI has no GPU, so these skip there; the
-CUDA logic's CPU-runnable parts are tested beside the CPU path's (SDPA against the CPU attention, the
-token layout)."""
+CUDA logic's CPU-runnable parts are tested beside the CPU path's (the attention, the token layout, the
+scheduler queueing a batch behind a running one)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,9 @@ def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_pa
     assert max(abs(scores["auto"][index] - scores["float32"][index]) for index in range(3)) <= MAX_SCORE_DELTA
 
 
-def test_bench_on_cuda(xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path) -> None:
+def test_bench_on_cuda(
+    xsmall_model_dir: Path, msmarco_dir: Path, shared_tokenizer_dir: Path, tmp_path: Path
+) -> None:
     """`rerankd bench --device cuda`: rerankd serving on the GPU next to sentence-transformers in fp32 and
     fp16 there, against the GPU's matmul ceilings at its token budget."""
     models = tmp_path / "models"
@@ -127,9 +129,10 @@ def test_bench_on_cuda(xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path
     raw = tmp_path / "bench.json"
     command = [
         sys.executable, "-m", "rerankd", "bench", "--device", "cuda", "--geometry", "xsmall",
-        "--data", str(msmarco_dir), "--models-dir", str(models), "--contenders", "rerankd", "st-fp32",
-        "st-fp16", "--passages", "6", "--long-documents", "1", "--max-requests", "2", "--clients", "2",
-        "--big-request", "24", "--out", str(tmp_path / "BENCHMARKS.md"), "--json", str(raw),
+        "--data", str(msmarco_dir), "--tokenizer", str(shared_tokenizer_dir), "--models-dir", str(models),
+        "--contenders", "rerankd", "st-fp32", "st-fp16", "--passages", "6", "--long-documents", "1",
+        "--max-requests", "2", "--clients", "2", "--big-request", "1000",
+        "--out", str(tmp_path / "BENCHMARKS.md"), "--json", str(raw),
     ]  # fmt: skip
     completed = subprocess.run(
         command,

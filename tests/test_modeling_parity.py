@@ -13,7 +13,7 @@ from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import TokenLayout, attend_with_matmuls
+from rerankd.modeling.deberta import TokenLayout, attend
 from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
@@ -218,8 +218,8 @@ def test_weights_load_straight_into_the_target_dtype(dtype: torch.dtype) -> None
 
 @pytest.mark.parametrize("length", [1, 37, 130])
 @pytest.mark.parametrize("first_query_only", [False, True])
-def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int, first_query_only: bool) -> None:
-    """The matmul attention a CPU runs and SDPA (what `attend` takes on CUDA) give the same context, with
+def test_attention_equals_torch_sdpa(length: int, first_query_only: bool) -> None:
+    """The model's matmul attention and torch's `scaled_dot_product_attention` give the same context, with
     padded keys masked by the dtype's lowest value as the model does; also for one query row against every
     key (the last layer)."""
     generator = torch.Generator().manual_seed(length)
@@ -230,7 +230,7 @@ def test_cpu_attention_equals_the_fused_kernel_cuda_runs(length: int, first_quer
     bias = torch.randn(heads, batch, queries, length, generator=generator)
     bias[:, 1, :, length // 2 + 1 :] = torch.finfo(torch.float32).min  # the second pair is padded
     fused = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0)
-    assert torch.allclose(attend_with_matmuls(query, key, value, bias), fused, atol=1e-5)
+    assert torch.allclose(attend(query, key, value, bias), fused, atol=1e-5)
 
 
 def test_token_layout_packs_the_tokens_and_pads_with_zeros() -> None:

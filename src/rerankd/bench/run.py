@@ -230,10 +230,16 @@ def _measure_server(
     ]
 
 
-def _fairness(url: str, small: Workload, big: Workload, settings: BenchSettings) -> Fairness:
+def _queued_pairs(client: httpx.Client, base_url: str) -> float:
+    """The server's queue, from its Prometheus metrics."""
+    lines = client.get(f"{base_url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("rerankd_queued_pairs{"))
+
+
+def _fairness(base_url: str, small: Workload, big: Workload, settings: BenchSettings) -> Fairness:
     """p95 of small requests alone, then while one big request is queued and running."""
     with httpx.Client(timeout=3600) as client:
-        send_small = rerank_sender(client, url, _body(small))
+        send_small = rerank_sender(client, f"{base_url}/rerank", _body(small))
         alone = timed_requests(send_small, settings.small_requests, settings.max_seconds)
         big_done = threading.Event()
         big_seconds = [0.0]
@@ -241,17 +247,24 @@ def _fairness(url: str, small: Workload, big: Workload, settings: BenchSettings)
         def send_big() -> None:
             with httpx.Client(timeout=3600) as big_client:
                 started = time.perf_counter()
-                rerank_sender(big_client, url, _body(big))()
+                rerank_sender(big_client, f"{base_url}/rerank", _body(big))()
                 big_seconds[0] = time.perf_counter() - started
                 big_done.set()
 
         thread = threading.Thread(target=send_big)
         thread.start()
-        time.sleep(0.5)  # let the big request's pairs reach the queue first
+        # The small requests go once the big one's pairs are queued (a GPU may finish it within a second).
+        deadline = time.perf_counter() + 60
+        while not big_done.is_set() and time.perf_counter() < deadline:
+            if _queued_pairs(client, base_url) > 0:
+                break
+            time.sleep(0.002)
         during: list[float] = []
         while not big_done.is_set() and len(during) < 10 * settings.small_requests:
             during += timed_requests(send_small, 1, settings.max_seconds)
         thread.join()
+    if not during:
+        raise RuntimeError(f"the {len(big.documents)}-document request was done before a small one could run")
     return Fairness(percentile(alone, 95), percentile(during, 95), len(during), big_seconds[0])
 
 
@@ -299,7 +312,7 @@ def bench_rerankd(
                 workloads[0].documents[: settings.small_request],
                 workloads[0].pair_lengths[: settings.small_request],
             )
-            run.fairness = _fairness(f"{url}/rerank", small, big, settings)
+            run.fairness = _fairness(url, small, big, settings)
         peak = server.peak_rss()
     for measurement in run.measurements:
         measurement.peak_rss = peak
