@@ -295,8 +295,8 @@ def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_o
     token_ids = sequences(4, [10, 11, 12, 13, 14, 15])
     assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
     executor.shutdown()
-    launch, collect = ("launch", 0), ("collect", 0)
-    assert device.events == [launch, ("launch", 1), collect, ("launch", 2), ("collect", 1), ("collect", 2)]
+    order = ["launch 0", "launch 1", "collect 0", "launch 2", "collect 1", "collect 2"]
+    assert [f"{event} {index}" for event, index in device.events] == order
 
 
 def first_two_requests_timings(launch) -> tuple[RequestTiming, RequestTiming]:

@@ -103,9 +103,9 @@ class TorchBackend(RerankBackend):
         in it waits for the device), and `result` waits for the logits' copy back."""
         longest = max(len(ids) for ids in input_ids)
         # Page-locked host buffers make the copies to a GPU asynchronous (pinning needs a CUDA runtime).
-        pin = self._device.type == "cuda"
-        padded = torch.full((len(input_ids), longest), self._pad_id, dtype=torch.long, pin_memory=pin)
-        mask = torch.zeros((len(input_ids), longest), dtype=torch.long, pin_memory=pin)
+        on_gpu = self._device.type == "cuda"
+        padded = torch.full((len(input_ids), longest), self._pad_id, dtype=torch.long, pin_memory=on_gpu)
+        mask = torch.zeros((len(input_ids), longest), dtype=torch.long, pin_memory=on_gpu)
         for row, ids in enumerate(input_ids):
             padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
@@ -115,7 +115,7 @@ class TorchBackend(RerankBackend):
             logits = self.model.relevance_logits(
                 padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True), layout
             )
-            if pin:
+            if on_gpu:
                 return DeviceLogits.copied_from(logits)
         scores = logits.tolist()
         if self._heap is not None:

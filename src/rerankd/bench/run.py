@@ -238,8 +238,9 @@ def _queued_pairs(client: httpx.Client, base_url: str) -> float:
 
 def _fairness(base_url: str, small: Workload, big: Workload, settings: BenchSettings) -> Fairness:
     """p95 of small requests alone, then while one big request is queued and running."""
+    rerank_url = f"{base_url}/rerank"
     with httpx.Client(timeout=3600) as client:
-        send_small = rerank_sender(client, f"{base_url}/rerank", _body(small))
+        send_small = rerank_sender(client, rerank_url, _body(small))
         alone = timed_requests(send_small, settings.small_requests, settings.max_seconds)
         big_done = threading.Event()
         big_seconds = [0.0]
@@ -247,7 +248,7 @@ def _fairness(base_url: str, small: Workload, big: Workload, settings: BenchSett
         def send_big() -> None:
             with httpx.Client(timeout=3600) as big_client:
                 started = time.perf_counter()
-                rerank_sender(big_client, f"{base_url}/rerank", _body(big))()
+                rerank_sender(big_client, rerank_url, _body(big))()
                 big_seconds[0] = time.perf_counter() - started
                 big_done.set()
 

@@ -128,7 +128,6 @@ class _Request:
 @dataclass(frozen=True)
 class _LaunchedBatch:
     batch: list[tuple[_Request, int]]
-    lengths: list[int]  # tokens of each pair
     started: float
     logits: PendingLogits
 
@@ -257,7 +256,7 @@ class BatchScheduler:
         except Exception as error:  # a failed forward fails only the requests in this batch
             self._fail_batch(batch, error)
             return None
-        return _LaunchedBatch(batch, [len(ids) for ids in sequences], started, logits)
+        return _LaunchedBatch(batch, started, logits)
 
     async def _collect(self, launched: _LaunchedBatch) -> None:
         """Wait for a launched batch's logits (off the event loop when the device still runs) and deliver."""
@@ -271,7 +270,7 @@ class BatchScheduler:
             self._fail_batch(launched.batch, error)
             return
         if self._on_batch is not None:
-            lengths = launched.lengths
+            lengths = [len(request.token_ids[index]) for request, index in launched.batch]
             seconds = time.perf_counter() - launched.started
             self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
         self._deliver(launched.batch, logits)
