@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from rerankd.backends.registry import load_backend
 from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import percentile
+from rerankd.bench.run import BenchSettings
 from rerankd.bench.workloads import make_workloads
 from rerankd.quality.beir import load_beir
 
@@ -191,3 +193,15 @@ def test_bench_on_cuda_without_a_gpu_says_so(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert "--device cuda: CUDA is not available" in completed.stderr
     assert not (tmp_path / "B.md").exists()
+
+
+def test_timed_requests_and_warm_up_follow_the_device(tmp_path: Path) -> None:
+    """Three requests per measurement on a CPU (seconds each), a hundred on CUDA (milliseconds each), split
+    among the clients; on CUDA every workload is scored once before timing, so first-shape costs stay out."""
+    cpu = BenchSettings(data=tmp_path, models={})
+    assert (cpu.requests_per_client(1), cpu.requests_per_client(8)) == (3, 1)
+    assert not cpu.warms_up_whole_workloads
+    cuda = replace(cpu, device="cuda")
+    assert (cuda.requests_per_client(1), cuda.requests_per_client(8)) == (100, 12)
+    assert cuda.warms_up_whole_workloads
+    assert replace(cuda, max_requests=16).requests_per_client(8) == 2

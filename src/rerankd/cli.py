@@ -196,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--passages", type=_positive, default=64, help="documents in the passages workload")
     bench.add_argument("--long-documents", type=_positive, default=16, help="documents in the long workload")
-    bench.add_argument("--max-requests", type=_positive, default=3, help="timed requests per measurement")
+    bench.add_argument(
+        "--max-requests",
+        type=_positive,
+        default=None,
+        help="timed requests per measurement, split among its clients (default: 3 on a CPU, 100 on CUDA)",
+    )
     bench.add_argument(
         "--max-seconds", type=float, default=60.0, help="stop a measurement after this (≥1 request)"
     )

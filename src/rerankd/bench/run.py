@@ -98,6 +98,11 @@ class BenchModel:
         )
 
 
+# Timed requests per measurement unless asked. A CPU takes seconds over a 64-passage request, so three
+# suffice; a GPU answers one in tens of milliseconds, where three would time mostly noise.
+DEFAULT_MAX_REQUESTS = {"cpu": 3, "cuda": 100}
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     data: Path
@@ -107,7 +112,7 @@ class BenchSettings:
     llamacpp: tuple[Path, Path] | None = None  # a BERT reranker: (transformers folder, the same as GGUF)
     passages: int = 64
     long_documents: int = 16
-    max_requests: int = 3
+    max_requests: int | None = None  # timed requests per measurement; None: DEFAULT_MAX_REQUESTS[device]
     max_seconds: float = 60.0
     clients: int = 8
     big_request: int = 1000
@@ -115,6 +120,20 @@ class BenchSettings:
     small_requests: int = 10
     log_dir: Path = Path("bench-logs")
     device: str = "cpu"  # where every contender runs: cpu or cuda
+
+    @property
+    def timed_requests(self) -> int:
+        return self.max_requests or DEFAULT_MAX_REQUESTS[self.device]
+
+    def requests_per_client(self, clients: int) -> int:
+        """The measurement's timed requests split among its clients, at least one each."""
+        return max(1, self.timed_requests // clients)
+
+    @property
+    def warms_up_whole_workloads(self) -> bool:
+        """A GPU pays the first time it meets a batch shape (cuBLAS picks kernels, a CUDA graph is captured),
+        so there every contender scores each workload once before it is timed; on a CPU a short call does."""
+        return self.device == "cuda"
 
 
 @dataclass
@@ -169,6 +188,14 @@ def _warm_up(url: str, workload: Workload, model: str | None) -> None:
     httpx.post(url, json=_body(warm, model), timeout=600).raise_for_status()
 
 
+def _warm_up_server(settings: BenchSettings, url: str, workloads: list[Workload], model: str | None) -> None:
+    if not settings.warms_up_whole_workloads:
+        _warm_up(url, workloads[0], model)
+        return
+    for workload in workloads:
+        httpx.post(url, json=_body(workload, model), timeout=3600).raise_for_status()
+
+
 def _served_scores(url: str, workload: Workload) -> list[float]:
     """The server's relevance scores for the workload's documents, in input order."""
     response = httpx.post(url, json=_body(workload), timeout=3600)
@@ -189,7 +216,7 @@ def _http_measure(
     model: str | None,
     flops: float,
 ) -> Measurement:
-    requests = settings.max_requests if clients == 1 else 1
+    requests = settings.requests_per_client(clients)
     latencies, done, seconds = http_load(url, _body(workload, model), clients, requests, settings.max_seconds)
     logger.info(
         "%s %s, %d client(s): %.2f pairs/s",
@@ -220,7 +247,7 @@ def _measure_server(
     served_name: str | None = None,
 ) -> list[Measurement]:
     """Warm up, then every workload from one client and the first from `settings.clients` at once."""
-    _warm_up(url, workloads[0], served_name)
+    _warm_up_server(settings, url, workloads, served_name)
     runs = [(workload, 1) for workload in workloads] + [(workloads[0], settings.clients)]
     return [
         _http_measure(
@@ -376,8 +403,9 @@ def bench_crossencoder(
         "model": str(model.folder),
         "dtype": dtype,
         "device": settings.device,
-        "max_requests": settings.max_requests,
+        "max_requests": settings.timed_requests,
         "max_seconds": settings.max_seconds,
+        "warm_up_whole_workloads": settings.warms_up_whole_workloads,
         "workloads": [{"name": w.name, "query": w.query, "documents": w.documents} for w in workloads],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
