@@ -3,8 +3,9 @@
 Contenders: rerankd over HTTP (1 client and N concurrent clients), sentence-transformers `CrossEncoder.rank`
 in fp32 and bf16 in a process of its own, and Infinity (`infinity-emb`) over HTTP, on DeBERTa models; and
 rerankd serving a BERT GGUF through its llama.cpp backend against sentence-transformers on the same weights.
-Every one gets a random-weight model at a real geometry with a real tokenizer, one warm-up call, then timed
-calls; the scores of rerankd and sentence-transformers on the same model are compared too.
+Every one gets a random-weight model at a real geometry with a real tokenizer, a warm-up (one short call on a
+CPU, each workload once on a GPU), then timed calls; the scores of rerankd and sentence-transformers on the
+same model are compared too.
 """
 
 from __future__ import annotations
