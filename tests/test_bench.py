@@ -20,7 +20,7 @@ from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import percentile
 from rerankd.bench.run import BenchSettings
-from rerankd.bench.workloads import make_workloads
+from rerankd.bench.workloads import Workload, make_workloads
 from rerankd.quality.beir import load_beir
 
 
@@ -199,9 +199,14 @@ def test_timed_requests_and_warm_up_follow_the_device(tmp_path: Path) -> None:
     """Three requests per measurement on a CPU (seconds each), a hundred on CUDA (milliseconds each), split
     among the clients; on CUDA every workload is scored once before timing, so first-shape costs stay out."""
     cpu = BenchSettings(data=tmp_path, models={})
+    workloads = [
+        Workload("passages", "q", [f"d{i}" for i in range(12)], [5] * 12),
+        Workload("long", "q", ["x"], [9]),
+    ]
     assert (cpu.requests_per_client(1), cpu.requests_per_client(8)) == (3, 1)
-    assert not cpu.warms_up_whole_workloads
+    [short] = cpu.warm_ups(workloads)
+    assert short.documents == workloads[0].documents[:8]
     cuda = replace(cpu, device="cuda")
     assert (cuda.requests_per_client(1), cuda.requests_per_client(8)) == (100, 12)
-    assert cuda.warms_up_whole_workloads
+    assert cuda.warm_ups(workloads) == workloads
     assert replace(cuda, max_requests=16).requests_per_client(8) == 2

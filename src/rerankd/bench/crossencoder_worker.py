@@ -25,14 +25,8 @@ def main(spec_path: str) -> None:
     dtype = getattr(torch, spec["dtype"])
     model = CrossEncoder(spec["model"], device=spec["device"], model_kwargs={"dtype": dtype})
     first = spec["workloads"][0]
-    # Warmed up as the servers are: every workload whole on a GPU, 8 of the first's documents on a CPU.
-    warm_ups = (
-        spec["workloads"]
-        if spec["warm_up_whole_workloads"]
-        else [first | {"documents": first["documents"][:8]}]
-    )
-    for workload in warm_ups:
-        model.rank(workload["query"], workload["documents"])
+    for warm_up in spec["warm_ups"]:  # as the servers are warmed up
+        model.rank(warm_up["query"], warm_up["documents"])
     runs = []
     for workload in spec["workloads"]:
         start = time.perf_counter()

@@ -122,19 +122,15 @@ class BenchSettings:
     log_dir: Path = Path("bench-logs")
     device: str = "cpu"  # where every contender runs: cpu or cuda
 
-    @property
-    def timed_requests(self) -> int:
-        return self.max_requests or DEFAULT_MAX_REQUESTS[self.device]
-
     def requests_per_client(self, clients: int) -> int:
         """The measurement's timed requests split among its clients, at least one each."""
-        return max(1, self.timed_requests // clients)
+        return max(1, (self.max_requests or DEFAULT_MAX_REQUESTS[self.device]) // clients)
 
-    @property
-    def warms_up_whole_workloads(self) -> bool:
-        """A GPU pays the first time it meets a batch shape (cuBLAS picks kernels, a CUDA graph is captured),
-        so there every contender scores each workload once before it is timed; on a CPU a short call does."""
-        return self.device == "cuda"
+    def warm_ups(self, workloads: list[Workload]) -> list[Workload]:
+        """What every contender scores untimed before it is timed. A GPU pays the first time it meets a batch
+        shape (cuBLAS picks kernels, a CUDA graph is captured), so there each workload whole; on a CPU a
+        short call does."""
+        return workloads if self.device == "cuda" else [_short_warm_up(workloads[0])]
 
 
 @dataclass
@@ -184,17 +180,13 @@ def _body(workload: Workload, model: str | None = None) -> dict[str, object]:
     return body
 
 
-def _warm_up(url: str, workload: Workload, model: str | None) -> None:
-    warm = Workload("warm-up", workload.query, workload.documents[:8], workload.pair_lengths[:8])
-    httpx.post(url, json=_body(warm, model), timeout=600).raise_for_status()
+def _short_warm_up(workload: Workload) -> Workload:
+    return Workload("warm-up", workload.query, workload.documents[:8], workload.pair_lengths[:8])
 
 
-def _warm_up_server(settings: BenchSettings, url: str, workloads: list[Workload], model: str | None) -> None:
-    if not settings.warms_up_whole_workloads:
-        _warm_up(url, workloads[0], model)
-        return
+def _warm_up(url: str, workloads: list[Workload], model: str | None) -> None:
     for workload in workloads:
-        httpx.post(url, json=_body(workload, model), timeout=3600).raise_for_status()
+        httpx.post(url, json=_body(workload, model), timeout=600).raise_for_status()
 
 
 def _served_scores(url: str, workload: Workload) -> list[float]:
@@ -248,7 +240,7 @@ def _measure_server(
     served_name: str | None = None,
 ) -> list[Measurement]:
     """Warm up, then every workload from one client and the first from `settings.clients` at once."""
-    _warm_up_server(settings, url, workloads, served_name)
+    _warm_up(url, settings.warm_ups(workloads), served_name)
     runs = [(workload, 1) for workload in workloads] + [(workloads[0], settings.clients)]
     return [
         _http_measure(
@@ -355,7 +347,7 @@ def rerankd_bf16_peak_rss(settings: BenchSettings, model: BenchModel, workload: 
     command = _serve_command(settings, model, port, "--dtype", "bfloat16")
     log = _log(settings, "rerankd-bf16", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
-        _warm_up(f"{url}/rerank", workload, None)
+        _warm_up(f"{url}/rerank", [_short_warm_up(workload)], None)
         return server.peak_rss()
 
 
@@ -404,9 +396,9 @@ def bench_crossencoder(
         "model": str(model.folder),
         "dtype": dtype,
         "device": settings.device,
-        "max_requests": settings.timed_requests,
+        "max_requests": settings.requests_per_client(1),
         "max_seconds": settings.max_seconds,
-        "warm_up_whole_workloads": settings.warms_up_whole_workloads,
+        "warm_ups": [{"query": w.query, "documents": w.documents} for w in settings.warm_ups(workloads)],
         "workloads": [{"name": w.name, "query": w.query, "documents": w.documents} for w in workloads],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
