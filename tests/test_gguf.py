@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -32,9 +32,12 @@ from rerankd.devtools.random_model import write_random_model
 from rerankd.formats import gguf_writer
 from rerankd.formats.gguf_layout import parse_variant_file_name, variant_file_name
 from rerankd.formats.gguf_reader import (
+    LEADING_BYTES,
     DebertaGGUF,
     GGUFModelError,
+    _leading_architecture,
     find_gguf_variants,
+    gguf_architecture,
     open_deberta_gguf,
 )
 from rerankd.formats.gguf_writer import GGUFExportError, export_gguf, read_vocabulary
@@ -565,6 +568,29 @@ BROKEN_FILES = {
     ),
     "no such file": (lambda plain, out: out, "no such file"),
 }
+
+
+def test_the_architecture_is_read_from_the_first_key_or_found_by_parsing(
+    plain_tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """gguf's writer puts general.architecture first, where it is read from the file's first bytes; a file
+    that keeps it after another key, or stores its numbers big-endian, is parsed to find it."""
+    assert _leading_architecture(plain_tiny_gguf.read_bytes()[:LEADING_BYTES]) == "deberta"
+    assert gguf_architecture(plain_tiny_gguf) == "deberta"
+    named_first = GGUFWriter(tmp_path / "named-first.gguf", "bert")
+    named_first.add_name("a model")
+    named_first.kv_data[0] = dict(reversed(named_first.kv_data[0].items()))
+    big_endian = GGUFWriter(tmp_path / "big-endian.gguf", "jina-bert-v2", endianess=GGUFEndian.BIG)
+    for writer, architecture in ((named_first, "bert"), (big_endian, "jina-bert-v2")):
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        head = Path(writer.path).read_bytes()[:LEADING_BYTES]
+        assert _leading_architecture(head) is None
+        assert gguf_architecture(Path(writer.path)) == architecture
+    with pytest.raises(GGUFModelError, match="not a readable GGUF file"):
+        gguf_architecture(_written(tmp_path / "junk.gguf", b"{}\n"))
 
 
 @pytest.mark.parametrize("case", list(BROKEN_FILES))

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
 from rerankd.engine.scheduler import DEFAULT_BATCH_TOKENS
+from rerankd.formats.gguf_reader import GGUFModelError, read_gguf
 from rerankd.formats.tokenizer import TOKENIZER_JSON
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ LLAMACPP_ARCHITECTURES = ("bert", "jina-bert-v2", "modern-bert", "neo-bert")
 MAX_SEQUENCES = 256
 PHANTOM_SPACE = "\u2581"
 WORDPIECE_PREFIX = "##"
-
-
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file, to choose its backend."""
-    return _string(_open(path), gguf.Keys.General.ARCHITECTURE) or ""
 
 
 def load_llamacpp_backend(path: Path, options: BackendOptions) -> LlamaCppBackend:
@@ -316,10 +312,9 @@ def _from_phantom_space(token: str) -> str:
 
 def _open(path: Path) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(path)
-    # GGUFReader reports a bad file as ValueError, KeyError, IndexError, OverflowError or numpy errors.
-    except Exception as error:
-        raise ModelLoadError(f"{path}: not a readable GGUF file: {error}") from error
+        return read_gguf(path)
+    except GGUFModelError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def _value(reader: gguf.GGUFReader, key: str) -> Any:

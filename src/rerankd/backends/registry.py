@@ -6,9 +6,10 @@ from pathlib import Path
 
 from rerankd.backends.base import BackendOptions, ModelLoadError, RerankBackend
 from rerankd.backends.gguf_backend import load_gguf_backend, pick_gguf_file
-from rerankd.backends.llamacpp_backend import LLAMACPP_ARCHITECTURES, gguf_architecture, load_llamacpp_backend
+from rerankd.backends.llamacpp_backend import LLAMACPP_ARCHITECTURES, load_llamacpp_backend
 from rerankd.backends.torch_backend import load_safetensors_backend
 from rerankd.formats.gguf_layout import ARCHITECTURE as DEBERTA_ARCHITECTURE
+from rerankd.formats.gguf_reader import GGUFModelError, gguf_architecture
 from rerankd.formats.safetensors import has_safetensors
 
 BACKENDS = ("torch", "gguf", "llamacpp")
@@ -54,7 +55,10 @@ def _gguf_file(path: Path, gguf_variant: str | None) -> Path | None:
 
 
 def _gguf_backend(path: Path) -> str:
-    architecture = gguf_architecture(path)
+    try:
+        architecture = gguf_architecture(path)
+    except GGUFModelError as error:
+        raise ModelLoadError(str(error)) from error
     if architecture == DEBERTA_ARCHITECTURE:
         return "gguf"
     if architecture in LLAMACPP_ARCHITECTURES:

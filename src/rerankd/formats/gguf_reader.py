@@ -8,12 +8,17 @@ one GGUFModelError naming the file. Weights are then read one tensor at a time f
 A config.json or tokenizer.json next to the file (Antfly's model folders carry both) is preferred to
 what the metadata implies, since the metadata stores only part of the config and the tokenizer's
 normalization is exact only with SentencePiece's precompiled table, which Antfly's files lack.
+
+Any GGUF file's architecture (which picks its backend) and metadata are read here too, for the registry
+and the llama.cpp backend: gguf's GGUFReader parses arrays one element at a time, so a 128,001-token
+vocabulary makes a plain open take 8-12 s on the development machine.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, Keys, ReaderTensor, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, Keys, ReaderTensor, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers
 
@@ -41,6 +46,8 @@ from rerankd.formats.tokenizer import TOKENIZER_JSON, TokenizerLoadError, load_t
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 
 SIDECAR_CONFIG = "config.json"
+# Enough of a file's start for its header and a first key holding the architecture.
+LEADING_BYTES = 256
 SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -164,7 +171,7 @@ class DebertaGGUF:
 
 def open_deberta_gguf(path: Path) -> DebertaGGUF:
     """Open and validate `path`; raises GGUFModelError for anything that would fail or misbehave later."""
-    reader = _read(path)
+    reader = read_gguf(path)
     architecture = _string(path, reader, Keys.General.ARCHITECTURE)
     if architecture != ARCHITECTURE:
         raise GGUFModelError(
@@ -250,7 +257,40 @@ def tokenizer_from_vocabulary(
     return tokenizer
 
 
-def _read(path: Path) -> GGUFReader:
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture`, which decides the backend that then reads the file. gguf's writer (llama.cpp's
+    converters, Antfly's exports) stores it as the first key, so it is read from the file's first bytes;
+    parsing the whole file first would cost 3 s for a DeBERTa-v3 vocabulary. Any other file is parsed."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(LEADING_BYTES)
+    except OSError:
+        head = b""  # read_gguf names the problem
+    leading = _leading_architecture(head)
+    if leading is not None:
+        return leading
+    return _string(path, read_gguf(path), Keys.General.ARCHITECTURE)
+
+
+def _leading_architecture(head: bytes) -> str | None:
+    """The architecture when a little-endian GGUF v2/v3 file's first key holds it; None for anything else."""
+    try:
+        magic, version, _tensors, _keys, key_length = struct.unpack_from("<4sIQQQ", head)
+        if magic != b"GGUF" or version not in (2, 3):
+            return None
+        offset = struct.calcsize("<4sIQQQ")
+        key = head[offset : offset + key_length]
+        value_type, value_length = struct.unpack_from("<IQ", head, offset + key_length)
+        if key != Keys.General.ARCHITECTURE.encode() or value_type != GGUFValueType.STRING:
+            return None
+        value = head[offset + key_length + 12 : offset + key_length + 12 + value_length]
+        return value.decode() if len(value) == value_length else None
+    except (struct.error, UnicodeDecodeError):
+        return None
+
+
+def read_gguf(path: Path) -> GGUFReader:
+    """The file's metadata and tensor index, through the fast reader; GGUFModelError when unreadable."""
     if not path.is_file():
         raise GGUFModelError(path, "is not a file" if path.exists() else "no such file")
     try:
