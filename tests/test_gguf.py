@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -589,8 +590,10 @@ def test_the_architecture_is_read_from_the_first_key_or_found_by_parsing(
         head = Path(writer.path).read_bytes()[:LEADING_BYTES]
         assert _leading_architecture(head) is None
         assert gguf_architecture(Path(writer.path)) == architecture
-    with pytest.raises(GGUFModelError, match="not a readable GGUF file"):
-        gguf_architecture(_written(tmp_path / "junk.gguf", b"{}\n"))
+    huge_key = struct.pack("<4sIQQQ", b"GGUF", 3, 0, 1, 2**64 - 1) + bytes(64)
+    for name, data in (("junk.gguf", b"{}\n"), ("huge-key.gguf", huge_key)):
+        with pytest.raises(GGUFModelError, match="not a readable GGUF file"):
+            gguf_architecture(_written(tmp_path / name, data))
 
 
 @pytest.mark.parametrize("case", list(BROKEN_FILES))

@@ -48,6 +48,10 @@ from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 SIDECAR_CONFIG = "config.json"
 # Enough of a file's start for its header and a first key holding the architecture.
 LEADING_BYTES = 256
+# The header (magic, version, tensor count, key count) and the first key's length; a value's type and, for a
+# string, its length.
+_HEADER = struct.Struct("<4sIQQQ")
+_STRING_VALUE = struct.Struct("<IQ")
 SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -275,15 +279,17 @@ def gguf_architecture(path: Path) -> str:
 def _leading_architecture(head: bytes) -> str | None:
     """The architecture when a little-endian GGUF v2/v3 file's first key holds it; None for anything else."""
     try:
-        magic, version, _tensors, _keys, key_length = struct.unpack_from("<4sIQQQ", head)
+        magic, version, _tensors, _keys, key_length = _HEADER.unpack_from(head)
         if magic != b"GGUF" or version not in (2, 3):
             return None
-        offset = struct.calcsize("<4sIQQQ")
-        key = head[offset : offset + key_length]
-        value_type, value_length = struct.unpack_from("<IQ", head, offset + key_length)
+        key_end = _HEADER.size + key_length
+        if key_end + _STRING_VALUE.size > len(head):
+            return None
+        value_type, value_length = _STRING_VALUE.unpack_from(head, key_end)
+        key = head[_HEADER.size : key_end]
         if key != Keys.General.ARCHITECTURE.encode() or value_type != GGUFValueType.STRING:
             return None
-        value = head[offset + key_length + 12 : offset + key_length + 12 + value_length]
+        value = head[key_end + _STRING_VALUE.size : key_end + _STRING_VALUE.size + value_length]
         return value.decode() if len(value) == value_length else None
     except (struct.error, UnicodeDecodeError):
         return None
