@@ -655,6 +655,8 @@ def test_antfly_exported_q8_0_loads_and_scores(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(xsmall_model_dir / name, out.parent / name)
     model = open_deberta_gguf(out)
+    with out.open("rb") as file:  # the backend is picked from the file's first bytes
+        assert _leading_architecture(file.read(LEADING_BYTES)) == "deberta"
     assert model.tensor_types["embeddings.word_embeddings.weight"] == "Q8_0"
     assert model.file_type == "Q8_0"
     logits = gguf_logits(model, model.tokenizer())
