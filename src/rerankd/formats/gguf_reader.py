@@ -262,9 +262,10 @@ def tokenizer_from_vocabulary(
 
 
 def gguf_architecture(path: Path) -> str:
-    """`general.architecture`, which decides the backend that then reads the file. gguf's writer (llama.cpp's
-    converters, Antfly's exports) stores it as the first key, so it is read from the file's first bytes;
-    parsing the whole file first would cost 3 s for a DeBERTa-v3 vocabulary. Any other file is parsed."""
+    """`general.architecture`, which decides the backend that then reads the file. gguf's writer (which
+    llama.cpp's converters use) and Antfly's exporter store it as the first key, so it is read from the file's
+    first bytes; parsing the whole file first would cost 3 s for a DeBERTa-v3 vocabulary. Any other file is
+    parsed."""
     try:
         with path.open("rb") as file:
             head = file.read(LEADING_BYTES)
