@@ -4,8 +4,6 @@ type against the safetensors model at the base geometry, errors, and memory whil
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ from rerankd.quality.validate import beir_case, render_table, validate
 
 from conftest import SHARED_TOKENIZER
 from fakehub import FakeHub, point_huggingface_hub_at
+from memory import HAS_PROC_STATUS, load_memory
 from serving import running_server
 
 EXPORTS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q4_K": "q4_k"}
@@ -140,24 +139,7 @@ def test_base_geometry_round_trip_of_every_export_type(
     assert drift["Q8_0"] < drift["Q4_K"]
 
 
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest) across exec.
-RSS_PROBE = """
-import sys
-from pathlib import Path
-from rerankd.backends.base import BackendOptions
-from rerankd.backends.registry import load_backend
-
-def status_mb(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-
-backend = load_backend(Path(sys.argv[1]), BackendOptions(dtype=sys.argv[2]))
-print(status_mb("VmHWM"), status_mb("VmRSS"))
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+@pytest.mark.skipif(not HAS_PROC_STATUS, reason="reads RSS from /proc")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_memory_while_loading_stays_under_one_and_a_half_times_loaded(
     spread_base_model: Path, tmp_path_factory: pytest.TempPathFactory, dtype: str
@@ -166,14 +148,10 @@ def test_peak_memory_while_loading_stays_under_one_and_a_half_times_loaded(
     path = folder / "base.Q8_0.gguf"
     if not path.exists():
         export_gguf(spread_base_model, path, "q8_0")
-    probe = subprocess.run(
-        [sys.executable, "-c", RSS_PROBE, str(path), dtype], capture_output=True, text=True, timeout=300
-    )
-    assert probe.returncode == 0, probe.stderr
-    peak, loaded = map(float, probe.stdout.split())
+    memory = load_memory(path, dtype)
     # The bound is 1.5x; dropping each tensor's mapped pages once copied brought it from 1.32/1.45x
     # (fp32/bf16) to 1.10/1.15x, and 1.25x keeps that from regressing unnoticed.
-    assert peak < 1.25 * loaded, f"peak {peak:.0f} MB vs loaded {loaded:.0f} MB"
+    assert memory.peak < 1.25 * memory.loaded, f"peak {memory.peak:.0f} MB vs loaded {memory.loaded:.0f} MB"
 
 
 def test_served_over_http(xsmall_variants: Path, tmp_path: Path) -> None:

@@ -11,14 +11,20 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from rerankd.backends import torch_backend
 from rerankd.backends.base import BackendOptions
+from rerankd.backends.registry import load_backend
 from rerankd.bench.machine import describe_machine
 from rerankd.engine import precision
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
-from rerankd.fidelity import builtin_cases
+from rerankd.engine.tokenize import PairTokenizer
+from rerankd.fidelity import MOCKINGBIRD, builtin_cases
+from rerankd.modeling.reference_rows import Float32Rows
+
+from memory import HAS_PROC_STATUS, load_memory
 
 QUERY, DOCUMENTS = builtin_cases()[3].queries[0]
 # The real probe, taken before conftest's autouse fixture replaces it for every test.
@@ -73,3 +79,45 @@ def test_explicit_dtype_is_never_second_guessed(
 ) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
     assert logits(xsmall_model_dir, "float32")[0] == "float32"
+
+
+def test_the_check_scores_float32_exactly_from_the_rows_of_its_own_tokens(
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named the check's pairs, the backend loads its word embeddings in bf16 beside float32 copies of those
+    pairs' rows. The check's float32 scores are then a whole float32 model's, bit for bit, and after the cast
+    the model is the one a whole float32 load cast to bf16 gives."""
+    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    split = load_backend(xsmall_model_dir, BackendOptions(reference_pairs=precision.reference_pairs()))
+    whole = load_backend(xsmall_model_dir, BackendOptions())
+    assert isinstance(split.model.word_embeddings, Float32Rows)
+    assert split.model.word_embeddings.serving.weight.dtype == torch.bfloat16
+    tokenizer = PairTokenizer(split.tokenizer, split.info.max_length)
+    cases = builtin_cases()
+    assert precision.case_scores(split, tokenizer, cases) == precision.case_scores(whole, tokenizer, cases)
+
+    split.cast("bfloat16")
+    whole.cast("bfloat16")
+    assert isinstance(split.model.word_embeddings, torch.nn.Embedding)
+    pairs = tokenizer.encode_pairs("an unrelated query", ["words the check never saw", "zebra"])
+    assert split.relevance_logits(pairs) == whole.relevance_logits(pairs)
+
+
+def test_a_token_the_check_did_not_name_has_no_float32_row(
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    backend = load_backend(xsmall_model_dir, BackendOptions(reference_pairs=(("a", "b"),)))
+    pairs = PairTokenizer(backend.tokenizer, 512).encode_pairs(MOCKINGBIRD, ["Harper Lee"])
+    with pytest.raises(ValueError, match="no float32 row"):
+        backend.relevance_logits(pairs)
+
+
+@pytest.mark.skipif(not HAS_PROC_STATUS, reason="reads RSS from /proc")
+def test_auto_loads_base_within_the_memory_of_bf16_not_float32(base_model_dir: Path) -> None:
+    """The float32 model is never whole in memory: `--dtype auto` peaked at 1.44 GB on base when it loaded
+    float32 and cast (1.72x the bf16 load), and at 1.10 GB (1.31x) with the table split."""
+    auto = load_memory(base_model_dir, "auto", bf16_units=True)
+    assert auto.dtype == "bfloat16"
+    bf16 = load_memory(base_model_dir, "bfloat16", bf16_units=True)
+    assert auto.peak < 1.5 * bf16.loaded, f"auto peaked at {auto.peak:.0f} MB; bf16 loaded, {bf16.loaded:.0f}"

@@ -24,6 +24,10 @@ class BackendOptions:
     # The engine's largest batch, for backends that size a fixed context up front (llama.cpp).
     batch_tokens: int | None = None  # None: the scheduler's default for the device
     batch_pairs: int = 64
+    # The (query, document) pairs `--dtype auto` scores in float32 before keeping a faster dtype. Given, the
+    # model loads in the faster dtype but for the layers and these pairs' word-embedding rows (`cast` then
+    # finishes the conversion), so the float32 model is never whole in memory.
+    reference_pairs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -36,5 +36,9 @@ class HeapTrimmer:
 
     def batch_done(self) -> None:
         self._batches += 1
-        if self._trim is not None and self._batches % BATCHES_PER_TRIM == 0:
+        if self._batches % BATCHES_PER_TRIM == 0:
+            self.trim()
+
+    def trim(self) -> None:
+        if self._trim is not None:
             self._trim(0)

@@ -28,7 +28,8 @@ from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import DebertaReranker, TokenLayout
 from rerankd.modeling.onednn import bound_kernel_caches, pack_dense_layers
-from rerankd.modeling.weights import CheckpointError, TensorReader, load_reranker
+from rerankd.modeling.reference_rows import Float32Rows
+from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,19 @@ def cpu_has_bf16_units() -> bool:
     Without them (e.g. AVX2-only CPUs) bf16 is emulated and measured ~10x slower than fp32.
     """
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def faster_dtype_on(device: torch.device) -> str | None:
+    """The precision `--dtype auto` tries on `device` before settling for float32."""
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if cpu_has_bf16_units() else None
+
+
+def reference_token_ids(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], pad_id: int) -> set[int]:
+    """Every token id `pairs` put into the model, special tokens and padding included."""
+    encodings = tokenizer.encode_batch(list(pairs), add_special_tokens=True)
+    return {pad_id, *itertools.chain.from_iterable(encoding.ids for encoding in encodings)}
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -112,6 +126,8 @@ class TorchBackend(RerankBackend):
         self._device = torch.device(info.device)
         self._pad_id = model.config.pad_token_id
         self._heap = HeapTrimmer() if self._device.type == "cpu" else None
+        if self._heap is not None:  # what the load freed (read buffers, unfused projections) goes back
+            self._heap.trim()
 
     def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
         return self.launch(input_ids).result()
@@ -136,14 +152,14 @@ class TorchBackend(RerankBackend):
         return ReadyLogits(scores)
 
     def faster_dtype(self) -> str | None:
-        if self.info.dtype != "float32":
-            return None
-        if self._device.type == "cuda":
-            return "float16"
-        return "bfloat16" if cpu_has_bf16_units() else None
+        return faster_dtype_on(self._device) if self.info.dtype == "float32" else None
 
     def cast(self, dtype: str) -> None:
+        if isinstance(self.model.word_embeddings, Float32Rows):  # the table was loaded in `dtype` already
+            self.model.word_embeddings = self.model.word_embeddings.serving
         self.model.to(DTYPES[dtype])  # tensor by tensor: the peak is the weights plus one converted tensor
+        if self._heap is not None:  # the float32 weights' pages, freed in the heap, go back to the OS
+            self._heap.trim()
         self.info = replace(self.info, dtype=dtype)
 
     def prepare_for_serving(self, batch_tokens: int) -> None:
@@ -168,7 +184,12 @@ def build_torch_backend(
         dtype = resolve_dtype(options.dtype, device)
         if device.type == "cpu":
             bound_kernel_caches()
-        model = load_reranker(config, reader, dtype, device)
+        faster = faster_dtype_on(device) if options.dtype == "auto" else None
+        split = None
+        if faster is not None and options.reference_pairs:
+            token_ids = reference_token_ids(tokenizer, options.reference_pairs, config.pad_token_id)
+            split = SplitEmbeddings(DTYPES[faster], token_ids)
+        model = load_reranker(config, reader, dtype, device, split)
     except (UnsupportedModelError, CheckpointError) as error:
         raise ModelLoadError(f"{source}: {error}") from error
     except KeyError as error:

@@ -13,7 +13,7 @@ from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
 from rerankd.devtools.faults import FAULT_MARKER_ENV, FaultInjectingBackend
 from rerankd.engine.engine import EngineLimits, RerankEngine
-from rerankd.engine.precision import settle_auto_precision
+from rerankd.engine.precision import keeps_faster_precision, reference_pairs
 from rerankd.engine.scheduler import BatchLimits, BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
@@ -54,6 +54,8 @@ def load_engine(
         batch_tokens=batching.max_batch_tokens,
         batch_pairs=batching.max_batch_pairs,
     )
+    if options.dtype == "auto":
+        options = replace(options, reference_pairs=reference_pairs())
     backend = load_backend(source.path, options, gguf_variant=variant)
     if os.environ.get(FAULT_MARKER_ENV):
         backend = FaultInjectingBackend(backend, os.environ[FAULT_MARKER_ENV])
@@ -61,12 +63,11 @@ def load_engine(
         max_length=min(max_length or backend.info.max_length, backend.info.max_length),
         batching=batching,
     )
-    if options.dtype == "auto":
-        backend = settle_auto_precision(
-            backend,
-            PairTokenizer(backend.tokenizer, limits.max_length),
-            lambda: load_backend(source.path, replace(options, dtype="float32"), gguf_variant=variant),
-        )
+    if options.dtype == "auto" and not keeps_faster_precision(
+        backend, PairTokenizer(backend.tokenizer, limits.max_length)
+    ):
+        del backend  # its weights are rounded now: freed before the float32 load, not held beside it
+        backend = load_backend(source.path, replace(options, dtype="float32"), gguf_variant=variant)
     engine = RerankEngine(served_name or model, backend, limits, on_batch=on_batch)
     logger.info(
         "loaded %s (%s, %s on %s, max length %d) in %.1fs",

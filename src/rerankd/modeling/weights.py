@@ -8,13 +8,15 @@ checkpoint is ever held.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.deberta import DebertaLayer, DebertaReranker, relative_slot_table
+from rerankd.modeling.reference_rows import Float32Rows
 
 
 class TensorReader(Protocol):
@@ -41,13 +43,29 @@ class _Tensors:
     def has(self, name: str) -> bool:
         return name in self._by_bare_name
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor as stored, checked against `shape`."""
         if name not in self._by_bare_name:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
         tensor = self._reader.read(self._by_bare_name[name])
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
-        return tensor.to(device=self._device, dtype=dtype or self.dtype)
+        return tensor
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.read(name, shape).to(device=self._device, dtype=dtype or self.dtype)
+
+    def word_embeddings(
+        self, shape: tuple[int, int], split: SplitEmbeddings | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The table in the load's dtype; with `split`, in its dtype, plus the kept ids and float32 rows."""
+        name = "embeddings.word_embeddings.weight"
+        if split is None:
+            return self.get(name, shape), None
+        stored = self.read(name, shape)
+        token_ids = torch.tensor(sorted(i for i in split.token_ids if 0 <= i < shape[0]), dtype=torch.long)
+        rows = stored[token_ids].to(device=self._device, dtype=torch.float32)
+        return stored.to(device=self._device, dtype=split.dtype), (token_ids.to(self._device), rows)
 
     def linear(self, prefix: str, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -64,19 +82,33 @@ class _Tensors:
         )
 
 
+@dataclass(frozen=True)
+class SplitEmbeddings:
+    """Load the word-embedding table in `dtype` (the serving one) and float32 copies of `token_ids`' rows
+    only, for a float32 pass over inputs known in advance (see `Float32Rows`)."""
+
+    dtype: torch.dtype
+    token_ids: Collection[int]
+
+
 def load_reranker(
-    config: DebertaConfig, reader: TensorReader, dtype: torch.dtype, device: torch.device
+    config: DebertaConfig,
+    reader: TensorReader,
+    dtype: torch.dtype,
+    device: torch.device,
+    split: SplitEmbeddings | None = None,
 ) -> DebertaReranker:
-    """Materialize the network from `reader` in `dtype` on `device`, in inference mode."""
+    """Materialize the network from `reader` in `dtype` on `device`, in inference mode; with `split`, its
+    word embeddings are `Float32Rows` until swapped for their `serving` table."""
     with torch.device("meta"):
         model = DebertaReranker(config)
     tensors = _Tensors(reader, dtype, device)
     hidden, embed = config.hidden_size, config.embedding_size
     inner = config.num_attention_heads * config.attention_head_size
+    # First, so that the stored table (fp32: 393 MB for base) is gone before any other weight arrives.
+    word_table, reference = tensors.word_embeddings((config.vocab_size, embed), split)
     state: dict[str, torch.Tensor] = {
-        "word_embeddings.weight": tensors.get(
-            "embeddings.word_embeddings.weight", (config.vocab_size, embed)
-        ),
+        "word_embeddings.weight": word_table,
         "embedding_norm.weight": tensors.get("embeddings.LayerNorm.weight", (hidden,)),
         "embedding_norm.bias": tensors.get("embeddings.LayerNorm.bias", (hidden,)),
         "pooler.weight": tensors.get(
@@ -125,6 +157,8 @@ def load_reranker(
 
     model.load_state_dict(state, strict=True, assign=True)
     model.slot_table = relative_slot_table(config).to(device)
+    if reference is not None:
+        model.word_embeddings = Float32Rows(model.word_embeddings, *reference)
     return model.eval().requires_grad_(False)
 
 
