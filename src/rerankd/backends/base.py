@@ -24,9 +24,9 @@ class BackendOptions:
     # The engine's largest batch, for backends that size a fixed context up front (llama.cpp).
     batch_tokens: int | None = None  # None: the scheduler's default for the device
     batch_pairs: int = 64
-    # The (query, document) pairs `--dtype auto` scores in float32 before keeping a faster dtype. Given, the
-    # model loads in the faster dtype but for the layers and these pairs' word-embedding rows (`cast` then
-    # finishes the conversion), so the float32 model is never whole in memory.
+    # The (query, document) pairs `--dtype auto` scores in float32 before it keeps a faster dtype. Given them,
+    # a backend may load its word-embedding table straight in the faster dtype, beside float32 copies of these
+    # pairs' rows, and the rest in float32 (`cast` finishes): the float32 model is never whole in memory.
     reference_pairs: tuple[tuple[str, str], ...] = ()
 
 
