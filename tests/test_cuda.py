@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -86,13 +87,41 @@ def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -
         assert logits.result() == pytest.approx(expected, abs=1e-6)
 
 
+def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
+    """Batches of several shapes, some in one bucket: replayed graphs give the eager pass's logits, one graph
+    per bucket, and once a bucket is captured its batches are queued without a synchronizing call."""
+    options = BackendOptions(device="cuda", dtype="float32")
+    eager = load_safetensors_backend(xsmall_model_dir, options)
+    graphed = load_safetensors_backend(xsmall_model_dir, replace(options, cuda_graphs=True))
+    graphed.prepare_for_serving(16384)
+    tokenizer = PairTokenizer(eager.tokenizer, 512)
+    query = "What is the capital of France?"
+    batches = [
+        tokenizer.encode_pairs(query, ["Paris.", "Bananas are yellow. " * 20, "word " * 600]),
+        tokenizer.encode_pairs(query, ["Lyon.", "Apples are red. " * 21, "term " * 600]),
+        tokenizer.encode_pairs(query, [f"Document {index} about cities." for index in range(11)]),
+        tokenizer.encode_pairs(query, ["Rome."]),
+    ]
+    for batch in batches:
+        assert graphed.relevance_logits(batch) == pytest.approx(eager.relevance_logits(batch), abs=1e-4)
+    assert sorted(graphed._graphs.shapes) == [(1, 16), (4, 512), (16, 16)]
+    expected = graphed.relevance_logits(batches[1])  # refills the page-locked buffers a capture freed
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = graphed.launch(batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert pending.result() == expected
+
+
 def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_path: Path) -> None:
     """Two pairs per batch, so a request's batches and concurrent requests' batches are queued behind running
-    ones: every concurrent answer equals the lone one."""
+    ones: every concurrent answer equals the lone one; also with the pass replayed as CUDA graphs."""
     documents = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris."]
     body = {"query": "What is the capital of France?", "documents": documents}
     scores = {}
-    for dtype in ("float32", "auto"):
+    for dtype, graphs in (("float32", False), ("auto", False), ("auto", True)):
         args = [
             "--model",
             str(xsmall_model_dir),
@@ -102,20 +131,24 @@ def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_pa
             dtype,
             "--max-batch-pairs",
             "2",
+            *(["--cuda-graphs"] if graphs else []),
         ]
-        with running_server(args, tmp_path / f"{dtype}.log", env={"RERANKD_DTYPE": dtype}) as url:
+        run = f"{dtype}{'-graphs' if graphs else ''}"
+        with running_server(args, tmp_path / f"{run}.log", env={"RERANKD_DTYPE": dtype}) as url:
             info = httpx.get(f"{url}/info").json()["models"][0]
             assert (info["device"], info["dtype"]) == ("cuda", "float32" if dtype == "float32" else "float16")
             results = httpx.post(f"{url}/rerank", json=body, timeout=60).json()["results"]
-            scores[dtype] = {result["index"]: result["relevance_score"] for result in results}
+            scores[run] = {result["index"]: result["relevance_score"] for result in results}
             with ThreadPoolExecutor(max_workers=6) as pool:
                 concurrent = pool.map(lambda _: httpx.post(f"{url}/rerank", json=body, timeout=60), range(6))
                 for response in concurrent:
                     again = {
                         result["index"]: result["relevance_score"] for result in response.json()["results"]
                     }
-                    assert again == pytest.approx(scores[dtype], abs=1e-6)
-    assert max(abs(scores["auto"][index] - scores["float32"][index]) for index in range(3)) <= MAX_SCORE_DELTA
+                    assert again == pytest.approx(scores[run], abs=1e-6)
+    for half in ("auto", "auto-graphs"):
+        drift = max(abs(scores[half][index] - scores["float32"][index]) for index in range(3))
+        assert drift <= MAX_SCORE_DELTA
 
 
 def test_bench_on_cuda(

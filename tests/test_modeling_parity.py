@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
+from rerankd.backends import torch_backend
+from rerankd.backends.cuda_graphs import bucketed_shape
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
@@ -246,3 +248,39 @@ def test_token_layout_packs_the_tokens_and_pads_with_zeros() -> None:
     assert restored.shape == (3, 4, 2)
     assert torch.equal(restored[mask.bool()], packed)
     assert not restored[~mask.bool()].any()
+
+
+def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None:
+    """What a CUDA graph computes: the batch padded to its bucket (more columns, and rows holding one pad
+    token), every position computed (`TokenLayout.dense`). Its pairs' logits equal the packed pass's and
+    the reference's."""
+    config = geometry_config("xsmall")
+    tensors = random_checkpoint({**config, "initializer_range": 0.1}, seed=2, dtype=torch.float16)
+    reference, ours = reference_and_ours(config, tensors)
+    lengths = [5, 40, 129]
+    input_ids, mask = padded_batch(lengths, config["vocab_size"], seed=3)
+    shape = bucketed_shape(len(lengths), max(lengths), max_length=512)
+    assert shape == (4, 144)
+    bucketed_ids, bucketed_mask = torch_backend.padded_batch(
+        [row[: int(real.sum())].tolist() for row, real in zip(input_ids, mask, strict=True)],
+        shape,
+        pad_id=0,
+        pin=False,
+    )
+    with torch.inference_mode():
+        expected = reference(input_ids=input_ids, attention_mask=mask).logits
+        packed = ours(input_ids, mask)
+        bucketed = ours(bucketed_ids, bucketed_mask, TokenLayout.dense(*shape, CPU))
+    assert torch.isfinite(bucketed).all()
+    assert (bucketed[: len(lengths)] - packed).abs().max().item() <= 1e-5
+    assert (bucketed[: len(lengths)] - expected).abs().max().item() <= PARITY_BOUND
+
+
+def test_dense_layout_counts_every_position() -> None:
+    layout = TokenLayout.dense(3, 4, CPU)
+    assert layout.token_rows.tolist() == list(range(12))
+    assert layout.first_tokens.tolist() == [0, 4, 8]
+    rows = torch.arange(24, dtype=torch.float32).view(12, 2)
+    padded = layout.padded(layout.packed(rows))
+    assert torch.equal(padded, rows.view(3, 4, 2))
+    assert padded.data_ptr() == rows.data_ptr()  # views, not copies

@@ -261,6 +261,7 @@ def _load_engine(
             dtype=dtype or runtime.dtype,
             threads=runtime.threads,
             backend=runtime.backend,
+            cuda_graphs=runtime.cuda_graphs,
         ),
         max_length=runtime.max_length,
         batching=BatchLimits(

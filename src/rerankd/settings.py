@@ -76,6 +76,11 @@ class RuntimeSettings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice, one per core)"
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="on CUDA, replay each batch's pass as a CUDA graph captured per bucketed batch shape "
+        "(the torch backend)",
+    )
     backend: Literal["auto", "torch", "gguf", "llamacpp"] = Field(
         "auto",
         description="what runs the model; auto = torch for safetensors and DeBERTa GGUF, llamacpp for the "

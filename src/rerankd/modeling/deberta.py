@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,7 @@ class TokenLayout:
     length: int
     token_rows: torch.Tensor  # each token's row in the padded (batch x length) layout, in order
     first_tokens: torch.Tensor  # each pair's first token's row in the packed layout
+    all_positions: bool = False  # every position is a token (`dense`): packing and padding are views
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
@@ -156,6 +157,15 @@ class TokenLayout:
         token_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
         return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths)
 
+    @classmethod
+    def dense(cls, batch: int, length: int, device: torch.device) -> TokenLayout:
+        """Every position of a (batch, length) batch counted as a token, padding included, as the reference
+        computes it: one fixed layout per shape, for a pass captured once and replayed (a CUDA graph). The
+        padding's own outputs are never read; as keys the attention mask hides them. Packing and padding
+        are then views, not copies."""
+        rows = torch.arange(batch * length, device=device)
+        return cls(batch, length, rows, torch.arange(0, batch * length, length, device=device), True)
+
     def to(self, device: torch.device) -> TokenLayout:
         """This layout on `device`; from the host to a GPU through page-locked memory, so the copies are
         queued without waiting."""
@@ -165,14 +175,18 @@ class TokenLayout:
         def moved(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.pin_memory().to(device, non_blocking=True)
 
-        return TokenLayout(self.batch, self.length, moved(self.token_rows), moved(self.first_tokens))
+        return replace(self, token_rows=moved(self.token_rows), first_tokens=moved(self.first_tokens))
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch x length, ...) rows to the tokens' rows alone."""
+        if self.all_positions:
+            return padded
         return padded.index_select(0, self.token_rows)
 
     def padded(self, packed: torch.Tensor) -> torch.Tensor:
         """(tokens, width) to (batch, length, width), zeros at the padding."""
+        if self.all_positions:
+            return packed.view(self.batch, self.length, -1)
         rows = packed.new_zeros(self.batch * self.length, packed.shape[-1])
         return rows.index_copy_(0, self.token_rows, packed).view(self.batch, self.length, -1)
 

@@ -1,0 +1,92 @@
+"""The forward pass captured as CUDA graphs, one per bucketed batch shape, and replayed.
+
+A pass of base issues some 400 kernels. Launched one by one from Python they cost the host about as long as
+the GPU takes to run them at serving batch sizes, so the device waits on the host. A captured graph is
+replayed with one launch. A graph fixes every tensor's shape and address, so each batch is padded up to a
+bucket: its pairs to 1, 2, 4 or 8, then a multiple of 8; its length to a multiple of 16. Each bucket's graph
+is captured the first time a batch needs it (vLLM and TensorRT work the same way), into one memory pool that
+all graphs share: one batch runs at a time, so their work memory is never live at once. Inside a graph every
+position is computed, padding included (`TokenLayout.dense`), as the reference computes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rerankd.modeling.deberta import DebertaReranker, TokenLayout
+
+logger = logging.getLogger(__name__)
+
+LENGTH_STEP = 16
+PAIRS_STEP = 8
+
+
+def bucketed_shape(pairs: int, length: int, max_length: int) -> tuple[int, int]:
+    """The (pairs, length) a batch is padded to, so that few shapes, each with its graph, serve any batch."""
+    rows = 1 << (pairs - 1).bit_length() if pairs <= PAIRS_STEP else -(-pairs // PAIRS_STEP) * PAIRS_STEP
+    return rows, min(-(-length // LENGTH_STEP) * LENGTH_STEP, max(length, max_length))
+
+
+@dataclass(frozen=True)
+class _CapturedPass:
+    """A graph and the tensors its kernels read and write, by address: kept alive as long as the graph."""
+
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    layout: TokenLayout
+    logits: torch.Tensor
+
+
+class CapturedPasses:
+    """Replays `model`'s pass for batches already padded to a bucketed shape, capturing each shape once."""
+
+    def __init__(self, model: DebertaReranker, device: torch.device) -> None:
+        self._model = model
+        self._device = device
+        self._pool = torch.cuda.graph_pool_handle()
+        self._captured: dict[tuple[int, int], _CapturedPass] = {}
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return list(self._captured)
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Queue the pass on host tensors (page-locked, so the copies do not wait) and return the graph's
+        logits, one per row. They are overwritten by the next replay of this shape, which the current stream
+        orders after anything queued on them before it."""
+        shape = (input_ids.shape[0], input_ids.shape[1])
+        captured = self._captured.get(shape) or self._capture(shape)
+        captured.input_ids.copy_(input_ids, non_blocking=True)
+        captured.attention_mask.copy_(attention_mask, non_blocking=True)
+        captured.graph.replay()
+        return captured.logits
+
+    def _capture(self, shape: tuple[int, int]) -> _CapturedPass:
+        started = time.perf_counter()
+        input_ids = torch.zeros(shape, dtype=torch.long, device=self._device)
+        attention_mask = torch.ones(shape, dtype=torch.long, device=self._device)
+        layout = TokenLayout.dense(*shape, self._device)
+        # A first run outside the capture sets up what must not be created in it (cuBLAS handles, workspaces).
+        warm_up = torch.cuda.Stream(self._device)
+        warm_up.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(warm_up):
+            self._model.relevance_logits(input_ids, attention_mask, layout)
+        torch.cuda.current_stream(self._device).wait_stream(warm_up)
+        graph = torch.cuda.CUDAGraph()
+        # Thread-local: another model's forward thread may launch work on the same GPU meanwhile.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._model.relevance_logits(input_ids, attention_mask, layout)
+        captured = _CapturedPass(graph, input_ids, attention_mask, layout, logits)
+        self._captured[shape] = captured
+        logger.info(
+            "captured the pass for %d pairs x %d tokens as a CUDA graph in %.0f ms (%d shapes)",
+            *shape,
+            1e3 * (time.perf_counter() - started),
+            len(self._captured),
+        )
+        return captured
