@@ -72,7 +72,8 @@ def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -
     """The backend pads, lays out and queues a whole pass and its logits' copy back without one synchronizing
     call (torch raises on any while the sync debug mode is "error"), so the scheduler can queue the next
     batch while this one runs; `result` then waits for the logits."""
-    backend = load_safetensors_backend(xsmall_model_dir, BackendOptions(device="cuda", dtype="float16"))
+    options = BackendOptions(device="cuda", dtype="float16", cuda_graphs=False)
+    backend = load_safetensors_backend(xsmall_model_dir, options)
     documents = ["Paris.", "Bananas are yellow. " * 20, "word " * 600]
     batch = PairTokenizer(backend.tokenizer, 512).encode_pairs("What is the capital of France?", documents)
     expected = backend.relevance_logits(batch)  # also fills the page-locked buffer cache
@@ -90,7 +91,7 @@ def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -
 def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
     """Batches of several shapes, some in one bucket: replayed graphs give the eager pass's logits, one graph
     per bucket, and once a bucket is captured its batches are queued without a synchronizing call."""
-    options = BackendOptions(device="cuda", dtype="float32")
+    options = BackendOptions(device="cuda", dtype="float32", cuda_graphs=False)
     eager = load_safetensors_backend(xsmall_model_dir, options)
     graphed = load_safetensors_backend(xsmall_model_dir, replace(options, cuda_graphs=True))
     graphed.prepare_for_serving(16384)
@@ -117,7 +118,7 @@ def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
 
 def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_path: Path) -> None:
     """Two pairs per batch, so a request's batches and concurrent requests' batches are queued behind running
-    ones: every concurrent answer equals the lone one; also with the pass replayed as CUDA graphs."""
+    ones: every concurrent answer equals the lone one, kernel by kernel and as CUDA graphs, the default."""
     documents = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris."]
     body = {"query": "What is the capital of France?", "documents": documents}
     scores = {}
@@ -131,7 +132,7 @@ def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_pa
             dtype,
             "--max-batch-pairs",
             "2",
-            *(["--cuda-graphs"] if graphs else []),
+            *([] if graphs else ["--no-cuda-graphs"]),
         ]
         run = f"{dtype}{'-graphs' if graphs else ''}"
         with running_server(args, tmp_path / f"{run}.log", env={"RERANKD_DTYPE": dtype}) as url:
@@ -146,6 +147,7 @@ def test_server_on_cuda_serves_float16_under_auto(xsmall_model_dir: Path, tmp_pa
                         result["index"]: result["relevance_score"] for result in response.json()["results"]
                     }
                     assert again == pytest.approx(scores[run], abs=1e-6)
+        assert ("as a CUDA graph" in (tmp_path / f"{run}.log").read_text()) == graphs
     for half in ("auto", "auto-graphs"):
         drift = max(abs(scores[half][index] - scores["float32"][index]) for index in range(3))
         assert drift <= MAX_SCORE_DELTA

@@ -180,11 +180,15 @@ def test_empty_submission_returns_at_once(forward: RecordingForward) -> None:
     assert forward.batches == []
 
 
-def test_token_budget_defaults_per_device_and_a_user_value_wins() -> None:
+def test_token_budget_and_wait_default_per_device_and_a_user_value_wins() -> None:
     assert BatchLimits().for_device("cpu").max_batch_tokens == 1024
     assert BatchLimits().for_device("cuda").max_batch_tokens == 16384
     assert BatchLimits(max_batch_tokens=700).for_device("cuda").max_batch_tokens == 700
-    with pytest.raises(ValueError, match="resolve the token budget"):
+    assert BatchLimits().for_device("cpu").batch_wait_ms == 2.0
+    assert BatchLimits().for_device("cuda").batch_wait_ms == 0.0
+    assert BatchLimits(batch_wait_ms=5).for_device("cuda").batch_wait_ms == 5
+    assert BatchLimits(batch_wait_ms=0).for_device("cpu").batch_wait_ms == 0
+    with pytest.raises(ValueError, match="resolve the token budget and the wait"):
         BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), BatchLimits())
 
 
@@ -288,10 +292,15 @@ class QueuedLogits(PendingLogits):
         return [float(sum(ids)) for ids in self.batch]
 
 
+def gpu_limits(pairs: int) -> BatchLimits:
+    """A small budget, and a GPU's defaults otherwise (no batch wait)."""
+    return BatchLimits(max_batch_tokens=64, max_batch_pairs=pairs).for_device("cuda")
+
+
 def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_one_is_collected() -> None:
     device = QueuedDevice()
     executor = ThreadPoolExecutor(max_workers=1)
-    scheduler = BatchScheduler(device, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=2))
+    scheduler = BatchScheduler(device, executor, gpu_limits(pairs=2))
     token_ids = sequences(4, [10, 11, 12, 13, 14, 15])
     assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
     executor.shutdown()
@@ -302,7 +311,7 @@ def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_o
 def first_two_requests_timings(launch) -> tuple[RequestTiming, RequestTiming]:
     """Two one-pair requests gathered together, one batch each (pair cap 1)."""
     executor = ThreadPoolExecutor(max_workers=1)
-    scheduler = BatchScheduler(launch, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=1))
+    scheduler = BatchScheduler(launch, executor, gpu_limits(pairs=1))
     timings = RequestTiming(), RequestTiming()
 
     async def two_clients():
@@ -334,7 +343,7 @@ def test_a_pass_that_fails_on_the_device_fails_only_its_batch() -> None:
     device = QueuedDevice()
     device.fail_when = lambda batch: any(ids[0] == 66 for ids in batch)
     executor = ThreadPoolExecutor(max_workers=1)
-    scheduler = BatchScheduler(device, executor, BatchLimits(max_batch_tokens=64, max_batch_pairs=1))
+    scheduler = BatchScheduler(device, executor, gpu_limits(pairs=1))
 
     async def failing_beside_fine():
         failing, fine = await asyncio.gather(

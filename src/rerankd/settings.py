@@ -70,16 +70,19 @@ class RuntimeSettings(BaseSettings):
         "(default: 1024 on CPU, 16384 on CUDA)",
     )
     max_batch_pairs: int = Field(64, ge=1, description="pairs per forward pass")
-    batch_wait_ms: float = Field(
-        2.0, ge=0, description="ms an idle queue waits to gather concurrent requests into one batch"
+    batch_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        description="ms an idle queue waits to gather concurrent requests into one batch "
+        "(default: 2 on CPU, 0 on CUDA)",
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice, one per core)"
     )
     cuda_graphs: bool = Field(
-        False,
+        True,
         description="on CUDA, replay each batch's pass as a CUDA graph captured per bucketed batch shape "
-        "(the torch backend)",
+        "(the torch backend; --no-cuda-graphs runs it kernel by kernel)",
     )
     backend: Literal["auto", "torch", "gguf", "llamacpp"] = Field(
         "auto",

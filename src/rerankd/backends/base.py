@@ -28,7 +28,7 @@ class BackendOptions:
     # a backend may load its word-embedding table straight in the faster dtype, beside float32 copies of these
     # pairs' rows, and the rest in float32 (`cast` finishes): the float32 model is never whole in memory.
     reference_pairs: tuple[tuple[str, str], ...] = ()
-    cuda_graphs: bool = False  # replay the pass as CUDA graphs, one per bucketed batch shape (torch on CUDA)
+    cuda_graphs: bool = True  # replay the pass as CUDA graphs, one per bucketed batch shape (torch on CUDA)
 
 
 @dataclass(frozen=True)
