@@ -49,6 +49,9 @@ class CapturedPasses:
         self._model = model
         self._device = device
         self._pool = torch.cuda.graph_pool_handle()
+        # One stream for every capture's first run: the caching allocator keeps freed blocks per stream, so a
+        # new stream per capture held each shape's work memory apart (all 319 shapes of base: 8.6 GiB).
+        self._warm_up = torch.cuda.Stream(device)
         self._captured: dict[tuple[int, int], _CapturedPass] = {}
 
     @property
@@ -72,11 +75,10 @@ class CapturedPasses:
         attention_mask = torch.ones(shape, dtype=torch.long, device=self._device)
         layout = TokenLayout.dense(*shape, self._device)
         # A first run outside the capture sets up what must not be created in it (cuBLAS handles, workspaces).
-        warm_up = torch.cuda.Stream(self._device)
-        warm_up.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(warm_up):
+        self._warm_up.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._warm_up):
             self._model.relevance_logits(input_ids, attention_mask, layout)
-        torch.cuda.current_stream(self._device).wait_stream(warm_up)
+        torch.cuda.current_stream(self._device).wait_stream(self._warm_up)
         graph = torch.cuda.CUDAGraph()
         # Thread-local: another model's forward thread may launch work on the same GPU meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
