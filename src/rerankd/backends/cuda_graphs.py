@@ -49,9 +49,11 @@ class CapturedPasses:
         self._model = model
         self._device = device
         self._pool = torch.cuda.graph_pool_handle()
-        # One stream for every capture's first run: the caching allocator keeps freed blocks per stream, so a
-        # new stream per capture held each shape's work memory apart (all 319 shapes of base: 8.6 GiB).
-        self._warm_up = torch.cuda.Stream(device)
+        # This model's own stream for every capture and its first run. Not torch's capture stream, which is
+        # one for the process, made on whichever GPU captured first, and shared by every model's forward
+        # thread. Not a new stream per capture: the caching allocator keeps freed blocks per stream, so that
+        # held each shape's work memory apart (all 319 shapes of base: 8.6 GiB).
+        self._stream = torch.cuda.Stream(device)
         self._captured: dict[tuple[int, int], _CapturedPass] = {}
 
     @property
@@ -74,15 +76,18 @@ class CapturedPasses:
         input_ids = torch.zeros(shape, dtype=torch.long, device=self._device)
         attention_mask = torch.ones(shape, dtype=torch.long, device=self._device)
         layout = TokenLayout.dense(*shape, self._device)
-        # A first run outside the capture sets up what must not be created in it (cuBLAS handles, workspaces).
-        self._warm_up.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(self._warm_up):
-            self._model.relevance_logits(input_ids, attention_mask, layout)
-        torch.cuda.current_stream(self._device).wait_stream(self._warm_up)
         graph = torch.cuda.CUDAGraph()
-        # Thread-local: another model's forward thread may launch work on the same GPU meanwhile.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._model.relevance_logits(input_ids, attention_mask, layout)
+        with torch.cuda.device(self._device):  # a capture belongs to the current device: make it the model's
+            # A first run outside the capture sets up what must not be created in it (cuBLAS handles,
+            # workspaces).
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                self._model.relevance_logits(input_ids, attention_mask, layout)
+            torch.cuda.current_stream().wait_stream(self._stream)
+            # Thread-local: another model's forward thread may launch work on the same GPU meanwhile.
+            capture = torch.cuda.graph(graph, self._pool, self._stream, capture_error_mode="thread_local")
+            with capture:
+                logits = self._model.relevance_logits(input_ids, attention_mask, layout)
         captured = _CapturedPass(graph, input_ids, attention_mask, layout, logits)
         self._captured[shape] = captured
         logger.info(
