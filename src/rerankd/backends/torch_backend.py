@@ -120,10 +120,11 @@ class DeviceLogits(PendingLogits):
 
 
 class TorchBackend(RerankBackend):
-    """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair."""
+    """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair, or on
+    CUDA with `cuda_graphs` to the bucketed shape of its graph."""
 
     def __init__(
-        self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo, cuda_graphs: bool = False
+        self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo, cuda_graphs: bool
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
