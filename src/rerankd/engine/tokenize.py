@@ -82,9 +82,15 @@ def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
 
 
 def _window_span(document: Encoding, start: int, stop: int) -> tuple[int, int]:
+    """The characters tokens start..stop cover. `token_to_chars` reads two tokens' offsets, where
+    `Encoding.offsets` builds the list of every token's (0.37 ms for 64 MS MARCO passages, a tenth of
+    their tokenization)."""
     if start >= stop:
         return 0, 0
-    return document.offsets[start][0], document.offsets[stop - 1][1]
+    first, last = document.token_to_chars(start), document.token_to_chars(stop - 1)
+    if first is None or last is None:  # only special tokens have no characters, and none are added here
+        raise ValueError("a document's token has no characters")
+    return first[0], last[1]
 
 
 class PairTokenizer:
@@ -128,21 +134,22 @@ class PairTokenizer:
         query_truncated = False
         encoded: list[EncodedDocument] = []
         for index, encoding in enumerate(encodings):
-            start, stop = 0, len(encoding.ids)
+            ids = encoding.ids  # each read of `ids` builds a new list
+            start, stop = 0, len(ids)
             if options.max_tokens_per_doc is not None and stop > options.max_tokens_per_doc:
                 start, stop = self._cut(start, stop, options.max_tokens_per_doc, options.truncation_direction)
             if options.chunk:
                 kept_query = min(len(query_ids), self.budget // 2)
-                document = self._windows(query_ids[:kept_query], encoding, start, stop, options)
+                document = self._windows(query_ids[:kept_query], encoding, ids, start, stop, options)
             else:
                 if not options.truncate and len(query_ids) + stop - start > self.budget:
                     length = self.max_length - self.budget + len(query_ids) + stop - start
                     raise InputTooLongError(index, length, self.max_length)
                 kept_query, kept_document = longest_first(len(query_ids), stop - start, self.budget)
                 start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
-                ids = self._pair(query_ids[:kept_query], encoding.ids[start:stop])
-                window = Window(ids, *_window_span(encoding, start, stop))
-                document = EncodedDocument([window], truncated=stop - start < len(encoding.ids))
+                pair = self._pair(query_ids[:kept_query], ids[start:stop])
+                window = Window(pair, *_window_span(encoding, start, stop))
+                document = EncodedDocument([window], truncated=stop - start < len(ids))
             query_truncated |= kept_query < len(query_ids)
             encoded.append(document)
         return EncodedRequest(encoded, query_truncated)
@@ -154,7 +161,13 @@ class PairTokenizer:
         return (start, start + keep) if direction == "right" else (stop - keep, stop)
 
     def _windows(
-        self, query: list[int], document: Encoding, start: int, stop: int, options: PairOptions
+        self,
+        query: list[int],
+        document: Encoding,
+        ids: list[int],
+        start: int,
+        stop: int,
+        options: PairOptions,
     ) -> EncodedDocument:
         """Windows of `room` tokens, each `room - overlap` after the last, until the end is covered."""
         room = self.budget - len(query)
@@ -167,10 +180,10 @@ class PairTokenizer:
         windows = []
         for window_start in kept:
             window_stop = min(window_start + room, stop)
-            ids = self._pair(query, document.ids[window_start:window_stop])
-            windows.append(Window(ids, *_window_span(document, window_start, window_stop)))
+            pair = self._pair(query, ids[window_start:window_stop])
+            windows.append(Window(pair, *_window_span(document, window_start, window_stop)))
         covered_stop = min(kept[-1] + room, stop)
-        truncated = start > 0 or covered_stop < len(document.ids)
+        truncated = start > 0 or covered_stop < len(ids)
         return EncodedDocument(windows, truncated)
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[list[int]]:
