@@ -88,11 +88,9 @@ class BatchLimits:
         """These limits with the token budget and the wait filled in for `device_type` where the user set
         none."""
         known = device_type if device_type in DEFAULT_BATCH_TOKENS else "cpu"
-        return replace(
-            self,
-            max_batch_tokens=self.max_batch_tokens or DEFAULT_BATCH_TOKENS[known],
-            batch_wait_ms=DEFAULT_BATCH_WAIT_MS[known] if self.batch_wait_ms is None else self.batch_wait_ms,
-        )  # a token budget is at least 1, but a wait of 0 is a choice
+        tokens = DEFAULT_BATCH_TOKENS[known] if self.max_batch_tokens is None else self.max_batch_tokens
+        wait = DEFAULT_BATCH_WAIT_MS[known] if self.batch_wait_ms is None else self.batch_wait_ms
+        return replace(self, max_batch_tokens=tokens, batch_wait_ms=wait)
 
 
 class QueueFullError(RuntimeError):
