@@ -5,6 +5,7 @@ scheduler queueing a batch behind a running one)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from test_modeling_parity import (
 )
 
 from rerankd.backends.base import BackendOptions
+from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shapes
 from rerankd.backends.torch_backend import load_safetensors_backend
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
@@ -94,7 +96,11 @@ def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
     options = BackendOptions(device="cuda", dtype="float32", cuda_graphs=False)
     eager = load_safetensors_backend(xsmall_model_dir, options)
     graphed = load_safetensors_backend(xsmall_model_dir, replace(options, cuda_graphs=True))
-    graphed.prepare_for_serving(16384)
+    graphed.prepare_for_serving(2048, 16)
+    captured = bucketed_shapes(2048, 16, 512)
+    assert sorted(graphed._graphs.shapes) == sorted(captured)
+    seconds = graphed.pass_seconds()
+    assert 0 < seconds(1, 10) < seconds(16, 128)
     tokenizer = PairTokenizer(eager.tokenizer, 512)
     query = "What is the capital of France?"
     batches = [
@@ -105,7 +111,7 @@ def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
     ]
     for batch in batches:
         assert graphed.relevance_logits(batch) == pytest.approx(eager.relevance_logits(batch), abs=1e-4)
-    assert sorted(graphed._graphs.shapes) == [(1, 16), (4, 512), (16, 16)]
+    assert sorted(graphed._graphs.shapes) == sorted(captured)  # no batch waited for a capture
     expected = graphed.relevance_logits(batches[1])  # refills the page-locked buffers a capture freed
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -117,18 +123,19 @@ def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
 
 
 def test_captured_shapes_share_their_work_memory(xsmall_model_dir: Path) -> None:
-    """Once the biggest shape a budget allows is captured, capturing 40 smaller ones reserves at most as much
-    GPU memory again (before their first runs shared one stream, all of base's shapes held 8.6 GiB)."""
+    """Capturing all 319 shapes of the default CUDA limits reserves at most twice the GPU memory that the
+    biggest one alone does (before their first runs shared one stream, all of base's shapes held 8.6 GiB)."""
     backend = load_safetensors_backend(xsmall_model_dir, BackendOptions(device="cuda", dtype="float16"))
-    backend.prepare_for_serving(16384)
-    torch.cuda.synchronize()
+    shapes = bucketed_shapes(16384, 64, backend.info.max_length)
+    passes = CapturedPasses(backend.model, CUDA, backend.info.max_length)
+    # Each capture empties torch's cache of freed blocks: start from an empty one, not from earlier tests'.
+    gc.collect()
+    torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved()
-    backend.relevance_logits([[1] * 256] * 64)
+    passes.capture_all(shapes[:1])
     biggest = torch.cuda.memory_reserved() - before
-    smaller = [(rows, length) for rows in (1, 2, 4, 8, 16, 24, 32, 48) for length in (16, 48, 96, 160, 240)]
-    for rows, length in smaller:
-        backend.relevance_logits([[1] * length] * rows)
-    assert len(backend._graphs.shapes) == 1 + len(smaller)
+    passes.capture_all(shapes)
+    assert len(passes.shapes) == len(shapes) == 319
     assert torch.cuda.memory_reserved() - before <= 2 * biggest
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
 from rerankd.backends import torch_backend
-from rerankd.backends.cuda_graphs import bucketed_shape
+from rerankd.backends.cuda_graphs import bucketed_shape, bucketed_shapes
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
@@ -274,6 +274,28 @@ def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None
     assert torch.isfinite(bucketed).all()
     assert (bucketed[: len(lengths)] - packed).abs().max().item() <= 1e-5
     assert (bucketed[: len(lengths)] - expected).abs().max().item() <= PARITY_BOUND
+
+
+@pytest.mark.parametrize(
+    ("batch_tokens", "batch_pairs", "max_length"), [(16384, 64, 512), (1024, 64, 512), (4096, 7, 500)]
+)
+def test_every_reachable_bucket_is_captured_up_front(
+    batch_tokens: int, batch_pairs: int, max_length: int
+) -> None:
+    """The shapes captured when a model is prepared are exactly those of the batches the scheduler can form
+    (any number of pairs up to the cap, any longest pair within the budget), biggest first."""
+    reachable = {
+        bucketed_shape(pairs, length, max_length)
+        for pairs in range(1, batch_pairs + 1)
+        for length in range(1, max_length + 1)
+        if pairs * length <= batch_tokens
+    }
+    shapes = bucketed_shapes(batch_tokens, batch_pairs, max_length)
+    assert set(shapes) == reachable and len(shapes) == len(reachable)
+    areas = [rows * length for rows, length in shapes]
+    assert areas == sorted(areas, reverse=True)
+    if (batch_tokens, batch_pairs) == (16384, 64):
+        assert len(shapes) == 319
 
 
 def test_dense_layout_counts_every_position() -> None:

@@ -11,7 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rerankd.backends.base import PendingLogits, ReadyLogits
-from rerankd.engine.scheduler import BatchLimits, BatchScheduler, QueueFullError, RequestTiming
+from rerankd.engine.scheduler import (
+    BatchLimits,
+    BatchScheduler,
+    QueueFullError,
+    RequestTiming,
+    cheapest_first_pass,
+)
 
 
 class RecordingForward:
@@ -360,3 +366,39 @@ def test_a_pass_that_fails_on_the_device_fails_only_its_batch() -> None:
     assert ("launch", 1) in device.events and device.events.index(("launch", 1)) < device.events.index(
         ("collect", 0)
     )
+
+
+def padded_pass_seconds(pairs: int, longest: int) -> float:
+    """A GPU-like cost: a fixed millisecond per pass, plus a microsecond per padded token (lengths padded to a
+    multiple of 16, as CUDA graphs pad them)."""
+    return 1e-3 + 1e-6 * pairs * -(-longest // 16) * 16
+
+
+@pytest.mark.parametrize(
+    ("lengths", "first_pass"),
+    [
+        ([20] * 32 + [200] * 8, 32),  # 9.3 ms in one pass; 2.0 + 2.7 ms in two
+        ([100] * 64, 64),  # nothing to gain from a cut
+        ([20, 24, 30, 31], 4),  # a cut would cost a pass's overhead for no padding saved
+        ([40] * 16 + [48] * 16 + [500] * 2, 32),  # the two long pairs alone; the short ones share a pass
+        ([500] * 2 + [40] * 30, 2),  # in the order taken (a priority request's pairs first)
+    ],
+)
+def test_a_batch_runs_as_the_passes_that_take_the_least_time(lengths: list[int], first_pass: int) -> None:
+    assert cheapest_first_pass(lengths, padded_pass_seconds) == first_pass
+
+
+def test_where_passes_are_timed_a_padded_batch_is_split_by_length(forward: RecordingForward) -> None:
+    """The cut-off pairs go back to the queue in order, form the next batch, and every logit comes back."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    limits = BatchLimits(max_batch_tokens=16384, max_batch_pairs=64, batch_wait_ms=0).for_device("cpu")
+    scheduler = BatchScheduler(forward, executor, limits, pass_seconds=padded_pass_seconds)
+    lengths = [200, 20, 150, 20, 190, 30] + [25] * 26 + [180] * 3
+    token_ids = sequences(7, lengths)
+    assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
+    executor.shutdown()
+    assert [sorted(len(ids) for ids in batch) for batch in forward.batches] == [
+        sorted(length for length in lengths if length <= 30),
+        sorted(length for length in lengths if length > 30),
+    ]
+    assert scheduler.queued_pairs == 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
+
+# Seconds a forward pass of (pairs, longest pair in tokens) takes on the device, as the backend measured it.
+PassSeconds = Callable[[int, int], float]
 
 
 class ModelLoadError(Exception):
@@ -85,7 +88,12 @@ class RerankBackend(ABC):
         """Convert the loaded weights to `dtype` in place (only called with what `faster_dtype` offered)."""
         raise NotImplementedError
 
-    def prepare_for_serving(self, batch_tokens: int) -> None:  # noqa: B027 (optional hook: most need none)
+    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:  # noqa: B027 (optional hook)
         """The dtype is final: make the changes a cast could not undo, such as reordering weights for the
-        device's kernels (vLLM's `process_weights_after_loading`). The engine calls it once, before the
-        first request, with its padded-token budget per batch."""
+        device's kernels (vLLM's `process_weights_after_loading`) or capturing CUDA graphs. The engine calls
+        it once, before the first request, with its padded-token budget and pair cap per batch."""
+
+    def pass_seconds(self) -> PassSeconds | None:
+        """How long a pass of each batch shape takes, where the backend has measured it (once prepared): the
+        scheduler then runs a batch as the passes that take the least time. None: one padded pass."""
+        return None

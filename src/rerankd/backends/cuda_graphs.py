@@ -3,10 +3,11 @@
 A pass of base issues some 400 kernels. Launched one by one from Python they cost the host about as long as
 the GPU takes to run them at serving batch sizes, so the device waits on the host. A captured graph is
 replayed with one launch. A graph fixes every tensor's shape and address, so each batch is padded up to a
-bucket: its pairs to 1, 2, 4 or 8, then a multiple of 8; its length to a multiple of 16. Each bucket's graph
-is captured the first time a batch needs it (vLLM and TensorRT work the same way), into one memory pool that
-all graphs share: one batch runs at a time, so their work memory is never live at once. Inside a graph every
-position is computed, padding included (`TokenLayout.dense`), as the reference computes it.
+bucket: its pairs to 1, 2, 4 or 8, then a multiple of 8; its length to a multiple of 16. Every bucket a batch
+can reach is captured and timed when the model is prepared for serving (vLLM works the same way), into one
+memory pool that all graphs share: one batch runs at a time, so their work memory is never live at once.
+Inside a graph every position is computed, padding included (`TokenLayout.dense`), as the reference
+computes it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def bucketed_shape(pairs: int, length: int, max_length: int) -> tuple[int, int]:
     return rows, min(-(-length // LENGTH_STEP) * LENGTH_STEP, max(length, max_length))
 
 
+def bucketed_shapes(batch_tokens: int, batch_pairs: int, max_length: int) -> list[tuple[int, int]]:
+    """Every shape a batch within these limits (pairs x longest pair ≤ `batch_tokens`, at most `batch_pairs`
+    pairs of at most `max_length` tokens) is padded to, the largest first. A bucket is reachable when its
+    fewest pairs of its shortest length fit; a length bucket's shortest is a multiple of the step, plus 1."""
+    shapes = {
+        bucketed_shape(pairs, length, max_length)
+        for pairs in range(1, batch_pairs + 1)
+        for length in range(1, min(max_length, max(batch_tokens // pairs, 1)) + 1, LENGTH_STEP)
+    }
+    return sorted(shapes, key=lambda shape: (shape[0] * shape[1], shape), reverse=True)
+
+
 @dataclass(frozen=True)
 class _CapturedPass:
     """A graph and the tensors its kernels read and write, by address: kept alive as long as the graph."""
@@ -45,9 +58,10 @@ class _CapturedPass:
 class CapturedPasses:
     """Replays `model`'s pass for batches already padded to a bucketed shape, capturing each shape once."""
 
-    def __init__(self, model: DebertaReranker, device: torch.device) -> None:
+    def __init__(self, model: DebertaReranker, device: torch.device, max_length: int) -> None:
         self._model = model
         self._device = device
+        self._max_length = max_length
         self._pool = torch.cuda.graph_pool_handle()
         # This model's own stream for every capture and its first run. Not torch's capture stream, which is
         # one for the process, made on whichever GPU captured first, and shared by every model's forward
@@ -55,10 +69,49 @@ class CapturedPasses:
         # held each shape's work memory apart (all 319 shapes of base: 8.6 GiB).
         self._stream = torch.cuda.Stream(device)
         self._captured: dict[tuple[int, int], _CapturedPass] = {}
+        self._replay_seconds: dict[tuple[int, int], float] = {}
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
         return list(self._captured)
+
+    def capture_all(self, shapes: list[tuple[int, int]]) -> None:
+        """Capture and time every shape up front, as vLLM does: no request waits for a capture (each one
+        synchronizes the device), and the scheduler knows what each pass costs (`seconds`). All of base's
+        319 shapes at the default limits take some 12 s on an H200 and share 1.4 GiB."""
+        started = time.perf_counter()
+        torch.cuda.empty_cache()  # so that the memory logged is the graphs', not blocks the load left cached
+        reserved = torch.cuda.memory_reserved(self._device)
+        for shape in shapes:
+            if shape not in self._captured:
+                self._capture(shape)
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+            for shape in shapes:
+                self._replay_seconds[shape] = self._timed_replay(self._captured[shape].graph)
+        logger.info(
+            "captured the pass as a CUDA graph for each of %d batch shapes, and timed them, in %.1f s "
+            "(%.0f MiB of GPU memory)",
+            len(shapes),
+            time.perf_counter() - started,
+            (torch.cuda.memory_reserved(self._device) - reserved) / 2**20,
+        )
+
+    def seconds(self, pairs: int, length: int) -> float:
+        """The measured time of the pass a batch of `pairs` pairs, the longest of `length` tokens, runs as."""
+        return self._replay_seconds[bucketed_shape(pairs, length, self._max_length)]
+
+    @staticmethod
+    def _timed_replay(graph: torch.cuda.CUDAGraph, replays: int = 2) -> float:
+        """The fastest of a few replays, timed on the device."""
+        fastest = float("inf")
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            fastest = min(fastest, start.elapsed_time(end) / 1e3)
+        return fastest
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Queue the pass on host tensors (page-locked, so the copies do not wait) and return the graph's
@@ -90,7 +143,7 @@ class CapturedPasses:
                 logits = self._model.relevance_logits(input_ids, attention_mask, layout)
         captured = _CapturedPass(graph, input_ids, attention_mask, layout, logits)
         self._captured[shape] = captured
-        logger.info(
+        logger.debug(
             "captured the pass for %d pairs x %d tokens as a CUDA graph in %.0f ms (%d shapes)",
             *shape,
             1e3 * (time.perf_counter() - started),

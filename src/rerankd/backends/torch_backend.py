@@ -17,11 +17,12 @@ from rerankd.backends.base import (
     BackendInfo,
     BackendOptions,
     ModelLoadError,
+    PassSeconds,
     PendingLogits,
     ReadyLogits,
     RerankBackend,
 )
-from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shape
+from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shape, bucketed_shapes
 from rerankd.backends.heap import HeapTrimmer
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
@@ -179,11 +180,15 @@ class TorchBackend(RerankBackend):
             self._heap.trim()
         self.info = replace(self.info, dtype=dtype)
 
-    def prepare_for_serving(self, batch_tokens: int) -> None:
+    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:
         if self._device.type == "cpu" and pack_dense_layers(self.model, batch_tokens):
             logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
         if self._device.type == "cuda" and self._cuda_graphs:
-            self._graphs = CapturedPasses(self.model, self._device)
+            self._graphs = CapturedPasses(self.model, self._device, self.info.max_length)
+            self._graphs.capture_all(bucketed_shapes(batch_tokens, batch_pairs, self.info.max_length))
+
+    def pass_seconds(self) -> PassSeconds | None:
+        return None if self._graphs is None else self._graphs.seconds
 
 
 def build_torch_backend(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rerankd.backends.base import RerankBackend
+from rerankd.backends.base import PassSeconds, RerankBackend
 
 FAULT_MARKER_ENV = "RERANKD_TEST_FAULT_MARKER"
 
@@ -45,5 +45,8 @@ class FaultInjectingBackend(RerankBackend):
         self._inner.cast(dtype)
         self.info = self._inner.info
 
-    def prepare_for_serving(self, batch_tokens: int) -> None:
-        self._inner.prepare_for_serving(batch_tokens)
+    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:
+        self._inner.prepare_for_serving(batch_tokens, batch_pairs)
+
+    def pass_seconds(self) -> PassSeconds | None:
+        return self._inner.pass_seconds()

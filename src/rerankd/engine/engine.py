@@ -72,7 +72,7 @@ class RerankEngine:
             )
         if budget < limits.max_length:
             raise ValueError(f"max batch tokens {budget} must be at least the max length {limits.max_length}")
-        backend.prepare_for_serving(budget)
+        backend.prepare_for_serving(budget, limits.batching.max_batch_pairs)
         self.name = name
         self.backend = backend
         self.limits = limits
@@ -80,7 +80,11 @@ class RerankEngine:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{name}")
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self.scheduler = BatchScheduler(
-            backend.launch, self._forward_thread, limits.batching, on_batch=on_batch
+            backend.launch,
+            self._forward_thread,
+            limits.batching,
+            on_batch=on_batch,
+            pass_seconds=backend.pass_seconds(),
         )
 
     @property

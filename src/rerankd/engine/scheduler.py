@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
-from rerankd.backends.base import PendingLogits
+from rerankd.backends.base import PassSeconds, PendingLogits
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,39 @@ class BatchLimits:
         return replace(self, max_batch_tokens=tokens, batch_wait_ms=wait)
 
 
+# Pairs whose lengths round up to the same multiple of this are never split into different passes: a CUDA
+# graph's bucket (cuda_graphs.LENGTH_STEP), and few enough cut points to weigh them all at every batch.
+CUT_TOKENS = 16
+
+
+def cheapest_first_pass(lengths: Sequence[int], pass_seconds: PassSeconds) -> int:
+    """How many of a formed batch's pairs (`lengths`, in the order it took them) to run now, so that the batch
+    runs as the sequence of passes that takes the least device time, by `pass_seconds(pairs, longest)`. One
+    padded pass of 64 MS MARCO passages on an H200 (base, fp16) takes 11.9 ms; three passes of 32, 24 and 8
+    of them, cut by length, 8.4 ms. Only the first pass is taken: the rest go back to the queue, to be
+    weighed again with whatever arrives meanwhile. Cuts fall between runs of pairs of one length class
+    (`CUT_TOKENS`); over the k runs this is the O(k²) dynamic program of the best split of a sequence."""
+    runs: list[tuple[int, int]] = []  # (pairs, longest) of each run of equal length class
+    for length in lengths:
+        if runs and -(-length // CUT_TOKENS) == -(-runs[-1][1] // CUT_TOKENS):
+            runs[-1] = (runs[-1][0] + 1, max(runs[-1][1], length))
+        else:
+            runs.append((1, length))
+    # cheapest[i]: least time to run runs i.. ; first_cut[i]: where the first of those passes ends.
+    cheapest = [0.0] * (len(runs) + 1)
+    first_cut = [len(runs)] * (len(runs) + 1)
+    for start in range(len(runs) - 1, -1, -1):
+        pairs, longest, best = 0, 0, float("inf")
+        for end in range(start + 1, len(runs) + 1):
+            pairs += runs[end - 1][0]
+            longest = max(longest, runs[end - 1][1])
+            seconds = pass_seconds(pairs, longest) + cheapest[end]
+            if seconds < best:
+                best, first_cut[start] = seconds, end
+        cheapest[start] = best
+    return sum(pairs for pairs, _ in runs[: first_cut[0]])
+
+
 class QueueFullError(RuntimeError):
     """The queue cannot take a request's pairs now; the client should retry shortly."""
 
@@ -146,11 +179,13 @@ class BatchScheduler:
         executor: Executor,
         limits: BatchLimits,
         on_batch: BatchObserver | None = None,
+        pass_seconds: PassSeconds | None = None,
     ) -> None:
         if limits.max_batch_tokens is None or limits.batch_wait_ms is None:
             raise ValueError("resolve the token budget and the wait first (BatchLimits.for_device)")
         self._launch_fn = launch
         self._on_batch = on_batch
+        self._pass_seconds = pass_seconds
         self._executor = executor
         self._limits = limits
         self._requests: list[_Request] = []
@@ -288,6 +323,7 @@ class BatchScheduler:
         limits = self._limits
         budget = limits.max_batch_tokens or 0
         batch: list[tuple[_Request, int]] = []
+        clock_steps: list[float] = []
         longest = 0
         candidates = [request for request in self._requests if request.pending]
         waiting = len(candidates)
@@ -308,11 +344,18 @@ class BatchScheduler:
                 candidates.remove(request)
                 continue
             batch.append((request, request.pending.pop(0)))
-            self._clock += 1 / waiting
+            clock_steps.append(1 / waiting)
             longest = max(longest, length)
             if not request.pending:
                 candidates.remove(request)
                 waiting -= 1
+        if self._pass_seconds is not None and batch:
+            lengths = [len(request.token_ids[index]) for request, index in batch]
+            kept = cheapest_first_pass(lengths, self._pass_seconds)
+            for request, index in reversed(batch[kept:]):  # back to the front of their queues, in order
+                request.pending.insert(0, index)
+            batch, clock_steps = batch[:kept], clock_steps[:kept]
+        self._clock += sum(clock_steps)
         self._requests = [request for request in self._requests if request.pending]
         return batch
 
