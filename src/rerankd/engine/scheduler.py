@@ -16,7 +16,10 @@ gathers concurrent requests into the same batch. Forward passes run in one worke
 blocks on the model. On a GPU, which runs a pass asynchronously, the next batch is formed and queued behind
 the running one before the running one's logits are collected, so the device does not sit idle while the host
 pads, lays out and queues a batch (TEI's router works the same way); a CPU computes a pass at launch, and each
-batch is delivered before the next is formed.
+batch is delivered before the next is formed. Where the backend has timed its passes (CUDA graphs, one per
+batch shape), a formed batch whose pairs differ much in length is cut into the passes that take the least
+time (`cheapest_first_pass`): a GPU's budget fits a whole request of short and long pairs in one pass, all
+padded to the longest.
 """
 
 from __future__ import annotations
