@@ -92,7 +92,10 @@ class ChunkInfo(BaseModel):
 
     @classmethod
     def of(cls, detail: DocumentScore) -> ChunkInfo:
-        return cls(index=detail.window, count=detail.windows, start=detail.start, end=detail.end)
+        if detail.span is None:
+            raise ValueError("the document was scored without chunk mode: no window span")
+        start, end = detail.span
+        return cls(index=detail.window, count=detail.windows, start=start, end=end)
 
 
 class RerankResult(BaseModel):

@@ -29,15 +29,14 @@ class DocumentScore:
     logit: float
     window: int  # index of the winning window; 0 unless the document was chunked
     windows: int  # how many windows were scored
-    start: int  # characters of the document the winning window covers
-    end: int
+    span: tuple[int, int] | None  # characters of the document the winning window covers (chunk mode)
     truncated: bool  # part of the document was in no window
 
     @classmethod
     def best_of(cls, document: EncodedDocument, logits: Sequence[float]) -> DocumentScore:
         best = max(range(len(logits)), key=lambda index: logits[index])
         window = document.windows[best]
-        return cls(logits[best], best, len(logits), window.start, window.end, document.truncated)
+        return cls(logits[best], best, len(logits), window.span, document.truncated)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ DEFAULT_PAIR_OPTIONS = PairOptions()
 
 @dataclass(frozen=True)
 class Window:
-    """One (query, piece of a document) pair, and which characters of the document the piece covers."""
+    """One (query, piece of a document) pair, and which characters of the document the piece covers (in
+    chunk mode, which reports them; None otherwise)."""
 
     token_ids: list[int]
-    start: int
-    end: int
+    span: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,10 @@ class PairTokenizer:
         """Every document's window(s) with the query, as `options` ask. Raises `InputTooLongError` when
         truncation is off and a pair does not fit."""
         query_ids = self._tokenizer.encode(query, add_special_tokens=False).ids
-        encodings = self._tokenizer.encode_batch(list(documents), add_special_tokens=False)
+        # Only chunk mode reports which characters a window covers. Without it, the variant that keeps no
+        # offsets gives the same ids faster (a query with 64 MS MARCO passages, 2-core CPU: 2.4 ms, not 3.4).
+        encode_batch = self._tokenizer.encode_batch if options.chunk else self._tokenizer.encode_batch_fast
+        encodings = encode_batch(list(documents), add_special_tokens=False)
         query_truncated = False
         encoded: list[EncodedDocument] = []
         for index, encoding in enumerate(encodings):
@@ -148,7 +151,7 @@ class PairTokenizer:
                 kept_query, kept_document = longest_first(len(query_ids), stop - start, self.budget)
                 start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
                 pair = self._pair(query_ids[:kept_query], ids[start:stop])
-                window = Window(pair, *_window_span(encoding, start, stop))
+                window = Window(pair, None)
                 document = EncodedDocument([window], truncated=stop - start < len(ids))
             query_truncated |= kept_query < len(query_ids)
             encoded.append(document)
@@ -181,7 +184,7 @@ class PairTokenizer:
         for window_start in kept:
             window_stop = min(window_start + room, stop)
             pair = self._pair(query, ids[window_start:window_stop])
-            windows.append(Window(pair, *_window_span(document, window_start, window_stop)))
+            windows.append(Window(pair, _window_span(document, window_start, window_stop)))
         covered_stop = min(kept[-1] + room, stop)
         truncated = start > 0 or covered_stop < len(ids)
         return EncodedDocument(windows, truncated)
