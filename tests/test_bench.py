@@ -145,6 +145,13 @@ def test_bench_end_to_end_writes_benchmarks_md(
     for measurement in geometry["measurements"]:
         assert measurement["pairs"] > 0 and measurement["peak_rss"] > 100 * 2**20
         assert measurement["mean_flops"] > 1e9
+        # rerankd says where each request's time went; sentence-transformers runs in process.
+        server_ms = measurement["server_ms"]
+        if measurement["contender"] == "rerankd":
+            assert set(server_ms) == {"tokenization", "queue", "inference", "total"}
+            assert 0 < server_ms["inference"] < server_ms["total"] <= 1e3 * max(measurement["latencies"])
+        else:
+            assert server_ms == {}
     assert geometry["fairness"]["during_count"] >= 1
     assert geometry["bf16_peak_rss"] > 100 * 2**20
     assert geometry["score_drift"]["float32"] < 1e-5  # the same model in both: the same scores
@@ -154,6 +161,9 @@ def test_bench_end_to_end_writes_benchmarks_md(
     assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
     assert "Matmul ceiling (1024×768 · 768×3072" in report
     assert "Fairness:" in report and "Concurrency: 2 clients" in report and "in bfloat16" in report
+    assert (
+        "- rerankd, 1 client, by the server's own timing headers (median per request): tokenization" in report
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")

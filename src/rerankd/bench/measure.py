@@ -22,7 +22,9 @@ class Measurement:
     seconds: float
     peak_rss: int | None = None
     mean_flops: float = 0.0  # per pair of this workload
-    extra: dict[str, float] = field(default_factory=dict)
+    # Median ms per request of each part the server itself reported timing (SERVER_TIME_HEADERS); empty for
+    # servers that report none.
+    server_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def pairs_per_second(self) -> float:
@@ -61,8 +63,23 @@ def timed_requests(
     return latencies
 
 
-def rerank_sender(client: httpx.Client, url: str, body: dict[str, object]) -> Callable[[], None]:
-    """A closure posting `body` and checking that every document came back scored."""
+# Where a request's time went inside rerankd, in ms, by its response headers (TEI's names).
+SERVER_TIME_HEADERS = {
+    "tokenization": "x-tokenization-time",
+    "queue": "x-queue-time",
+    "inference": "x-inference-time",
+    "total": "x-total-time",
+}
+
+
+def rerank_sender(
+    client: httpx.Client,
+    url: str,
+    body: dict[str, object],
+    server_times: list[dict[str, float]] | None = None,
+) -> Callable[[], None]:
+    """A closure posting `body` and checking that every document came back scored; each response's timing
+    headers, where the server sends them, go to `server_times`."""
     expected = len(body["documents"])  # type: ignore[arg-type]
 
     def send() -> None:
@@ -71,15 +88,30 @@ def rerank_sender(client: httpx.Client, url: str, body: dict[str, object]) -> Ca
         results = response.json()["results"]
         if len(results) != expected:
             raise RuntimeError(f"{url} returned {len(results)} results for {expected} documents")
+        if server_times is not None:
+            headers = response.headers
+            times = {
+                part: float(headers[name]) for part, name in SERVER_TIME_HEADERS.items() if name in headers
+            }
+            if times:
+                server_times.append(times)
 
     return send
 
 
+@dataclass(frozen=True)
+class HttpLoad:
+    latencies: list[float]  # seconds per request
+    seconds: float  # wall time of the whole load
+    server_ms: dict[str, float]  # median of each part the server reported (Measurement.server_ms)
+
+
 def http_load(
     url: str, body: dict[str, object], clients: int, max_requests: int, max_seconds: float
-) -> tuple[list[float], int, float]:
-    """`clients` threads, each posting `body` back to back. Returns latencies, requests done, wall seconds."""
+) -> HttpLoad:
+    """`clients` threads, each posting `body` back to back."""
     results: list[list[float]] = [[] for _ in range(clients)]
+    server_times: list[dict[str, float]] = []  # list.append is atomic: the clients share it
     errors: list[BaseException] = []
     start = time.perf_counter()
 
@@ -87,7 +119,7 @@ def http_load(
         try:
             with httpx.Client(timeout=3600) as client:
                 results[slot] = timed_requests(
-                    rerank_sender(client, url, body), max_requests, max_seconds, start
+                    rerank_sender(client, url, body, server_times), max_requests, max_seconds, start
                 )
         except BaseException as error:  # surfaced in the caller's thread
             errors.append(error)
@@ -99,8 +131,15 @@ def http_load(
         thread.join()
     if errors:
         raise errors[0]
+    seconds = time.perf_counter() - start
     latencies = [latency for client in results for latency in client]
-    return latencies, len(latencies), time.perf_counter() - start
+    parts = {part for times in server_times for part in times}
+    medians = {
+        part: statistics.median(times[part] for times in server_times if part in times)
+        for part in SERVER_TIME_HEADERS
+        if part in parts
+    }
+    return HttpLoad(latencies, seconds, medians)
 
 
 def mean(values: list[float]) -> float:

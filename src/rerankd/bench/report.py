@@ -27,6 +27,15 @@ def _row(measurement: Measurement, baseline: float | None, ceilings: dict[str, f
     )
 
 
+def _server_time_line(measurement: Measurement) -> str:
+    parts = ", ".join(f"{part} {ms:.1f} ms" for part, ms in measurement.server_ms.items())
+    return (
+        f"- {measurement.contender}, {measurement.clients} client{'s' if measurement.clients > 1 else ''}, "
+        "by the server's own timing headers "
+        f"(median per request): {parts}."
+    )
+
+
 def _find(result: GeometryResult, contender: str, workload: str, clients: int = 1) -> Measurement | None:
     for measurement in result.measurements:
         if (measurement.contender, measurement.workload, measurement.clients) == (
@@ -58,6 +67,9 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             if m.workload == name
         ]
         lines.append("")
+        lines += [_server_time_line(m) for m in result.measurements if m.workload == name and m.server_ms]
+        if lines[-1]:
+            lines.append("")
     served = [m for m in result.measurements if m.contender.startswith("rerankd")]
     single = next((m for m in served if m.clients == 1), None)
     many = next((m for m in served if m.clients > 1), None)

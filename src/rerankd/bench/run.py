@@ -210,23 +210,19 @@ def _http_measure(
     flops: float,
 ) -> Measurement:
     requests = settings.requests_per_client(clients)
-    latencies, done, seconds = http_load(url, _body(workload, model), clients, requests, settings.max_seconds)
-    logger.info(
-        "%s %s, %d client(s): %.2f pairs/s",
-        contender,
-        workload.name,
-        clients,
-        done * len(workload.documents) / seconds,
-    )
+    load = http_load(url, _body(workload, model), clients, requests, settings.max_seconds)
+    pairs = len(load.latencies) * len(workload.documents)
+    logger.info("%s %s, %d client(s): %.2f pairs/s", contender, workload.name, clients, pairs / load.seconds)
     return Measurement(
         contender,
         dtype,
         workload.name,
         clients,
-        latencies,
-        done * len(workload.documents),
-        seconds,
+        load.latencies,
+        pairs,
+        load.seconds,
         mean_flops=flops,
+        server_ms=load.server_ms,
     )
 
 
