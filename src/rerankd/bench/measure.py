@@ -133,12 +133,11 @@ def http_load(
         raise errors[0]
     seconds = time.perf_counter() - start
     latencies = [latency for client in results for latency in client]
-    parts = {part for times in server_times for part in times}
-    medians = {
-        part: statistics.median(times[part] for times in server_times if part in times)
-        for part in SERVER_TIME_HEADERS
-        if part in parts
-    }
+    medians = {}
+    for part in SERVER_TIME_HEADERS:
+        reported = [times[part] for times in server_times if part in times]
+        if reported:
+            medians[part] = statistics.median(reported)
     return HttpLoad(latencies, seconds, medians)
 
 

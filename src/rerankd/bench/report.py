@@ -67,9 +67,11 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             if m.workload == name
         ]
         lines.append("")
-        lines += [_server_time_line(m) for m in result.measurements if m.workload == name and m.server_ms]
-        if lines[-1]:
-            lines.append("")
+        server_lines = [
+            _server_time_line(m) for m in result.measurements if m.workload == name and m.server_ms
+        ]
+        if server_lines:
+            lines += [*server_lines, ""]
     served = [m for m in result.measurements if m.contender.startswith("rerankd")]
     single = next((m for m in served if m.clients == 1), None)
     many = next((m for m in served if m.clients > 1), None)
