@@ -18,8 +18,10 @@ from rerankd.backends.base import BackendOptions
 from rerankd.backends.registry import load_backend
 from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
-from rerankd.bench.measure import percentile
-from rerankd.bench.run import BenchSettings
+from rerankd.bench.measure import Measurement, percentile
+from rerankd.bench.report import render_markdown
+from rerankd.bench.run import BenchResult, BenchSettings, Fairness, GeometryResult
+from rerankd.bench.targets import targets_for
 from rerankd.bench.workloads import Workload, make_workloads
 from rerankd.quality.beir import load_beir
 
@@ -220,3 +222,88 @@ def test_timed_requests_and_warm_up_follow_the_device(tmp_path: Path) -> None:
     assert (cuda.requests_per_client(1), cuda.requests_per_client(8)) == (100, 12)
     assert cuda.warm_ups(workloads) == workloads
     assert replace(cuda, max_requests=16).requests_per_client(8) == 2
+
+
+_MACHINE: dict[str, object] = {
+    "cpu": "test CPU",
+    "cores": 2,
+    "cpu_features": [],
+    "memory_gb": 24,
+    "gpu": None,
+    "torch": "2",
+}
+
+
+def _measured(
+    contender: str, pairs_per_second: float, clients: int = 1, dtype: str = "bfloat16"
+) -> Measurement:
+    """A measurement of the 64-passage workload at `pairs_per_second` (64 pairs per request)."""
+    seconds = 64 / pairs_per_second
+    return Measurement(contender, dtype, "64 passages", clients, [seconds], 64, seconds, mean_flops=15.8e9)
+
+
+def _base_run(*measurements: Measurement, geometry: str = "base") -> GeometryResult:
+    workloads: list[dict[str, float | str]] = [
+        {"name": "64 passages", "mean_tokens": 87.0, "gflops_per_pair": 15.8}
+    ]
+    return GeometryResult(geometry, {"layers": 12, "hidden": 768}, workloads, list(measurements))
+
+
+def test_cpu_targets_say_which_are_met_and_by_how_much_the_others_are_missed() -> None:
+    """The numbers of the CPU run in BENCHMARKS.md at 24a9039: two targets missed, four met."""
+    result = _base_run(
+        _measured("rerankd", 21.83),
+        _measured("rerankd", 22.68, clients=8),
+        _measured("sentence-transformers float32", 4.21, dtype="float32"),
+        _measured("sentence-transformers bfloat16", 7.46),
+    )
+    result.fairness = Fairness(alone_p95=0.53, during_p95=1.19, during_count=44, big_seconds=64)
+    result.bf16_peak_rss = 916 * 2**20
+    targets = {target.description: target for target in targets_for(result, {"bfloat16": 437.4}, "cpu")}
+    verdicts = {
+        description: (target.met, round(target.shortfall, 3)) for description, target in targets.items()
+    }
+    assert verdicts == {
+        "rerankd, 1 client, ≥ 6× sentence-transformers fp32": (False, round(1 - 21.83 / 4.21 / 6, 3)),
+        "rerankd, 1 client, ≥ 2.5× sentence-transformers bf16": (True, 0.0),
+        "rerankd, 1 client, ≥ 50% of the bf16 matmul ceiling": (True, 0.0),
+        "8 concurrent clients, ≥ 1.3× one client's pairs/s": (False, round(1 - 22.68 / 21.83 / 1.3, 3)),
+        "p95 of a small request while a big one runs, ≤ 3× its p95 alone": (True, 0.0),
+        "peak RSS serving base in bf16, ≤ 1.2 GB": (True, 0.0),
+    }
+    assert targets["rerankd, 1 client, ≥ 50% of the bf16 matmul ceiling"].shown(21.83 * 15.8 / 437.4) == "79%"
+    section = render_markdown(
+        BenchResult("2026-12-01", "rerankd bench", _MACHINE, {"bfloat16": 437.4}, (1024, 768, 3072), [result])
+    )
+    assert "### Targets: 4 of 6 met in this run" in section
+    assert (
+        "| rerankd, 1 client, ≥ 6× sentence-transformers fp32 | 5.19× | missed by 14% "
+        "(reaching it would take 91% of the bf16 matmul ceiling) |" in section
+    )
+    assert (
+        "| 8 concurrent clients, ≥ 1.3× one client's pairs/s | 1.04× | missed by 20% "
+        "(reaching it would take 103% of the bf16 matmul ceiling) |" in section
+    )
+    assert "| peak RSS serving base in bf16, ≤ 1.2 GB | 916 MB | met |" in section
+
+
+def test_a_ceiling_target_is_missed_by_how_far_it_goes_over() -> None:
+    result = _base_run(_measured("rerankd", 20.0))
+    result.fairness = Fairness(alone_p95=0.5, during_p95=2.0, during_count=10, big_seconds=60)
+    [fairness] = [target for target in targets_for(result, {}, "cpu") if target.at_most]
+    assert not fairness.met and fairness.shortfall == pytest.approx(4 / 3 - 1)
+
+
+def test_gpu_targets_and_no_targets_outside_base() -> None:
+    run = (
+        _measured("rerankd", 2920.76, dtype="float16"),
+        _measured("sentence-transformers float16", 1297.23),
+    )
+    targets = targets_for(_base_run(*run), {"bfloat16": 610287.7}, "cuda")
+    assert [(target.description, target.met) for target in targets] == [
+        ("rerankd, 1 client, ≥ 3× sentence-transformers fp16", False),
+        ("rerankd, 1 client, ≥ 40% of the bf16 matmul ceiling", False),
+    ]
+    assert targets[0].shown(targets[0].reached) == "2.25×"
+    assert targets_for(_base_run(*run, geometry="xsmall"), {"bfloat16": 1.0}, "cuda") == []
+    assert targets_for(_base_run(run[1]), {"bfloat16": 1.0}, "cuda") == []  # rerankd not measured

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
 from rerankd.bench.run import LLAMACPP_CONTENDER, BenchResult, GeometryResult
+from rerankd.bench.targets import Target, targets_for
 
 BASELINE = "sentence-transformers float32"
 
@@ -36,23 +37,12 @@ def _server_time_line(measurement: Measurement) -> str:
     )
 
 
-def _find(result: GeometryResult, contender: str, workload: str, clients: int = 1) -> Measurement | None:
-    for measurement in result.measurements:
-        if (measurement.contender, measurement.workload, measurement.clients) == (
-            contender,
-            workload,
-            clients,
-        ):
-            return measurement
-    return None
-
-
 def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> list[str]:
     config = result.config
     lines = [f"## {result.geometry} ({config['layers']} layers, hidden {config['hidden']})", ""]
     for workload in result.workloads:
         name = str(workload["name"])
-        baseline = _find(result, BASELINE, name)
+        baseline = result.measurement(BASELINE, name)
         lines += [
             f"### {name}: {float(workload['mean_tokens']):.0f} tokens per pair on average, "
             f"{float(workload['gflops_per_pair']):.1f} GFLOP per pair",
@@ -101,6 +91,21 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
     return [*lines, ""]
 
 
+def _targets_section(targets: list[Target]) -> list[str]:
+    lines = [
+        f"### Targets: {sum(target.met for target in targets)} of {len(targets)} met in this run",
+        "",
+        "| target | reached | |",
+        "|---|---|---|",
+    ]
+    for target in targets:
+        verdict = "met" if target.met else f"missed by {100 * target.shortfall:.0f}%"
+        if not target.met and target.needs_share is not None:
+            verdict += f" (reaching it would take {100 * target.needs_share:.0f}% of the bf16 matmul ceiling)"
+        lines.append(f"| {target.description} | {target.shown(target.reached)} | {verdict} |")
+    return [*lines, ""]
+
+
 def render_markdown(result: BenchResult) -> str:
     machine = result.machine
     rows, inner, cols = result.ceiling_shape
@@ -133,6 +138,9 @@ def render_markdown(result: BenchResult) -> str:
         ]
     for geometry in result.geometries:
         lines += _geometry_section(geometry, result.ceilings)
+        targets = targets_for(geometry, result.ceilings, result.device)
+        if targets:
+            lines += _targets_section(targets)
     return "\n".join(lines)
 
 

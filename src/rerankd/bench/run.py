@@ -158,6 +158,17 @@ class GeometryResult:
     # Max |Δscore| of each sentence-transformers dtype against rerankd on the first workload's documents.
     score_drift: dict[str, float] = field(default_factory=dict)
 
+    def measurement(self, contender: str, workload: str, clients: int = 1) -> Measurement | None:
+        """The run of `contender` on `workload` with `clients` clients, if it was measured."""
+        for measurement in self.measurements:
+            if (measurement.contender, measurement.workload, measurement.clients) == (
+                contender,
+                workload,
+                clients,
+            ):
+                return measurement
+        return None
+
 
 @dataclass
 class BenchResult:
@@ -167,6 +178,7 @@ class BenchResult:
     ceilings: dict[str, float]  # dtype -> matmul GFLOP/s
     ceiling_shape: tuple[int, int, int]  # the product measured: (rows, inner, columns)
     geometries: list[GeometryResult]
+    device: str = "cpu"  # where every contender ran: cpu | cuda
 
 
 def _flops(model: BenchModel, workload: Workload) -> float:
@@ -524,4 +536,5 @@ def run_bench(settings: BenchSettings, command: str) -> BenchResult:
         ceilings,
         ceiling_shape(settings.device),
         results,
+        settings.device,
     )

@@ -1,0 +1,117 @@
+"""The throughput targets rerankd is held to, checked against one bench run.
+
+They are set for the base geometry on the passages workload (a query with 64 MS MARCO passages), per device:
+on a CPU against sentence-transformers in fp32 and bf16, the bf16 matmul ceiling, concurrency, fairness and
+memory; on a GPU against sentence-transformers fp16 and the bf16 tensor-core ceiling. BENCHMARKS.md lists
+each with what the run reached, so a missed target shows by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rerankd.bench.run import GeometryResult
+
+TARGET_GEOMETRY = "base"
+RERANKD = "rerankd"
+GIGABYTE = 2**30  # as BENCHMARKS.md counts memory (its MB are 2**20 bytes)
+
+Unit = Literal["ratio", "share", "bytes"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A floor (or, with `at_most`, a ceiling) on one number of the run, and the number the run reached."""
+
+    description: str
+    goal: float
+    reached: float
+    unit: Unit = "ratio"
+    at_most: bool = False
+    # For a pairs/s target: the share of the bf16 matmul ceiling reaching it would take (model FLOPs), which
+    # says whether the machine can reach it at all.
+    needs_share: float | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.reached <= self.goal if self.at_most else self.reached >= self.goal
+
+    @property
+    def shortfall(self) -> float:
+        """How far the run is from the goal, as a fraction of the goal; 0 when met."""
+        if self.met:
+            return 0.0
+        return self.reached / self.goal - 1 if self.at_most else 1 - self.reached / self.goal
+
+    def shown(self, value: float) -> str:
+        if self.unit == "share":
+            return f"{100 * value:.0f}%"
+        if self.unit == "bytes":
+            return f"{value / 2**20:,.0f} MB"
+        return f"{value:.2f}×"
+
+
+def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str) -> list[Target]:
+    """The targets of `device` that `result` has the numbers for; none outside the base geometry."""
+    if result.geometry != TARGET_GEOMETRY or not result.workloads:
+        return []
+    passages = str(result.workloads[0]["name"])
+    single = result.measurement(RERANKD, passages)
+    if single is None:
+        return []
+    targets: list[Target] = []
+    ceiling = ceilings.get("bfloat16")
+
+    def share(pairs_per_second: float) -> float | None:
+        return pairs_per_second * single.mean_flops / 1e9 / ceiling if ceiling else None
+
+    def faster_than(contender: str, goal: float, name: str) -> None:
+        peer = result.measurement(contender, passages)
+        if peer is not None:
+            reached = single.pairs_per_second / peer.pairs_per_second
+            needs = share(goal * peer.pairs_per_second)
+            targets.append(Target(f"rerankd, 1 client, ≥ {goal:g}× {name}", goal, reached, needs_share=needs))
+
+    def of_ceiling(goal: float) -> None:
+        reached = share(single.pairs_per_second)
+        if reached is not None:
+            targets.append(
+                Target(f"rerankd, 1 client, ≥ {goal:.0%} of the bf16 matmul ceiling", goal, reached, "share")
+            )
+
+    if device == "cuda":
+        faster_than("sentence-transformers float16", 3.0, "sentence-transformers fp16")
+        of_ceiling(0.40)
+        return targets
+    faster_than("sentence-transformers float32", 6.0, "sentence-transformers fp32")
+    faster_than("sentence-transformers bfloat16", 2.5, "sentence-transformers bf16")
+    of_ceiling(0.50)
+    many = next(
+        (
+            m
+            for m in result.measurements
+            if m.contender == RERANKD and m.workload == passages and m.clients > 1
+        ),
+        None,
+    )
+    if many is not None:
+        reached = many.pairs_per_second / single.pairs_per_second
+        description = f"{many.clients} concurrent clients, ≥ 1.3× one client's pairs/s"
+        targets.append(Target(description, 1.3, reached, needs_share=share(1.3 * single.pairs_per_second)))
+    if result.fairness is not None:
+        targets.append(
+            Target(
+                "p95 of a small request while a big one runs, ≤ 3× its p95 alone",
+                3.0,
+                result.fairness.ratio,
+                at_most=True,
+            )
+        )
+    if result.bf16_peak_rss:
+        targets.append(
+            Target(
+                "peak RSS serving base in bf16, ≤ 1.2 GB", 1.2 * GIGABYTE, result.bf16_peak_rss, "bytes", True
+            )
+        )
+    return targets
