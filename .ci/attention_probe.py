@@ -10,12 +10,15 @@ logits moved. It decides nothing by itself: a change to `attend` follows from it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.cuda_graphs import CapturedPasses
@@ -23,6 +26,7 @@ from rerankd.backends.torch_backend import load_safetensors_backend
 from rerankd.devtools.random_model import write_random_model
 from rerankd.modeling import deberta
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SHAPES = [(64, 96), (64, 128), (64, 176), (32, 256), (16, 512)]
 
 
@@ -47,13 +51,25 @@ def main() -> int:
         model_dir = write_random_model(Path(folder), args.geometry, args.tokenizer)
         backend = load_safetensors_backend(model_dir, BackendOptions(device="cuda", dtype=args.dtype))
     model = backend.model
-    generator = torch.Generator().manual_seed(0)
+    variants: dict[str, tuple[Attend, list[SDPBackend]]] = {
+        "baddbmm": (deberta.attend, []),
+        "sdpa": (sdpa_attend, []),  # torch's own choice of kernel
+        "sdpa-efficient": (sdpa_attend, [SDPBackend.EFFICIENT_ATTENTION]),
+        "sdpa-cudnn": (sdpa_attend, [SDPBackend.CUDNN_ATTENTION]),
+    }
     timings: dict[str, dict[tuple[int, int], float]] = {}
     logits: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    for name, attend in (("baddbmm", deberta.attend), ("sdpa", sdpa_attend)):
+    for name, (attend, kernels) in variants.items():
         deberta.attend = attend  # looked up at each call by DebertaLayer.forward
-        passes = CapturedPasses(model, device, backend.info.max_length)
-        passes.capture_all(SHAPES)
+        generator = torch.Generator().manual_seed(0)  # the same batches for every variant
+        try:
+            # The kernel is chosen when the pass is captured; replays run what was captured.
+            with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
+                passes = CapturedPasses(model, device, backend.info.max_length)
+                passes.capture_all(SHAPES)
+        except RuntimeError as error:
+            print(f"{name}: failed to capture ({str(error).splitlines()[0]})")
+            continue
         timings[name] = {shape: passes.seconds(*shape) for shape in SHAPES}
         logits[name] = {}
         for pairs, length in SHAPES:
@@ -61,16 +77,19 @@ def main() -> int:
             mask = torch.ones(pairs, length, dtype=torch.long)
             mask[pairs // 2 :, length // 2 :] = 0  # half the pairs padded to half length
             logits[name][(pairs, length)] = passes.run(ids, mask.pin_memory()).float().cpu()
-        generator.manual_seed(0)
         del passes
         torch.cuda.empty_cache()
     print(f"{args.geometry} {args.dtype} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    print("| pairs x length | baddbmm ms | sdpa ms | sdpa / baddbmm | max abs logit diff |")
-    print("|---|---|---|---|---|")
+    print("ms per replay; in brackets, the max |Δlogit| against baddbmm on the same batch")
+    others = [name for name in timings if name != "baddbmm"]
+    print("| pairs x length | baddbmm | " + " | ".join(others) + " |")
+    print("|---|---|" + "---|" * len(others))
     for shape in SHAPES:
-        old, new = timings["baddbmm"][shape] * 1e3, timings["sdpa"][shape] * 1e3
-        moved = (logits["sdpa"][shape] - logits["baddbmm"][shape]).abs().max().item()
-        print(f"| {shape[0]} x {shape[1]} | {old:.2f} | {new:.2f} | {new / old:.2f} | {moved:.1e} |")
+        cells = [f"{1e3 * timings['baddbmm'][shape]:.2f}"]
+        for name in others:
+            moved = (logits[name][shape] - logits["baddbmm"][shape]).abs().max().item()
+            cells.append(f"{1e3 * timings[name][shape]:.2f} ({moved:.1e})")
+        print(f"| {shape[0]} x {shape[1]} | " + " | ".join(cells) + " |")
     return 0
 
 
