@@ -91,6 +91,15 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
     return [*lines, ""]
 
 
+def shown(target: Target) -> str:
+    """What `target` reached, in its unit."""
+    if target.unit == "share":
+        return f"{100 * target.reached:.0f}%"
+    if target.unit == "bytes":
+        return _megabytes(int(target.reached))
+    return f"{target.reached:.2f}×"
+
+
 def _targets_section(targets: list[Target]) -> list[str]:
     lines = [
         f"### Targets: {sum(target.met for target in targets)} of {len(targets)} met in this run",
@@ -102,7 +111,7 @@ def _targets_section(targets: list[Target]) -> list[str]:
         verdict = "met" if target.met else f"missed by {100 * target.shortfall:.0f}%"
         if not target.met and target.needs_share is not None:
             verdict += f" (reaching it would take {100 * target.needs_share:.0f}% of the bf16 matmul ceiling)"
-        lines.append(f"| {target.description} | {target.shown(target.reached)} | {verdict} |")
+        lines.append(f"| {target.description} | {shown(target)} | {verdict} |")
     return [*lines, ""]
 
 

@@ -44,13 +44,6 @@ class Target:
             return 0.0
         return self.reached / self.goal - 1 if self.at_most else 1 - self.reached / self.goal
 
-    def shown(self, value: float) -> str:
-        if self.unit == "share":
-            return f"{100 * value:.0f}%"
-        if self.unit == "bytes":
-            return f"{value / 2**20:,.0f} MB"
-        return f"{value:.2f}×"
-
 
 def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str) -> list[Target]:
     """The targets of `device` that `result` has the numbers for; none outside the base geometry."""
