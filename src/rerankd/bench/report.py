@@ -62,9 +62,10 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
         ]
         if server_lines:
             lines += [*server_lines, ""]
-    served = [m for m in result.measurements if m.contender.startswith("rerankd")]
-    single = next((m for m in served if m.clients == 1), None)
-    many = next((m for m in served if m.clients > 1), None)
+    single = next(
+        (m for m in result.measurements if m.contender.startswith("rerankd") and m.clients == 1), None
+    )
+    many = result.concurrent(single.contender, single.workload) if single else None
     if single and many:
         lines.append(
             f"- Concurrency: {many.clients} clients reach {many.pairs_per_second:.2f} pairs/s in total, "

@@ -169,6 +169,17 @@ class GeometryResult:
                 return measurement
         return None
 
+    def concurrent(self, contender: str, workload: str) -> Measurement | None:
+        """The run of `contender` on `workload` with several clients at once, if it was measured."""
+        return next(
+            (
+                m
+                for m in self.measurements
+                if (m.contender, m.workload) == (contender, workload) and m.clients > 1
+            ),
+            None,
+        )
+
 
 @dataclass
 class BenchResult:

@@ -80,14 +80,7 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
     faster_than("sentence-transformers float32", 6.0, "sentence-transformers fp32")
     faster_than("sentence-transformers bfloat16", 2.5, "sentence-transformers bf16")
     of_ceiling(0.50)
-    many = next(
-        (
-            m
-            for m in result.measurements
-            if m.contender == RERANKD and m.workload == passages and m.clients > 1
-        ),
-        None,
-    )
+    many = result.concurrent(RERANKD, passages)
     if many is not None:
         reached = many.pairs_per_second / single.pairs_per_second
         description = f"{many.clients} concurrent clients, ≥ 1.3× one client's pairs/s"
