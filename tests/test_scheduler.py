@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rerankd.backends.base import PendingLogits, ReadyLogits
+from rerankd.backends.base import PassSeconds, PendingLogits, ReadyLogits
 from rerankd.engine.scheduler import (
     BatchLimits,
     BatchScheduler,
@@ -51,9 +51,14 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, timeout=30))
 
 
-def make_scheduler(forward: RecordingForward, **limits) -> tuple[BatchScheduler, ThreadPoolExecutor]:
+def make_scheduler(
+    forward: RecordingForward, pass_seconds: PassSeconds | None = None, **limits
+) -> tuple[BatchScheduler, ThreadPoolExecutor]:
     executor = ThreadPoolExecutor(max_workers=1)
-    return BatchScheduler(forward, executor, BatchLimits(**limits).for_device("cpu")), executor
+    scheduler = BatchScheduler(
+        forward, executor, BatchLimits(**limits).for_device("cpu"), pass_seconds=pass_seconds
+    )
+    return scheduler, executor
 
 
 def test_results_come_back_in_input_order_within_budget_and_cap(forward: RecordingForward) -> None:
@@ -390,9 +395,9 @@ def test_a_batch_runs_as_the_passes_that_take_the_least_time(lengths: list[int],
 
 def test_where_passes_are_timed_a_padded_batch_is_split_by_length(forward: RecordingForward) -> None:
     """The cut-off pairs go back to the queue in order, form the next batch, and every logit comes back."""
-    executor = ThreadPoolExecutor(max_workers=1)
-    limits = BatchLimits(max_batch_tokens=16384, max_batch_pairs=64, batch_wait_ms=0).for_device("cpu")
-    scheduler = BatchScheduler(forward, executor, limits, pass_seconds=padded_pass_seconds)
+    scheduler, executor = make_scheduler(
+        forward, padded_pass_seconds, max_batch_tokens=16384, max_batch_pairs=64, batch_wait_ms=0
+    )
     lengths = [200, 20, 150, 20, 190, 30] + [25] * 26 + [180] * 3
     token_ids = sequences(7, lengths)
     assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
