@@ -17,7 +17,7 @@ GEOMETRY ?= base
 RANDOM_MODEL ?= models/random-$(GEOMETRY)
 TOKENIZER ?= $(wildcard ../shared/fixtures/deberta-v3-tokenizer)
 
-.PHONY: install install-test serve test lint format random-model bench clean
+.PHONY: install install-unit install-test serve test test-fast lint format random-model bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,33 +28,46 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# The test suite checks our Q4_K quantizer byte for byte against the libggml that llama-cpp-python ships, and
-# serves a llama.cpp GGUF through the llamacpp backend. A portable CPU build (no -march=native), reused from
-# pip's wheel cache after the first time. For the llamacpp backend on a GPU, install a CUDA build instead:
-#   CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install --force-reinstall --no-cache-dir llama-cpp-python
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
+# The unit tests' dependencies (pytest, ruff, the reference transformers, the client SDKs).
+$(VENV)/.installed-unit: pyproject.toml $(VENV)/.installed-runtime
+	$(PY) -m pip install --quiet -e ".[test]"
 	# antfly-cli's wheel ships its binary without the executable bit.
 	$(PY) -c "import antfly_cli, pathlib; [p.chmod(0o755) for p in pathlib.Path(antfly_cli.__file__).parent.joinpath('bin').iterdir()]"
 	touch $@
 
+# The full suite also checks our Q4_K quantizer byte for byte against the libggml that llama-cpp-python ships,
+# and serves a llama.cpp GGUF through the llamacpp backend. A portable CPU build (no -march=native), reused
+# from pip's wheel cache after the first time. For the llamacpp backend on a GPU, install a CUDA build instead:
+#   CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install --force-reinstall --no-cache-dir llama-cpp-python
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-unit
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
+	touch $@
+
 install: $(VENV)/.installed-runtime
+
+install-unit: $(VENV)/.installed-unit
 
 install-test: $(VENV)/.installed-test
 
 serve: install
 	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-lint: install-test
+lint: install-unit
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
-format: install-test
+format: install-unit
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-test: lint
+# The whole suite (what CI runs): every test but the GPU ones, which skip without CUDA.
+test: lint install-test
 	$(VENV)/bin/pytest -q
+
+# The unit tests alone, while working: no server processes, no loopback traffic, no llama.cpp build, nothing
+# slow (see the markers in pyproject.toml). Under 3 minutes on a 2-core CPU.
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not slow and not network and not gpu"
 
 random-model: install
 	$(PY) -m rerankd random-model $(RANDOM_MODEL) --geometry $(GEOMETRY) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))

@@ -130,6 +130,37 @@ def closed_loopback_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+class ConnectionDropper:
+    """A loopback port that accepts every connection and closes it at once, unanswered, and counts them: a
+    Hub that cannot be reached, where each retry shows as one more connection."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.connections = 0
+        self._thread = threading.Thread(target=self._drop_connections, daemon=True)
+
+    def _drop_connections(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # the listening socket was shut down
+                return
+            self.connections += 1
+            connection.close()
+
+    def __enter__(self) -> ConnectionDropper:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._socket.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        self._socket.close()
+        self._thread.join(timeout=5)
+
+
 def point_huggingface_hub_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     """Aim huggingface_hub at `endpoint`, online, anonymous, without telemetry or Xet, with short timeouts.
 

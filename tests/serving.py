@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import httpx
 
 from rerankd.bench.processes import free_port, running_process
 
@@ -27,3 +30,19 @@ def running_server(
         command, base_url, log_path, env=env, ready_path=ready_path, startup_seconds=STARTUP_SECONDS
     ):
         yield base_url
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 60, poll_seconds: float = 0.2) -> None:
+    """Poll `condition` until it holds; fail after `seconds` (a bound on waiting, not on the server's
+    speed: what is awaited happens within a second or two)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(poll_seconds)
+
+
+def metric(base_url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """The value of a metric line (sum over its label sets) in the /metrics text."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)

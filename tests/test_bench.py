@@ -118,6 +118,7 @@ def test_workloads_on_msmarco(xsmall_model_dir: Path, msmarco_dir: Path) -> None
     assert all(480 <= length <= 512 for length in long_documents.pair_lengths)
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_writes_benchmarks_md(
     xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path
 ) -> None:
@@ -168,6 +169,7 @@ def test_bench_end_to_end_writes_benchmarks_md(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_bench_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
     """A BERT reranker served as a GGUF through the llama.cpp backend, next to sentence-transformers on the
@@ -198,6 +200,7 @@ def test_bench_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
     assert "sentence-transformers float32 is within" in report
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_bench_on_cuda_without_a_gpu_says_so(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "rerankd", "bench", "--device", "cuda", "--out", str(tmp_path / "B.md")]

@@ -17,14 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_modeling_parity import (
-    BATCHES,
-    PARITY_BOUND,
-    DictReader,
-    geometry_config,
-    padded_batch,
-    reference_model,
-)
 
 from rerankd.backends.base import BackendOptions
 from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shapes
@@ -35,9 +27,10 @@ from rerankd.engine.tokenize import PairTokenizer
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.weights import load_reranker
 
+from parity import BATCHES, DictReader, Truth, TruthErrors, geometry_config, padded_batch, reference_model
 from serving import running_server
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 CUDA = torch.device("cuda")
 
 
@@ -46,27 +39,28 @@ def on_cuda(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
 
 
 def test_cuda_forward_equals_the_reference_in_float32() -> None:
+    """As on a CPU: no further from the float64 reference than a float32 reference on the CPU is."""
     config = geometry_config("xsmall")
     tensors = random_checkpoint({**config, "initializer_range": 0.1}, seed=1, dtype=torch.float16)
-    reference, ours = reference_model(config, tensors), on_cuda(config, tensors, torch.float32)
-    for seed, lengths in enumerate(BATCHES["xsmall"]):
-        input_ids, mask = padded_batch(lengths, config["vocab_size"], seed)
+    truth, ours = Truth(config, tensors, BATCHES["xsmall"]), on_cuda(config, tensors, torch.float32)
+    for lengths, (input_ids, mask), reference, expected in zip(
+        truth.batches, truth.inputs, truth.reference, truth.truth, strict=True
+    ):
         with torch.inference_mode():
-            expected = reference(input_ids=input_ids, attention_mask=mask).logits
             actual = ours(input_ids.to(CUDA), mask.to(CUDA)).cpu()
-        difference = (actual - expected).abs().max().item()
-        assert difference <= PARITY_BOUND, f"{lengths}: max |Δlogit| {difference:.2e}"
+        errors = TruthErrors.of(actual, reference, expected)
+        assert errors.holds, f"{lengths}: {errors}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision_holds_the_auto_bound(dtype: torch.dtype) -> None:
     config = geometry_config("base")
     tensors = random_checkpoint(config, seed=1, dtype=torch.float16)
-    reference, ours = reference_model(config, tensors), on_cuda(config, tensors, dtype)
+    reference, ours = reference_model(config, tensors, torch.float64), on_cuda(config, tensors, dtype)
     input_ids, mask = padded_batch([5, 60, 130, 300, 512], config["vocab_size"], seed=7)
     with torch.inference_mode():
         expected = reference(input_ids=input_ids, attention_mask=mask).logits.sigmoid()
-        actual = ours(input_ids.to(CUDA), mask.to(CUDA)).float().sigmoid().cpu()
+        actual = ours(input_ids.to(CUDA), mask.to(CUDA)).double().sigmoid().cpu()
     assert (actual - expected).abs().max().item() <= MAX_SCORE_DELTA
 
 

@@ -454,6 +454,8 @@ def _run_healthcheck(command: list[str], env: dict[str, str]) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_replayed_cpu_image_serves(
     replayed_cpu_image: Replayed, xsmall_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -171,6 +171,7 @@ def fp32_and_bf16(
     return {"stdout": completed.stdout, "out": out, "json": json.loads((out / "eval.json").read_text())}
 
 
+@pytest.mark.slow
 def test_in_process_reports_quality_and_drift(fp32_and_bf16: dict, xsmall_model_dir: Path) -> None:
     body = fp32_and_bf16["json"]
     assert body["dataset"] == "msmarco-dl19-subset" and body["k"] == 8 and len(body["queries"]) == 2
@@ -194,6 +195,8 @@ def test_in_process_reports_quality_and_drift(fp32_and_bf16: dict, xsmall_model_
     assert (fp32_and_bf16["out"] / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_through_a_running_server_equals_in_process(
     fp32_and_bf16: dict, xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path
 ) -> None:
@@ -218,6 +221,7 @@ def test_through_a_running_server_equals_in_process(
     assert served[0] == in_process[0]  # the same BM25 candidates
 
 
+@pytest.mark.slow
 def test_dbpedia_with_a_model(xsmall_model_dir: Path, dbpedia_dir: Path) -> None:
     completed = run_cli("--data", str(dbpedia_dir), "--model", str(xsmall_model_dir), *SMALL)
     assert completed.returncode == 0, completed.stderr

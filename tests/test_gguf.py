@@ -372,6 +372,7 @@ def test_bf16_source(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert drift <= 1e-3
 
 
+@pytest.mark.slow
 def test_xsmall_q8_0_without_charsmap_scores_and_tokenizes_msmarco(
     xsmall_model_dir: Path,
     xsmall_reference_logits: torch.Tensor,
@@ -400,6 +401,7 @@ def test_xsmall_q8_0_without_charsmap_scores_and_tokenizes_msmarco(
         ]
 
 
+@pytest.mark.slow
 def test_base_geometry_f16_round_trip(base_model_dir: Path, tmp_path: Path) -> None:
     """At the mxbai-rerank-base geometry, with the charsmap the tokenizer is SentencePiece's own."""
     model = open_deberta_gguf(export_to(base_model_dir, tmp_path, "f16"))
@@ -638,6 +640,7 @@ def antfly() -> Iterator[list[str]]:
     yield command
 
 
+@pytest.mark.slow
 def test_antfly_exported_q8_0_loads_and_scores(
     antfly: list[str], xsmall_model_dir: Path, xsmall_reference_logits: torch.Tensor, tmp_path: Path
 ) -> None:

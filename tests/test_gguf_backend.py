@@ -49,6 +49,7 @@ def test_selector_syntax() -> None:
     )
 
 
+@pytest.mark.slow
 def test_backend_is_chosen_from_the_files(xsmall_model_dir: Path, xsmall_variants: Path) -> None:
     options = BackendOptions()
     assert load_backend(xsmall_model_dir, options).info.backend == "torch"
@@ -58,6 +59,7 @@ def test_backend_is_chosen_from_the_files(xsmall_model_dir: Path, xsmall_variant
         load_backend(xsmall_variants, options, gguf_variant="Q4_K")
 
 
+@pytest.mark.slow
 def test_folder_serves_its_most_faithful_variant_unless_one_is_selected(
     xsmall_model_dir: Path, xsmall_variants: Path
 ) -> None:
@@ -75,6 +77,8 @@ def test_folder_serves_its_most_faithful_variant_unless_one_is_selected(
     assert quantized == pytest.approx(reference, abs=1e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_hub_variant_selector_downloads_only_that_variant(
     xsmall_variants: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,6 +113,7 @@ def spread_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_model(folder, "base", tokenizer_dir=tokenizer, init_std=0.05)
 
 
+@pytest.mark.slow
 def test_base_geometry_round_trip_of_every_export_type(
     spread_base_model: Path, tmp_path: Path, msmarco_dir: Path
 ) -> None:
@@ -139,6 +144,7 @@ def test_base_geometry_round_trip_of_every_export_type(
     assert drift["Q8_0"] < drift["Q4_K"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC_STATUS, reason="reads RSS from /proc")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_memory_while_loading_stays_under_one_and_a_half_times_loaded(
@@ -154,6 +160,8 @@ def test_peak_memory_while_loading_stays_under_one_and_a_half_times_loaded(
     assert memory.peak < 1.25 * memory.loaded, f"peak {memory.peak:.0f} MB vs loaded {memory.loaded:.0f} MB"
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_served_over_http(xsmall_variants: Path, tmp_path: Path) -> None:
     model = str(xsmall_variants / "mxbai-rerank-xsmall-v1.Q8_0.gguf")
     with running_server(["--model", model, "--served-model-name", "xs-q8"], tmp_path / "log") as url:

@@ -29,6 +29,8 @@ from rerankd.engine.models import ServedModels
 
 from serving import running_server
 
+pytestmark = [pytest.mark.slow, pytest.mark.network]  # real server processes on loopback
+
 # The schema's examples name the base model: serving the random xsmall model under that name lets them score.
 SERVED_NAME = "mixedbread-ai/mxbai-rerank-base-v1"
 API_KEY = "hostile-input-key"

@@ -127,6 +127,8 @@ def test_batches_larger_than_the_context_are_split(tiny_bert: tuple[Path, Any, A
     assert np.max(np.abs(np.array(logits) - one_by_one * 3)) <= 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.network
 @needs_llama_cpp
 def test_served_over_http(tiny_bert: tuple[Path, Any, Any], tmp_path: Path) -> None:
     path, model, reference_tokenizer = tiny_bert
@@ -146,6 +148,7 @@ def test_served_over_http(tiny_bert: tuple[Path, Any, Any], tmp_path: Path) -> N
     )
 
 
+@pytest.mark.slow
 def test_deberta_gguf_stays_on_the_torch_gguf_backend(xsmall_model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "mxbai-rerank-xsmall-v1.F32.gguf"
     export_gguf(xsmall_model_dir, path, "f32")

@@ -37,6 +37,8 @@ def logits(model: Path, **options) -> list[float]:
         engine.close()
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_hub_id_downloads_then_serves_from_the_verified_cache(xsmall_model_dir: Path, tmp_path: Path) -> None:
     files = {path.name: path.read_bytes() for path in xsmall_model_dir.iterdir()}
     cache = tmp_path / "cache"

@@ -28,6 +28,7 @@ def plain_ids(tokenizer_file: Path, text: str) -> list[int]:
     return Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
 
 
+@pytest.mark.slow
 def test_longest_first_equals_the_tokenizers_own_truncation(tokenizer_file: Path, msmarco_dir: Path) -> None:
     """Random (query, document) lengths around each limit, odd and even budgets, against `tokenizers`."""
     with (msmarco_dir / "corpus.jsonl").open() as corpus:

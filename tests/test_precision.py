@@ -2,7 +2,7 @@
 
 CI's CPUs may or may not have bf16 units, so the hardware probe is overridden here to exercise both outcomes
 of the check; the check itself (float32 scores, cast, scores again, compare) runs for real. The probe itself
-is checked against the CPU flags the kernel reports.
+is checked against the CPU flags the kernel reports and oneDNN's instruction-set cap.
 """
 
 from __future__ import annotations
@@ -41,9 +41,22 @@ def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
 
 
 @pytest.mark.skipif(not CPUINFO.exists(), reason="reads the CPU flags from /proc/cpuinfo")
-def test_the_probe_finds_bf16_units_where_the_cpu_flags_list_them() -> None:
+def test_the_probe_finds_bf16_units_where_the_cpu_flags_list_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(variable, raising=False)
     features = set(describe_machine()["cpu_features"])
     assert REAL_PROBE() == bool(features & {"avx512_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+@pytest.mark.parametrize("isa", ["AVX2", "avx512_core", "AVX512_CORE_VNNI"])
+def test_the_probe_finds_none_where_onednn_is_capped_below_them(
+    monkeypatch: pytest.MonkeyPatch, variable: str, isa: str
+) -> None:
+    """oneDNN capped below AVX512_CORE_BF16 emulates bf16, whatever the CPU has (tests/test_kernel_paths.py
+    checks the probe under each kernel path, in fresh processes)."""
+    monkeypatch.setenv(variable, isa)
+    assert REAL_PROBE() is False
 
 
 def test_auto_stays_float32_without_bf16_units(
@@ -53,6 +66,7 @@ def test_auto_stays_float32_without_bf16_units(
     assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
 
 
+@pytest.mark.slow
 def test_auto_takes_bfloat16_where_it_holds(xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
     dtype, auto = logits(xsmall_model_dir, "auto")
@@ -64,6 +78,7 @@ def test_auto_takes_bfloat16_where_it_holds(xsmall_model_dir: Path, monkeypatch:
     )  # ... and holds
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_float32_weights_when_scores_drift(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,6 +96,7 @@ def test_explicit_dtype_is_never_second_guessed(
     assert logits(xsmall_model_dir, "float32")[0] == "float32"
 
 
+@pytest.mark.slow
 def test_the_check_scores_float32_exactly_from_the_rows_of_its_own_tokens(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,6 +129,7 @@ def test_a_token_the_check_did_not_name_has_no_float32_row(
         backend.relevance_logits(pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_PROC_STATUS, reason="reads RSS from /proc")
 def test_auto_loads_base_within_the_memory_of_bf16_not_float32(base_model_dir: Path) -> None:
     """The float32 model is never whole in memory: `--dtype auto` peaked at 1.44 GB on base when it loaded

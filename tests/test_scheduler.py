@@ -1,5 +1,8 @@
 """The cross-request batch scheduler, driven by recording launch functions in place of a model: one that
-computes at launch like a CPU, and one whose logits stay pending until collected, like a GPU's."""
+computes at launch like a CPU, and one whose logits stay pending until collected, like a GPU's.
+
+Nothing here is ordered by sleeping: a test that needs a batch in flight waits until the forward function
+has been entered, and one that needs a request queued yields to the event loop until it is."""
 
 from __future__ import annotations
 
@@ -27,10 +30,12 @@ class RecordingForward:
         self.batches: list[list[list[int]]] = []
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set once a batch has reached the forward function
         self.fail_when = lambda batch: False
 
     def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        self.release.wait(timeout=10)
+        self.entered.set()
+        assert self.release.wait(timeout=10), "the test never released the forward pass"
         self.batches.append([list(ids) for ids in batch])
         if self.fail_when(batch):
             raise RuntimeError("injected forward failure")
@@ -49,6 +54,22 @@ def forward() -> RecordingForward:
 
 def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, timeout=30))
+
+
+async def held_in_forward(forward: RecordingForward) -> None:
+    """Until the scheduler's worker thread has entered `forward` (where `release` holds it)."""
+    entered = await asyncio.get_running_loop().run_in_executor(None, forward.entered.wait, 10)
+    assert entered, "no batch reached the forward function"
+
+
+async def until_queued(scheduler: BatchScheduler, pairs: int) -> None:
+    """Yield to the event loop until `pairs` pairs wait in the queue: a request's task queues its pairs in
+    its first turn on the loop."""
+    for _ in range(100):
+        if scheduler.queued_pairs == pairs:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{scheduler.queued_pairs} pairs queued, expected {pairs}")
 
 
 def make_scheduler(
@@ -78,7 +99,8 @@ def test_results_come_back_in_input_order_within_budget_and_cap(forward: Recordi
 
 
 def test_concurrent_requests_share_a_batch(forward: RecordingForward) -> None:
-    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=64, batch_wait_ms=20)
+    """Requests gathered in one turn of the event loop are all queued before the batching loop first runs."""
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=64, batch_wait_ms=0)
 
     async def three_clients():
         return await asyncio.gather(*(scheduler.submit(sequences(tag, [10, 12])) for tag in (100, 200, 300)))
@@ -91,7 +113,7 @@ def test_concurrent_requests_share_a_batch(forward: RecordingForward) -> None:
 
 def test_requests_that_arrive_together_are_packed_by_length_across_them(forward: RecordingForward) -> None:
     """Equal requests arriving together share batches by length: no batch pads a short pair to a long one."""
-    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=3, batch_wait_ms=20)
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=4096, max_batch_pairs=3, batch_wait_ms=0)
 
     async def three_clients():
         return await asyncio.gather(
@@ -113,9 +135,10 @@ def small_beside_huge(
     async def huge_then_small():
         forward.release.clear()
         huge = asyncio.ensure_future(scheduler.submit(sequences(7, huge_lengths)))
-        await asyncio.sleep(0.05)
+        await held_in_forward(forward)
+        queued = scheduler.queued_pairs
         small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
-        await asyncio.sleep(0.05)
+        await until_queued(scheduler, queued + 6)
         forward.release.set()
         small_logits = await small
         await huge
@@ -157,7 +180,7 @@ def test_cancelled_request_drops_its_queued_pairs(forward: RecordingForward) -> 
     async def cancel_midway():
         forward.release.clear()
         doomed = asyncio.ensure_future(scheduler.submit(sequences(5, [10] * 20)))
-        await asyncio.sleep(0.05)
+        await held_in_forward(forward)
         doomed.cancel()
         forward.release.set()
         survivor = await scheduler.submit(sequences(6, [10]))
@@ -213,7 +236,7 @@ def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingFo
         first = asyncio.ensure_future(
             scheduler.submit(sequences(1, [4] * 20))
         )  # an empty queue takes any size
-        await asyncio.sleep(0.05)
+        await held_in_forward(forward)
         with pytest.raises(QueueFullError, match="max-queued-pairs"):
             await scheduler.submit(sequences(2, [4]))
         forward.release.set()
@@ -261,8 +284,9 @@ def test_a_partly_served_request_is_not_overtaken_forever_by_new_ones() -> None:
         newcomers = []
         for round_index in range(10):
             tags = (100 + 2 * round_index, 101 + 2 * round_index)
+            queued = scheduler.queued_pairs
             newcomers += [asyncio.ensure_future(scheduler.submit(sequences(tag, [4]))) for tag in tags]
-            await asyncio.sleep(0.01)
+            await until_queued(scheduler, queued + 2)
             forward.step()
             await forward.entered()
         for _ in range(20):

@@ -115,6 +115,7 @@ def test_ground_truth_pair_from_spm_model_alone(shared_tokenizer_dir: Path) -> N
     assert tokenizer.get_vocab_size() == 128001
 
 
+@pytest.mark.slow
 def test_spm_build_matches_reference_on_msmarco(
     reference_tokenizer: Tokenizer, spm_tokenizer: Tokenizer, msmarco_dir: Path
 ) -> None:
@@ -174,6 +175,7 @@ def test_trained_tokenizer_agrees_with_sentencepiece(trained_dir: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(trained_dir: Path, tmp_path: Path) -> None:
     train_unigram_tokenizer(tmp_path, vocab_size=TRAINED_VOCAB_SIZE)
     for name in ("spm.model", "tokenizer.json"):

@@ -36,6 +36,7 @@ def test_compare_reports_top1_order_and_max_delta() -> None:
     assert not flipped.top1_preserved
 
 
+@pytest.mark.slow
 def test_bf16_variant_against_fp32_base_with_passages(xsmall_model_dir: Path, msmarco_dir: Path) -> None:
     cases = [*builtin_cases(), beir_case(msmarco_dir, max_queries=3, documents_per_query=8)]
     results = validate(
@@ -48,6 +49,8 @@ def test_bf16_variant_against_fp32_base_with_passages(xsmall_model_dir: Path, ms
     assert all(name in table for name in CASE_NAMES)
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_through_a_running_server_equals_in_process(xsmall_model_dir: Path, tmp_path: Path) -> None:
     with running_server(
         ["--model", str(xsmall_model_dir), "--served-model-name", "xs"], tmp_path / "log"
@@ -57,6 +60,7 @@ def test_through_a_running_server_equals_in_process(xsmall_model_dir: Path, tmp_
     assert max(result.max_abs_delta for result in results) < 1e-6
 
 
+@pytest.mark.slow
 def test_cli_prints_json(xsmall_model_dir: Path) -> None:
     command = [
         sys.executable,
@@ -74,6 +78,7 @@ def test_cli_prints_json(xsmall_model_dir: Path) -> None:
     assert all(row["max_abs_delta"] == 0.0 and row["order_preserved"] for row in body["results"])
 
 
+@pytest.mark.slow
 def test_cli_compares_dtypes_of_the_base(xsmall_model_dir: Path) -> None:
     model = str(xsmall_model_dir)
     command = [sys.executable, "-m", "rerankd", "validate", model, "--dtype", "float32"]
@@ -92,6 +97,7 @@ def test_cli_compares_dtypes_of_the_base(xsmall_model_dir: Path) -> None:
     assert nothing.returncode == 2 and "--compare-dtypes" in nothing.stderr
 
 
+@pytest.mark.slow
 def test_cli_passes_the_revision_to_the_hub(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "rerankd", "validate", "mixedbread-ai/mxbai-rerank-xsmall-v1"]
     command += ["--compare-dtypes", "bfloat16", "--revision", "v9", "--model-cache", str(tmp_path)]

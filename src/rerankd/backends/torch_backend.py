@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -49,11 +50,22 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+# oneDNN's instruction sets below AVX512_CORE_BF16, as `ONEDNN_MAX_CPU_ISA` (formerly `DNNL_MAX_CPU_ISA`)
+# names them: capped at one of these, oneDNN emulates bf16 whatever the CPU has.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
 def cpu_has_bf16_units() -> bool:
-    """AMX tiles or AVX512-BF16: where oneDNN runs bf16 matmuls several times faster than fp32.
+    """AMX tiles or AVX512-BF16, and oneDNN free to use them: where it runs bf16 matmuls several times faster
+    than fp32.
 
     Without them (e.g. AVX2-only CPUs) bf16 is emulated and measured ~10x slower than fp32.
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
