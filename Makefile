@@ -52,9 +52,13 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
+# Style, then the structure: imports only go down the layers (pyproject's importlinter contracts), and src/
+# type-checks (mypy).
 lint: install-unit
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: install-unit
 	$(VENV)/bin/ruff format src tests

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from rerankd.backends.base import RerankBackend
+from rerankd.backends.registry import load_backend, plan_backend
+from rerankd.settings import RuntimeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("RERANKD_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -71,3 +76,15 @@ def xsmall_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight model folder at the mxbai-rerank-base geometry (real tokenizer when available)."""
     return _random_model(tmp_path_factory, "base")
+
+
+def load_backend_at(
+    path: Path,
+    gguf_variant: str | None = None,
+    reference_pairs: tuple[tuple[str, str], ...] = (),
+    **settings: Any,
+) -> RerankBackend:
+    """The backend rerankd loads for `path` with these settings (the rest from defaults and the environment),
+    planned and loaded as `rerankd serve` does."""
+    plan = plan_backend(path, RuntimeSettings(**settings), gguf_variant)
+    return load_backend(plan, reference_pairs)

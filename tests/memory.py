@@ -12,8 +12,8 @@ from pathlib import Path
 PROBE = """
 import json, sys
 from rerankd.backends import torch_backend
-from rerankd.backends.base import BackendOptions
 from rerankd.engine.loader import load_engine
+from rerankd.settings import RuntimeSettings
 
 def status_mb(key):
     for line in open("/proc/self/status"):
@@ -21,7 +21,7 @@ def status_mb(key):
             return int(line.split()[1]) / 1024
 
 torch_backend.cpu_has_bf16_units = lambda: sys.argv[3] == "bf16-units"
-engine = load_engine(sys.argv[1], options=BackendOptions(dtype=sys.argv[2]))
+engine = load_engine(sys.argv[1], RuntimeSettings(dtype=sys.argv[2]))
 print(json.dumps({"dtype": engine.info.dtype, "peak": status_mb("VmHWM"), "loaded": status_mb("VmRSS")}))
 """
 

@@ -13,17 +13,23 @@ import httpx
 from rerankd.bench.processes import free_port, running_process
 
 STARTUP_SECONDS = 120
+FAULTS_SCRIPT = Path(__file__).with_name("faults.py")
 
 
 @contextlib.contextmanager
 def running_server(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_path: str = "/ready"
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/ready",
+    fault_marker: str | None = None,
 ) -> Iterator[str]:
     """Start the server, wait (bounded) until `ready_path` answers 200 (by default: every model loaded and
     warmed up), yield its base URL, then stop it. The Hub is off (HF_HUB_OFFLINE=1) unless `env` says
-    otherwise."""
+    otherwise. With `fault_marker`, every forward pass holding that word fails (tests/faults.py)."""
     port = free_port()
-    command = [sys.executable, "-m", "rerankd", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    entry = ["-m", "rerankd"] if fault_marker is None else [str(FAULTS_SCRIPT), fault_marker]
+    command = [sys.executable, *entry, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     base_url = f"http://127.0.0.1:{port}"
     env = {"HF_HUB_OFFLINE": "1", **(env or {})}
     with running_process(

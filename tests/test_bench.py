@@ -14,16 +14,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rerankd.backends.base import BackendOptions
-from rerankd.backends.registry import load_backend
 from rerankd.bench.flops import EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
 from rerankd.bench.report import render_markdown, shown
-from rerankd.bench.run import BenchResult, BenchSettings, Fairness, GeometryResult
+from rerankd.bench.results import BenchResult, Fairness, GeometryResult
+from rerankd.bench.settings import BenchSettings
 from rerankd.bench.targets import targets_for
 from rerankd.bench.workloads import Workload, make_workloads
 from rerankd.quality.beir import load_beir
+
+from conftest import load_backend_at
 
 
 @pytest.mark.parametrize("length", [1, 7, 130, 300, 512])
@@ -34,7 +35,7 @@ def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int
     rows repeat slots, and the model FLOPs count only the slots a pair reaches. Its last layer computes the
     first token alone, so it skips products the model FLOPs (the reference's work) count.
     """
-    model = load_backend(xsmall_model_dir, BackendOptions(dtype="float32")).model
+    model = load_backend_at(xsmall_model_dir, dtype="float32").model
     ids = torch.randint(5, 1000, (1, length))
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(ids, torch.ones_like(ids))

@@ -11,14 +11,12 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from rerankd.backends.base import BackendOptions
 from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shapes
 from rerankd.backends.torch_backend import load_safetensors_backend
 from rerankd.devtools.random_model import random_checkpoint
@@ -26,6 +24,7 @@ from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.weights import load_reranker
+from rerankd.settings import RuntimeSettings
 
 from parity import BATCHES, DictReader, Truth, TruthErrors, geometry_config, padded_batch, reference_model
 from serving import running_server
@@ -68,8 +67,8 @@ def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -
     """The backend pads, lays out and queues a whole pass and its logits' copy back without one synchronizing
     call (torch raises on any while the sync debug mode is "error"), so the scheduler can queue the next
     batch while this one runs; `result` then waits for the logits."""
-    options = BackendOptions(device="cuda", dtype="float16", cuda_graphs=False)
-    backend = load_safetensors_backend(xsmall_model_dir, options)
+    settings = RuntimeSettings(dtype="float16", cuda_graphs=False).for_device("cuda")
+    backend = load_safetensors_backend(xsmall_model_dir, settings)
     documents = ["Paris.", "Bananas are yellow. " * 20, "word " * 600]
     batch = PairTokenizer(backend.tokenizer, 512).encode_pairs("What is the capital of France?", documents)
     expected = backend.relevance_logits(batch)  # also fills the page-locked buffer cache
@@ -87,10 +86,10 @@ def test_a_batch_is_queued_without_waiting_for_the_gpu(xsmall_model_dir: Path) -
 def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
     """Batches of several shapes, some in one bucket: replayed graphs give the eager pass's logits, one graph
     per bucket, and once a bucket is captured its batches are queued without a synchronizing call."""
-    options = BackendOptions(device="cuda", dtype="float32", cuda_graphs=False)
-    eager = load_safetensors_backend(xsmall_model_dir, options)
-    graphed = load_safetensors_backend(xsmall_model_dir, replace(options, cuda_graphs=True))
-    graphed.prepare_for_serving(2048, 16)
+    settings = RuntimeSettings(dtype="float32", max_batch_tokens=2048, max_batch_pairs=16).for_device("cuda")
+    eager = load_safetensors_backend(xsmall_model_dir, settings.model_copy(update={"cuda_graphs": False}))
+    graphed = load_safetensors_backend(xsmall_model_dir, settings)
+    graphed.prepare_for_serving()
     captured = bucketed_shapes(2048, 16, 512)
     assert sorted(graphed._graphs.shapes) == sorted(captured)
     seconds = graphed.pass_seconds()
@@ -119,7 +118,7 @@ def test_cuda_graphs_score_as_the_eager_pass(xsmall_model_dir: Path) -> None:
 def test_captured_shapes_share_their_work_memory(xsmall_model_dir: Path) -> None:
     """Capturing all 319 shapes of the default CUDA limits reserves at most twice the GPU memory that the
     biggest one alone does (before their first runs shared one stream, all of base's shapes held 8.6 GiB)."""
-    backend = load_safetensors_backend(xsmall_model_dir, BackendOptions(device="cuda", dtype="float16"))
+    backend = load_safetensors_backend(xsmall_model_dir, RuntimeSettings(dtype="float16").for_device("cuda"))
     shapes = bucketed_shapes(16384, 64, backend.info.max_length)
     passes = CapturedPasses(backend.model, CUDA, backend.info.max_length)
     # Each capture empties torch's cache of freed blocks: start from an empty one, not from earlier tests'.

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
 
-from rerankd.backends.base import BackendOptions
+from rerankd.engine.engine import DocumentScore
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import rank, sigmoid
-from rerankd.engine.scheduler import BatchLimits
 from rerankd.modeling.onednn import PackedLinear
+from rerankd.settings import RuntimeSettings
 
 QUERY = "Who wrote To Kill a Mockingbird?"
 
@@ -59,9 +59,7 @@ def test_engine_scores_equal_the_reference_across_split_batches(
     """Real passages, a long document (truncated) and an empty one; a small token budget forces many batches,
     and every score must still come back in input order."""
     documents = [*passages(msmarco_dir, 40), "", "word " * 2000]
-    engine = load_engine(
-        str(xsmall_model_dir), batching=BatchLimits(max_batch_tokens=1024, max_batch_pairs=8)
-    )
+    engine = load_engine(str(xsmall_model_dir), RuntimeSettings(max_batch_tokens=1024, max_batch_pairs=8))
     try:
         scored = asyncio.run(engine.score(QUERY, documents))
     finally:
@@ -84,7 +82,7 @@ def test_engine_scores_equal_the_reference_across_split_batches(
 def test_truncation_is_longest_first_like_the_reference_tokenizer(
     xsmall_model_dir: Path, reference, query_words: int, document_words: int
 ) -> None:
-    engine = load_engine(str(xsmall_model_dir), max_length=256)
+    engine = load_engine(str(xsmall_model_dir), RuntimeSettings(max_length=256))
     try:
         ids = engine.tokenizer.encode_pairs("query " * query_words, ["document " * document_words])[0]
     finally:
@@ -97,19 +95,24 @@ def test_truncation_is_longest_first_like_the_reference_tokenizer(
 
 
 def test_max_length_cannot_exceed_the_model(xsmall_model_dir: Path) -> None:
-    engine = load_engine(str(xsmall_model_dir), max_length=4096)
+    engine = load_engine(str(xsmall_model_dir), RuntimeSettings(max_length=4096))
     try:
-        assert engine.limits.max_length == 512
+        assert engine.max_length == 512
     finally:
         engine.close()
 
 
+def scored(*logits: float) -> list[DocumentScore]:
+    return [DocumentScore(logit, 0, 1, None, False) for logit in logits]
+
+
 def test_rank_sorts_by_score_then_index_and_cuts_after_sorting() -> None:
-    ranked = rank([0.0, 2.0, -1.0, 2.0], top_n=3)
+    documents = scored(0.0, 2.0, -1.0, 2.0)
+    ranked = rank(documents, top_n=3)
     assert [item.index for item in ranked] == [1, 3, 0]
-    assert ranked[0].score == pytest.approx(sigmoid(2.0))
-    assert [item.score for item in rank([0.5, -3.0], raw_scores=True)] == [0.5, -3.0]
-    assert len(rank([1.0, 2.0], top_n=10)) == 2
+    assert ranked[0].score == pytest.approx(sigmoid(2.0)) and ranked[0].detail is documents[1]
+    assert [item.score for item in rank(scored(0.5, -3.0), raw_scores=True)] == [0.5, -3.0]
+    assert len(rank(scored(1.0, 2.0), top_n=10)) == 2
 
 
 def test_sigmoid_is_stable_at_extremes() -> None:
@@ -121,7 +124,7 @@ def test_sigmoid_is_stable_at_extremes() -> None:
 def test_threads_option_sets_torch_threads(xsmall_model_dir: Path) -> None:
     before = torch.get_num_threads()
     try:
-        load_engine(str(xsmall_model_dir), options=BackendOptions(threads=1)).close()
+        load_engine(str(xsmall_model_dir), RuntimeSettings(threads=1)).close()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

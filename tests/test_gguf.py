@@ -31,16 +31,15 @@ from tokenizers import Tokenizer
 from rerankd.catalog import CATALOG, CatalogEntry, Geometry
 from rerankd.devtools.random_model import write_random_model
 from rerankd.formats import gguf_writer
-from rerankd.formats.gguf_layout import parse_variant_file_name, variant_file_name
-from rerankd.formats.gguf_reader import (
+from rerankd.formats.gguf_file import (
     LEADING_BYTES,
-    DebertaGGUF,
     GGUFModelError,
     _leading_architecture,
     find_gguf_variants,
     gguf_architecture,
-    open_deberta_gguf,
 )
+from rerankd.formats.gguf_layout import parse_variant_file_name, variant_file_name
+from rerankd.formats.gguf_reader import DebertaGGUF, open_deberta_gguf
 from rerankd.formats.gguf_writer import GGUFExportError, export_gguf, read_vocabulary
 from rerankd.formats.safetensors import SafetensorsCheckpoint
 from rerankd.formats.tokenizer import load_tokenizer

@@ -10,16 +10,16 @@ import httpx
 import pytest
 from gguf import GGUFWriter
 
-from rerankd.backends.base import BackendOptions, ModelLoadError
-from rerankd.backends.registry import load_backend
+from rerankd.backends.base import ModelLoadError
 from rerankd.devtools.random_model import write_random_model
 from rerankd.engine.loader import load_engine, split_gguf_selector
 from rerankd.fidelity import builtin_cases
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.quality.scorers import EngineScorer
 from rerankd.quality.validate import beir_case, render_table, validate
+from rerankd.settings import RuntimeSettings
 
-from conftest import SHARED_TOKENIZER
+from conftest import SHARED_TOKENIZER, load_backend_at
 from fakehub import FakeHub, point_huggingface_hub_at
 from memory import HAS_PROC_STATUS, load_memory
 from serving import running_server
@@ -51,12 +51,11 @@ def test_selector_syntax() -> None:
 
 @pytest.mark.slow
 def test_backend_is_chosen_from_the_files(xsmall_model_dir: Path, xsmall_variants: Path) -> None:
-    options = BackendOptions()
-    assert load_backend(xsmall_model_dir, options).info.backend == "torch"
-    assert load_backend(xsmall_variants / "mxbai-rerank-xsmall-v1.Q8_0.gguf", options).info.backend == "gguf"
-    assert load_backend(xsmall_variants, options).info.backend == "gguf"
+    assert load_backend_at(xsmall_model_dir).info.backend == "torch"
+    assert load_backend_at(xsmall_variants / "mxbai-rerank-xsmall-v1.Q8_0.gguf").info.backend == "gguf"
+    assert load_backend_at(xsmall_variants).info.backend == "gguf"
     with pytest.raises(ModelLoadError, match=r"no Q4_K GGUF file \(found: F32, Q8_0\)"):
-        load_backend(xsmall_variants, options, gguf_variant="Q4_K")
+        load_backend_at(xsmall_variants, gguf_variant="Q4_K")
 
 
 @pytest.mark.slow
@@ -87,7 +86,9 @@ def test_hub_variant_selector_downloads_only_that_variant(
     with FakeHub() as hub:
         point_huggingface_hub_at(monkeypatch, hub.url)
         hub.add_repo("antflydb/mxbai-rerank-xsmall-v1").commit(files)
-        engine = load_engine("antflydb/mxbai-rerank-xsmall-v1:gguf:Q8_0", cache_dir=tmp_path)
+        engine = load_engine(
+            "antflydb/mxbai-rerank-xsmall-v1:gguf:Q8_0", RuntimeSettings(model_cache=tmp_path)
+        )
         engine.close()
         fetched = set(hub.fetched_files("antflydb/mxbai-rerank-xsmall-v1"))
     assert fetched == {"mxbai-rerank-xsmall-v1.Q8_0.gguf", "model_manifest.json"}
@@ -102,7 +103,7 @@ def test_other_architectures_get_a_clear_error(tmp_path: Path) -> None:
     writer.write_ti_data_to_file()
     writer.close()
     with pytest.raises(ModelLoadError, match=r"bge\.Q8_0\.gguf.*'bert'.*llama\.cpp"):
-        load_backend(path, BackendOptions())
+        load_backend_at(path)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 import rerankd
-from rerankd.api.app import APISettings, create_app
+from rerankd.api.app import create_app
 from rerankd.engine.models import ServedModels
+from rerankd.settings import ServeSettings
 
 from serving import running_server
 
@@ -62,7 +63,7 @@ def _served_openapi() -> dict[str, Any]:
     """The server's OpenAPI document, built without a model so schemathesis can parametrize at collection
     (`schemathesis.pytest.from_fixture` fails on pytest 9.2); the live one is checked equal to it."""
     models = ServedModels.pending([(SERVED_NAME, "never loaded")])
-    return create_app(models, APISettings(api_keys=(API_KEY,), metrics_auth=True)).openapi()
+    return create_app(models, ServeSettings(api_key=[API_KEY], metrics_auth=True)).openapi()
 
 
 OPENAPI = _served_openapi()
@@ -500,6 +501,22 @@ def test_oversized_input_gets_4xx_naming_it(server: str, name: str, where: str, 
     if len(content) > MAX_REQUEST_BYTES:
         statuses, names = {413}, "body"
     assert_refused(dialect.route, post(server, dialect.route, content), statuses, names)
+
+
+@pytest.mark.parametrize(("key", "tei_shape"), [("texts", True), ("documents", False)])
+def test_a_body_past_the_limit_is_refused_in_the_shape_of_its_dialect(
+    server: str, key: str, tei_shape: bool
+) -> None:
+    """`/rerank` tells TEI's requests from rerankd's own by their `texts`: a body too large to read whole is
+    told apart by the start that was read, so a TEI client gets TEI's `{error, error_type}` for it too."""
+    body = {"query": "q", key: ["x" * 1000] * (MAX_REQUEST_BYTES // 1000 + 1)}
+    response = post(server, "/rerank", encode(body))
+    assert response.status_code == 413
+    error = response.json()
+    if tei_shape:
+        assert error["error_type"] == "Validation" and "--max-request-bytes" in error["error"]
+    else:
+        assert error["error"]["type"] == "request_too_large" and error["error"]["param"] == "body"
 
 
 ECHOED_FIELDS = {

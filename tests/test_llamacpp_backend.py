@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from rerankd.backends.base import BackendOptions, ModelLoadError
-from rerankd.backends.registry import load_backend
+from rerankd.backends.base import ModelLoadError
 from rerankd.devtools.random_bert_gguf import random_bert_cross_encoder, tiny_bert_vocabulary, write_bert_gguf
 from rerankd.engine.loader import load_engine
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.settings import RuntimeSettings, load_settings
 
+from conftest import load_backend_at
 from serving import running_server
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -89,7 +89,7 @@ def sigmoid(value: float) -> float:
 @needs_llama_cpp
 def test_tokenizer_gives_the_models_own_ids(tiny_bert: tuple[Path, Any, Any]) -> None:
     path, _, reference_tokenizer = tiny_bert
-    backend = load_backend(path, BackendOptions(device="cpu"))
+    backend = load_backend_at(path, device="cpu")
     for document, expected in zip(DOCUMENTS, reference_ids(reference_tokenizer, DOCUMENTS), strict=True):
         assert backend.tokenizer.encode(QUERY, document).ids == expected, document
         if document:
@@ -99,7 +99,7 @@ def test_tokenizer_gives_the_models_own_ids(tiny_bert: tuple[Path, Any, Any]) ->
 @needs_llama_cpp
 def test_scores_match_transformers(tiny_bert: tuple[Path, Any, Any]) -> None:
     path, model, reference_tokenizer = tiny_bert
-    engine = load_engine(str(path), options=BackendOptions(device="cpu", threads=1))
+    engine = load_engine(str(path), RuntimeSettings(device="cpu", threads=1))
     try:
         assert engine.info.backend == "llamacpp" and engine.info.max_length == 128
         expected = reference_logits(model, reference_tokenizer, DOCUMENTS)
@@ -121,7 +121,7 @@ def test_scores_match_transformers(tiny_bert: tuple[Path, Any, Any]) -> None:
 def test_batches_larger_than_the_context_are_split(tiny_bert: tuple[Path, Any, Any]) -> None:
     path, _, reference_tokenizer = tiny_bert
     ids = reference_ids(reference_tokenizer, DOCUMENTS)
-    small = load_backend(path, BackendOptions(device="cpu", batch_tokens=128, batch_pairs=2))
+    small = load_backend_at(path, device="cpu", max_batch_tokens=128, max_batch_pairs=2)
     logits = small.relevance_logits(ids * 3)
     one_by_one = [small.relevance_logits([pair])[0] for pair in ids]
     assert np.max(np.abs(np.array(logits) - one_by_one * 3)) <= 1e-4
@@ -152,7 +152,7 @@ def test_served_over_http(tiny_bert: tuple[Path, Any, Any], tmp_path: Path) -> N
 def test_deberta_gguf_stays_on_the_torch_gguf_backend(xsmall_model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "mxbai-rerank-xsmall-v1.F32.gguf"
     export_gguf(xsmall_model_dir, path, "f32")
-    assert load_backend(path, BackendOptions(dtype="float32")).info.backend == "gguf"
+    assert load_backend_at(path, dtype="float32").info.backend == "gguf"
 
 
 @needs_llama_cpp
@@ -161,10 +161,10 @@ def test_forcing_a_backend_that_cannot_serve_the_file(
 ) -> None:
     path, _, _ = tiny_bert
     with pytest.raises(ModelLoadError, match=r"general.architecture is 'bert'.*llama.cpp backend"):
-        load_backend(path, BackendOptions(backend="gguf"))
+        load_backend_at(path, backend="gguf")
     deberta_like = _gguf_with_architecture(tmp_path / "deberta.gguf", "deberta")
     with pytest.raises(ModelLoadError, match=r"'deberta' is not a reranker llama.cpp serves .*bert"):
-        load_backend(deberta_like, BackendOptions(backend="llamacpp"))
+        load_backend_at(deberta_like, backend="llamacpp")
 
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path: Path) -> Non
         ModelLoadError,
         match=r"no backend serves general.architecture 'llama': .*'deberta'.*'bert', 'jina-bert-v2'",
     ):
-        load_backend(path, BackendOptions())
+        load_backend_at(path)
 
 
 def test_backend_setting(monkeypatch: pytest.MonkeyPatch) -> None:

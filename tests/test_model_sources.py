@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rerankd.backends.base import BackendOptions, ModelLoadError
+from rerankd.backends.base import ModelLoadError
 from rerankd.devtools.random_model import write_random_model
 from rerankd.engine.loader import load_engine
+from rerankd.settings import RuntimeSettings
 
 from fakehub import FakeHub
 from serving import running_server
@@ -29,8 +30,8 @@ DOCUMENTS = [
 HUB_ID = "mixedbread-ai/mxbai-rerank-xsmall-v1"
 
 
-def logits(model: Path, **options) -> list[float]:
-    engine = load_engine(str(model), **options)
+def logits(model: Path, **settings) -> list[float]:
+    engine = load_engine(str(model), RuntimeSettings(**settings))
     try:
         return asyncio.run(engine.score(QUERY, DOCUMENTS)).logits
     finally:
@@ -100,7 +101,7 @@ def test_spm_model_without_tokenizer_json(xsmall_model_dir: Path, tmp_path: Path
 
 
 def test_bfloat16_compute_dtype(xsmall_model_dir: Path) -> None:
-    reduced = logits(xsmall_model_dir, options=BackendOptions(dtype="bfloat16"))
+    reduced = logits(xsmall_model_dir, dtype="bfloat16")
     full = logits(xsmall_model_dir)
     assert max(abs(a - b) for a, b in zip(reduced, full, strict=True)) < 0.05
 
@@ -109,4 +110,4 @@ def test_cuda_without_a_gpu_is_a_clear_error(xsmall_model_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
-        load_engine(str(xsmall_model_dir), options=BackendOptions(device="cuda"))
+        load_engine(str(xsmall_model_dir), RuntimeSettings(device="cuda"))

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from rerankd.backends import torch_backend
-from rerankd.backends.base import BackendOptions
-from rerankd.backends.registry import load_backend
 from rerankd.bench.machine import describe_machine
 from rerankd.engine import precision
 from rerankd.engine.loader import load_engine
@@ -23,7 +21,9 @@ from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import MOCKINGBIRD, builtin_cases
 from rerankd.modeling.reference_rows import Float32Rows
+from rerankd.settings import RuntimeSettings
 
+from conftest import load_backend_at
 from memory import HAS_PROC_STATUS, load_memory
 
 QUERY, DOCUMENTS = builtin_cases()[3].queries[0]
@@ -33,7 +33,7 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
-    engine = load_engine(str(model_dir), options=BackendOptions(dtype=dtype))
+    engine = load_engine(str(model_dir), RuntimeSettings(dtype=dtype))
     try:
         return engine.info.dtype, asyncio.run(engine.score(QUERY, DOCUMENTS)).logits
     finally:
@@ -104,8 +104,8 @@ def test_the_check_scores_float32_exactly_from_the_rows_of_its_own_tokens(
     pairs' rows. The check's float32 scores are then a whole float32 model's, bit for bit, and after the cast
     the model is the one a whole float32 load cast to bf16 gives."""
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    split = load_backend(xsmall_model_dir, BackendOptions(reference_pairs=precision.reference_pairs()))
-    whole = load_backend(xsmall_model_dir, BackendOptions())
+    split = load_backend_at(xsmall_model_dir, reference_pairs=precision.reference_pairs(), dtype="auto")
+    whole = load_backend_at(xsmall_model_dir, dtype="auto")
     assert isinstance(split.model.word_embeddings, Float32Rows)
     assert split.model.word_embeddings.serving.weight.dtype == torch.bfloat16
     tokenizer = PairTokenizer(split.tokenizer, split.info.max_length)
@@ -123,7 +123,7 @@ def test_a_token_the_check_did_not_name_has_no_float32_row(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    backend = load_backend(xsmall_model_dir, BackendOptions(reference_pairs=(("a", "b"),)))
+    backend = load_backend_at(xsmall_model_dir, reference_pairs=(("a", "b"),), dtype="auto")
     pairs = PairTokenizer(backend.tokenizer, 512).encode_pairs(MOCKINGBIRD, ["Harper Lee"])
     with pytest.raises(ValueError, match="no float32 row"):
         backend.relevance_logits(pairs)

@@ -254,8 +254,7 @@ def test_a_client_that_disconnects_has_its_queued_pairs_dropped(slow: str, msmar
 
 def test_a_failing_forward_fails_only_its_batch(xsmall_model_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(xsmall_model_dir), "--max-batch-pairs", "1"]
-    env = {"RERANKD_TEST_FAULT_MARKER": FAULT_MARKER}
-    with running_server(args, tmp_path / "server.log", env=env) as url:
+    with running_server(args, tmp_path / "server.log", fault_marker=FAULT_MARKER) as url:
         poisoned = {"query": QUERY, "documents": [f"a {FAULT_MARKER} document", DOCUMENTS[0]]}
         healthy = {"query": QUERY, "documents": DOCUMENTS}
         with ThreadPoolExecutor(max_workers=4) as pool:

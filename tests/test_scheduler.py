@@ -14,13 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rerankd.backends.base import PassSeconds, PendingLogits, ReadyLogits
-from rerankd.engine.scheduler import (
-    BatchLimits,
-    BatchScheduler,
-    QueueFullError,
-    RequestTiming,
-    cheapest_first_pass,
-)
+from rerankd.engine.passes import cheapest_first_pass
+from rerankd.engine.scheduler import BatchScheduler, QueueFullError, RequestTiming
+from rerankd.settings import RuntimeSettings
 
 
 class RecordingForward:
@@ -77,7 +73,7 @@ def make_scheduler(
 ) -> tuple[BatchScheduler, ThreadPoolExecutor]:
     executor = ThreadPoolExecutor(max_workers=1)
     scheduler = BatchScheduler(
-        forward, executor, BatchLimits(**limits).for_device("cpu"), pass_seconds=pass_seconds
+        forward, executor, RuntimeSettings(**limits).for_device("cpu"), pass_seconds=pass_seconds
     )
     return scheduler, executor
 
@@ -214,16 +210,9 @@ def test_empty_submission_returns_at_once(forward: RecordingForward) -> None:
     assert forward.batches == []
 
 
-def test_token_budget_and_wait_default_per_device_and_a_user_value_wins() -> None:
-    assert BatchLimits().for_device("cpu").max_batch_tokens == 1024
-    assert BatchLimits().for_device("cuda").max_batch_tokens == 16384
-    assert BatchLimits(max_batch_tokens=700).for_device("cuda").max_batch_tokens == 700
-    assert BatchLimits().for_device("cpu").batch_wait_ms == 2.0
-    assert BatchLimits().for_device("cuda").batch_wait_ms == 0.0
-    assert BatchLimits(batch_wait_ms=5).for_device("cuda").batch_wait_ms == 5
-    assert BatchLimits(batch_wait_ms=0).for_device("cpu").batch_wait_ms == 0
-    with pytest.raises(ValueError, match="resolve the token budget and the wait"):
-        BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), BatchLimits())
+def test_a_scheduler_needs_settings_resolved_for_a_device() -> None:
+    with pytest.raises(ValueError, match="resolve the settings for a device first"):
+        BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), RuntimeSettings())
 
 
 def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingForward) -> None:
@@ -275,7 +264,7 @@ def test_a_partly_served_request_is_not_overtaken_forever_by_new_ones() -> None:
     the contested batches."""
     forward = GatedForward()
     executor = ThreadPoolExecutor(max_workers=1)
-    limits = BatchLimits(max_batch_tokens=1024, max_batch_pairs=2, batch_wait_ms=0)
+    limits = RuntimeSettings(max_batch_tokens=1024, max_batch_pairs=2, batch_wait_ms=0)
     scheduler = BatchScheduler(forward, executor, limits)
 
     async def old_request_amid_new_ones() -> None:
@@ -327,9 +316,9 @@ class QueuedLogits(PendingLogits):
         return [float(sum(ids)) for ids in self.batch]
 
 
-def gpu_limits(pairs: int) -> BatchLimits:
+def gpu_limits(pairs: int) -> RuntimeSettings:
     """A small budget, and a GPU's defaults otherwise (no batch wait)."""
-    return BatchLimits(max_batch_tokens=64, max_batch_pairs=pairs).for_device("cuda")
+    return RuntimeSettings(max_batch_tokens=64, max_batch_pairs=pairs).for_device("cuda")
 
 
 def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_one_is_collected() -> None:

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from rerankd.cli import build_parser
-from rerankd.settings import RuntimeSettings, ServeSettings, given_flags, load_settings
+from rerankd.cli.flags import given_flags
+from rerankd.settings import RuntimeSettings, ServeSettings, load_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -80,3 +81,17 @@ def test_the_readme_lists_every_setting() -> None:
         assert f"`--{name.replace('_', '-')}`" in text, name
     for endpoint in ("/health", "/ready", "/metrics", "/info", "/models", "/v1/models"):
         assert f"`GET {endpoint}`" in text, endpoint
+
+
+def test_the_batching_limits_take_the_devices_defaults_unless_the_user_set_them() -> None:
+    assert RuntimeSettings().for_device("cpu").batch_tokens == 1024
+    assert RuntimeSettings().for_device("cuda:1").batch_tokens == 16384
+    assert RuntimeSettings(max_batch_tokens=700).for_device("cuda").batch_tokens == 700
+    assert RuntimeSettings().for_device("cpu").batch_wait_seconds == 0.002
+    assert RuntimeSettings().for_device("cuda").batch_wait_seconds == 0.0
+    assert RuntimeSettings(batch_wait_ms=5).for_device("cuda").batch_wait_seconds == 0.005
+    assert RuntimeSettings(batch_wait_ms=0).for_device("cpu").batch_wait_seconds == 0
+    resolved = RuntimeSettings(device="auto", max_batch_pairs=8).for_device("cuda:1")
+    assert (resolved.device, resolved.max_batch_pairs) == ("cuda:1", 8)
+    with pytest.raises(ValueError, match="resolve the settings for a device first"):
+        _ = RuntimeSettings().batch_tokens

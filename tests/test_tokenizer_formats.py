@@ -13,7 +13,8 @@ import pytest
 import sentencepiece
 from tokenizers import Encoding, Tokenizer
 
-from rerankd.formats.sentencepiece import tokenizer_from_spm, train_unigram_tokenizer
+from rerankd.devtools.train_tokenizer import train_unigram_tokenizer
+from rerankd.formats.sentencepiece import tokenizer_from_spm
 from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
 
 GROUND_TRUTH_PAIR = ("Who wrote To Kill a Mockingbird?", "To Kill a Mockingbird is a novel by Harper Lee.")

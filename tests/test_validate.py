@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from rerankd.backends.base import BackendOptions
 from rerankd.engine.loader import load_engine
 from rerankd.fidelity import ValidationCase, builtin_cases
 from rerankd.quality.scorers import EngineScorer, HTTPScorer
 from rerankd.quality.validate import beir_case, compare, render_table, validate
+from rerankd.settings import RuntimeSettings
 
 from serving import running_server
 
@@ -23,7 +23,7 @@ CASE_NAMES = ["basic relevance ranking", "empty document", "long-input truncatio
 
 def engine_scorer(model: Path, dtype: str = "auto"):
     return lambda: EngineScorer(
-        f"{model.name}:{dtype}", load_engine(str(model), options=BackendOptions(dtype=dtype))
+        f"{model.name}:{dtype}", load_engine(str(model), RuntimeSettings(dtype=dtype))
     )
 
 

@@ -1,24 +1,25 @@
 """Every setting of rerankd, from flags, `RERANKD_*` environment variables or a TOML config file.
 
 One pydantic-settings model per command family is the single source of truth: the command-line flags are
-generated from its fields (name, type, default, help), and the same fields read `RERANKD_<NAME>` from the
-environment and `<name> = …` from the file given by `--config` (or `RERANKD_CONFIG`). Precedence: flag >
-environment > file > default. List settings take JSON or comma-separated values in the environment.
+generated from its fields (name, type, default, help: `rerankd.cli.flags`), and the same fields read
+`RERANKD_<NAME>` from the environment and `<name> = …` from the file given by `--config` (or
+`RERANKD_CONFIG`). Precedence: flag > environment > file > default. List settings take JSON or
+comma-separated values in the environment.
+
+The settings object is resolved once, for the device a model runs on (`RuntimeSettings.for_device`), and
+handed down as is: the backend, the engine and the API read their fields from it. It imports nothing of
+rerankd but the catalog, so that every layer may read it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BeforeValidator, Field
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -28,10 +29,16 @@ from pydantic_settings import (
 )
 
 from rerankd.catalog import DEFAULT_MODEL
-from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP
 
 ENV_PREFIX = "RERANKD_"
 DEFAULT_PORT = 8082
+DEFAULT_CHUNK_OVERLAP = 64  # tokens shared by consecutive windows of a chunked document
+# Where the user sets none: padded tokens per forward pass, and how long an idle queue waits to gather
+# concurrent requests, per device type. Big CPU batches spill the caches while a GPU wants them big; a CPU
+# pass of a few requests takes long enough that gathering them first pays, while on a GPU concurrent
+# requests gather on their own behind the running pass (measurements: docs/decisions.md).
+DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
+DEFAULT_BATCH_WAIT_MS = {"cpu": 2.0, "cuda": 0.0}
 
 
 def _split_commas(value: Any) -> Any:
@@ -67,14 +74,14 @@ class RuntimeSettings(BaseSettings):
         None,
         ge=1,
         description="padded tokens per forward pass, batch x longest pair "
-        "(default: 1024 on CPU, 16384 on CUDA)",
+        f"(default: {DEFAULT_BATCH_TOKENS['cpu']} on CPU, {DEFAULT_BATCH_TOKENS['cuda']} on CUDA)",
     )
     max_batch_pairs: int = Field(64, ge=1, description="pairs per forward pass")
     batch_wait_ms: float | None = Field(
         None,
         ge=0,
         description="ms an idle queue waits to gather concurrent requests into one batch "
-        "(default: 2 on CPU, 0 on CUDA)",
+        f"(default: {DEFAULT_BATCH_WAIT_MS['cpu']:g} on CPU, {DEFAULT_BATCH_WAIT_MS['cuda']:g} on CUDA)",
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the forward pass (default: torch's choice, one per core)"
@@ -89,6 +96,33 @@ class RuntimeSettings(BaseSettings):
         description="what runs the model; auto = torch for safetensors and DeBERTa GGUF, llamacpp for the "
         "GGUF rerankers llama.cpp serves (BERT, XLM-RoBERTa, Jina-BERT, ModernBERT)",
     )
+    max_queued_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="pairs waiting per model; a request that would pass it gets 429 (default: none)",
+    )
+
+    def for_device(self, device: str) -> Self:
+        """These settings for a model that runs on `device` (`cpu`, `cuda`, `cuda:N`): the device is set and
+        the batching limits the user left open take that device type's defaults."""
+        kind = device.split(":")[0] if device.split(":")[0] in DEFAULT_BATCH_TOKENS else "cpu"
+        tokens = DEFAULT_BATCH_TOKENS[kind] if self.max_batch_tokens is None else self.max_batch_tokens
+        wait = DEFAULT_BATCH_WAIT_MS[kind] if self.batch_wait_ms is None else self.batch_wait_ms
+        return self.model_copy(update={"device": device, "max_batch_tokens": tokens, "batch_wait_ms": wait})
+
+    @property
+    def batch_tokens(self) -> int:
+        """The padded-token budget per forward pass, once resolved for a device (`for_device`)."""
+        if self.max_batch_tokens is None:
+            raise ValueError("resolve the settings for a device first (RuntimeSettings.for_device)")
+        return self.max_batch_tokens
+
+    @property
+    def batch_wait_seconds(self) -> float:
+        """How long an idle queue waits, once resolved for a device (`for_device`)."""
+        if self.batch_wait_ms is None:
+            raise ValueError("resolve the settings for a device first (RuntimeSettings.for_device)")
+        return self.batch_wait_ms / 1000
 
 
 class ServeSettings(RuntimeSettings):
@@ -107,11 +141,6 @@ class ServeSettings(RuntimeSettings):
     max_document_chars: int = Field(100_000, ge=1, description="characters per document or query (more: 413)")
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="bytes of a request body (more: 413)"
-    )
-    max_queued_pairs: int | None = Field(
-        None,
-        ge=1,
-        description="pairs waiting per model; a request that would pass it gets 429 (default: none)",
     )
     max_chunks_per_doc: int = Field(64, ge=1, description="token windows per document in chunk mode, at most")
     chunk_overlap: int = Field(
@@ -170,57 +199,3 @@ def load_settings(
 
     WithFile.__name__ = cls.__name__
     return WithFile(**flags)
-
-
-def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse keyword arguments for a field's annotation."""
-    if typing.get_origin(annotation) is Annotated:
-        return _flag_type(typing.get_args(annotation)[0])
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return _flag_type(inner)
-    if typing.get_origin(annotation) is Literal:
-        return str, {"choices": list(typing.get_args(annotation))}
-    if typing.get_origin(annotation) is list:
-        return str, {"action": "append"}
-    if annotation is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    return annotation, {}
-
-
-def _default_text(field: FieldInfo) -> str:
-    default = field.default
-    if isinstance(default, list):
-        return ", ".join(map(str, default)) or "none"
-    return "none" if default is None else str(default)
-
-
-def add_settings_flags(
-    parser: argparse._ActionsContainer, cls: type[BaseSettings], skip: Sequence[str] = ()
-) -> None:
-    """One flag per field of `cls` (declared on it, not inherited from a parent it extends), defaulting to
-    None so that only the flags a user gives override the environment and the config file."""
-    inherited = set().union(*(getattr(base, "model_fields", {}) for base in cls.__mro__[1:]))
-    for name, field in cls.model_fields.items():
-        if name in skip or name in inherited:
-            continue
-        kind, extra = _flag_type(field.annotation)
-        if kind is not None:
-            extra["type"] = kind
-        description = field.description or ""
-        if "(default:" not in description:
-            description += f" (default: {_default_text(field)})"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None,
-            help=f"{description}; env {ENV_PREFIX}{name.upper()}".replace("%", "%%"),
-            **extra,
-        )
-
-
-def given_flags(args: argparse.Namespace, cls: type[BaseSettings]) -> dict[str, Any]:
-    """The flags of `cls` the user gave."""
-    return {
-        name: value for name, value in vars(args).items() if name in cls.model_fields and value is not None
-    }

@@ -15,31 +15,29 @@ from rerankd.api.dialects import antfly, cohere, mixedbread
 from rerankd.api.errors import install_error_handlers
 from rerankd.api.observability import RequestObserver
 from rerankd.api.routes import router
-from rerankd.api.service import APISettings
+from rerankd.api.state import AppState, attach_state
 from rerankd.engine.models import EngineLoader, ServedModels
 from rerankd.metrics import ServerMetrics
-
-__all__ = ["APISettings", "create_app"]
+from rerankd.settings import ServeSettings
 
 
 def create_app(
     models: ServedModels,
-    settings: APISettings | None = None,
+    settings: ServeSettings | None = None,
     *,
     loader: EngineLoader | None = None,
     metrics: ServerMetrics | None = None,
-    warmup: bool = True,
     on_no_model: Callable[[], None] | None = None,
 ) -> FastAPI:
     """An app serving `models`. Models still to load are loaded by `loader` in a background thread once the
     app starts (so `/health` and `/ready` answer meanwhile); `on_no_model` runs if every one of them failed.
-    Engines are closed when the app shuts down."""
-    settings = settings or APISettings()
+    Engines are closed when the app shuts down. The HTTP limits, security and warm-up come from `settings`."""
+    settings = settings or ServeSettings()
     metrics = metrics or ServerMetrics()
 
     def load_models() -> None:
         assert loader is not None
-        models.load_all(loader, warmup=warmup)
+        models.load_all(loader, warmup=settings.warmup)
         if on_no_model is not None and not models.engines():
             on_no_model()
 
@@ -59,17 +57,14 @@ def create_app(
         "engine.",
         lifespan=lifespan,
     )
-    app.state.models = models
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.started = int(time.time())
+    attach_state(app, AppState(models, settings, metrics, started=int(time.time())))
     install_error_handlers(app)
     for dialect_router in (router, cohere.v1_router, cohere.v2_router, mixedbread.router, antfly.router):
         app.include_router(dialect_router)
-    if settings.cors_origins:
+    if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
+            allow_origins=list(settings.cors_origin),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Total-Time", "X-Inference-Time", "X-Queue-Time"],

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from rerankd.api.errors import APIError
+from rerankd.api.errors import APIError, ErrorType
 
 DEFAULT_RANK_FIELDS = ("text",)
 MAX_OBJECT_DEPTH = 32  # objects are echoed back; deeper ones are refused rather than failing to serialize
@@ -25,10 +25,12 @@ def _check_object(value: Any, where: str, depth: int = 0) -> None:
     """Refuse what could not be scored or echoed back: lone surrogates anywhere, or nesting past the limit."""
     if depth > MAX_OBJECT_DEPTH:
         raise APIError(
-            422, f"{where}: nested deeper than {MAX_OBJECT_DEPTH} levels", "invalid_request", where
+            422, f"{where}: nested deeper than {MAX_OBJECT_DEPTH} levels", ErrorType.INVALID_REQUEST, where
         )
     if isinstance(value, str) and not is_valid_text(value):
-        raise APIError(422, f"{where}: contains a lone surrogate (invalid Unicode)", "invalid_request", where)
+        raise APIError(
+            422, f"{where}: contains a lone surrogate (invalid Unicode)", ErrorType.INVALID_REQUEST, where
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             _check_object(key, where, depth + 1)
@@ -54,7 +56,7 @@ def document_text(document: str | dict[str, Any], rank_fields: Sequence[str], wh
         raise APIError(
             422,
             f"{where}: has none of the rank fields {list(rank_fields)} (its fields: {sorted(document)[:10]})",
-            "invalid_request",
+            ErrorType.INVALID_REQUEST,
             where,
         )
     if len(rank_fields) == 1:

@@ -9,7 +9,8 @@ reaches a client. 429 and 503 carry `Retry-After`, which Cohere's and Mixedbread
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
+
+from rerankd.api.state import record_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +41,35 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class ErrorType(StrEnum):
+    """rerankd's own error types: the `type` of its native error body, which dialects translate."""
+
+    INVALID_REQUEST = "invalid_request"  # a field is missing, of the wrong type or out of range
+    INVALID_JSON = "invalid_json"
+    TOO_MANY_DOCUMENTS = "too_many_documents"  # --max-documents
+    TOO_LONG = "too_long"  # a text over --max-document-chars
+    INPUT_TOO_LONG = "input_too_long"  # a pair over the model's limit, with truncation off
+    REQUEST_TOO_LARGE = "request_too_large"  # a body over --max-request-bytes
+    UNAUTHORIZED = "unauthorized"
+    MODEL_NOT_FOUND = "model_not_found"
+    UNAVAILABLE = "unavailable"  # the model is loading, or failed to load
+    OVERLOADED = "overloaded"  # --max-queued-pairs
+    TIMEOUT = "timeout"  # --request-timeout
+    CLIENT_CLOSED = "client_closed"
+    HTTP_ERROR = "http_error"  # routing's own: unknown path, wrong method
+    INTERNAL_ERROR = "internal_error"
+
+
 class APIError(Exception):
-    """Raised by routes for a client-visible failure. `error_type` is one of rerankd's own error types
-    (invalid_request, invalid_json, too_many_documents, input_too_long, model_not_found, overloaded,
-    http_error, internal_error); dialects translate it."""
+    """Raised by routes for a client-visible failure, in rerankd's own terms; dialects translate it."""
 
     def __init__(
         self,
         status: int,
         message: str,
-        error_type: str,
+        error_type: ErrorType,
         param: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if len(message) > MAX_MESSAGE_CHARS:  # messages may quote client input: never echo megabytes back
             message = message[:MAX_MESSAGE_CHARS] + "… (cut)"
@@ -58,7 +78,7 @@ class APIError(Exception):
         self.message = message
         self.error_type = error_type
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
 
 
 ErrorShape = Callable[[APIError], dict[str, Any]]
@@ -83,6 +103,10 @@ class DialectRoute(APIRoute):
     def error_shape_for(self, body: Any) -> ErrorShape:
         return self.error_shape
 
+    def error_shape_for_start(self, body_start: bytes) -> ErrorShape:
+        """The shape for a request refused before its body was parsed (too large): from what was read."""
+        return self.error_shape
+
 
 def dialect_route(shape: ErrorShape) -> type[DialectRoute]:
     """A route class for an `APIRouter(route_class=...)` whose errors take `shape`."""
@@ -90,9 +114,9 @@ def dialect_route(shape: ErrorShape) -> type[DialectRoute]:
 
 
 def _shape(request: Request, body: Any = None) -> ErrorShape:
-    chosen = getattr(request.state, "error_shape", None)
-    if chosen is not None:
-        return chosen
+    record = record_of(request)
+    if record is not None and record.error_shape is not None:
+        return record.error_shape
     route = request.scope.get("route")
     if isinstance(route, DialectRoute):
         return route.error_shape_for(body)
@@ -109,11 +133,14 @@ def leaf_routes(routes: Iterable[BaseRoute]) -> Iterable[BaseRoute]:
             yield route
 
 
-def error_body_for(scope: Scope, routes: Iterable[BaseRoute], error: APIError) -> dict[str, Any]:
-    """`error` in the shape of the route `scope` is for, found by matching (before routing has run)."""
+def error_body_for(
+    scope: Scope, routes: Iterable[BaseRoute], error: APIError, body_start: bytes
+) -> dict[str, Any]:
+    """`error` in the shape of the route `scope` is for, found by matching (before routing has run), for a
+    request of which only `body_start` was read."""
     for route in leaf_routes(routes):
         if isinstance(route, DialectRoute) and route.matches(scope)[0] == Match.FULL:
-            return route.error_shape_for(None)(error)
+            return route.error_shape_for_start(body_start)(error)
     return native_error(error)
 
 
@@ -140,7 +167,7 @@ def _validation_error(error: dict[str, Any]) -> APIError:
         message = "body: must be a JSON object (sent as Content-Type: application/json)"
     else:
         message = f"{field}: " + str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(422, message, "invalid_request", field)
+    return APIError(422, message, ErrorType.INVALID_REQUEST, field)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -152,10 +179,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = error.errors()
         if any(item.get("type") == "json_invalid" for item in errors):
-            invalid = APIError(400, "request body is not valid JSON", "invalid_json", "body")
+            invalid = APIError(400, "request body is not valid JSON", ErrorType.INVALID_JSON, "body")
             return _respond(request, invalid)
         first = (
-            _validation_error(errors[0]) if errors else APIError(422, "invalid request", "invalid_request")
+            _validation_error(errors[0])
+            if errors
+            else APIError(422, "invalid request", ErrorType.INVALID_REQUEST)
         )
         if len(errors) > 1:
             first.message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
@@ -163,10 +192,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        http_error = APIError(error.status_code, str(error.detail), "http_error", headers=error.headers)
+        http_error = APIError(
+            error.status_code, str(error.detail), ErrorType.HTTP_ERROR, headers=error.headers
+        )
         return _respond(request, http_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("internal error on %s %s", request.method, request.url.path)
-        return _respond(request, APIError(500, "internal server error", "internal_error"))
+        return _respond(request, APIError(500, "internal server error", ErrorType.INTERNAL_ERROR))

@@ -18,8 +18,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rerankd.api.errors import APIError, error_body_for, leaf_routes
-from rerankd.engine.engine import ScoredDocuments
+from rerankd.api.errors import APIError, ErrorType, error_body_for, leaf_routes
+from rerankd.api.state import RequestRecord
 from rerankd.metrics import ServerMetrics
 
 access_log = logging.getLogger("rerankd.access")
@@ -63,8 +63,8 @@ class RequestObserver:
         started = time.perf_counter()
         offered = _header(scope, b"x-request-id")
         request_id = offered if offered and REQUEST_ID.match(offered) else uuid.uuid4().hex
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        record = RequestRecord(request_id)
+        scope.setdefault("state", {})["record"] = record
         status = {"code": 500}
 
         async def send_with_headers(message: Message) -> None:
@@ -72,7 +72,7 @@ class RequestObserver:
                 status["code"] = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
-                scored: ScoredDocuments | None = state.get("scored")
+                scored = record.scored
                 if scored is not None:
                     headers["x-compute-tokens"] = str(scored.token_count)
                     headers["x-tokenization-time"] = _milliseconds(scored.tokenization_seconds)
@@ -82,22 +82,23 @@ class RequestObserver:
             await send(message)
 
         try:
-            body = await self._read_body(receive)
-            if body is None:
+            body, complete = await self._read_body(receive)
+            if not complete:
                 too_large = APIError(
                     413,
                     f"body: larger than {self.max_request_bytes} bytes (--max-request-bytes)",
-                    "request_too_large",
+                    ErrorType.REQUEST_TOO_LARGE,
                     "body",
                 )
-                await self._reply(scope, too_large, send_with_headers)
+                await self._reply(scope, too_large, body, send_with_headers)
                 return
             await self.app(scope, self._replay(body, receive), send_with_headers)
         finally:
-            self._record(scope, state, status["code"], time.perf_counter() - started)
+            self._record(scope, record, status["code"], time.perf_counter() - started)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once it passes the limit (the rest is not read)."""
+    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+        """The whole body and True; or, once it passes the limit, what came within it and False (the rest is
+        not read)."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -107,11 +108,11 @@ class RequestObserver:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_request_bytes:
-                return None
+                return b"".join(chunks), False
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        return b"".join(chunks)
+        return b"".join(chunks), True
 
     @staticmethod
     def _replay(body: bytes, receive: Receive) -> Receive:
@@ -127,8 +128,8 @@ class RequestObserver:
 
         return replay
 
-    async def _reply(self, scope: Scope, error: APIError, send: Send) -> None:
-        content = json.dumps(error_body_for(scope, self.routes, error)).encode()
+    async def _reply(self, scope: Scope, error: APIError, body_start: bytes, send: Send) -> None:
+        content = json.dumps(error_body_for(scope, self.routes, error, body_start)).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -141,13 +142,13 @@ class RequestObserver:
         )
         await send({"type": "http.response.body", "body": content})
 
-    def _record(self, scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+    def _record(self, scope: Scope, record: RequestRecord, status: int, seconds: float) -> None:
         route = _route_path(scope, self.routes)
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.request_seconds.labels(route).observe(seconds)
-        scored: ScoredDocuments | None = state.get("scored")
+        scored = record.scored
         entry: dict[str, Any] = {
-            "request_id": state["request_id"],
+            "request_id": record.request_id,
             "method": scope.get("method"),
             "route": route,
             "status": status,
@@ -155,7 +156,7 @@ class RequestObserver:
         }
         if scored is not None:
             entry |= {
-                "model": state.get("model"),
+                "model": record.model,
                 "pairs": scored.pair_count,
                 "tokens": scored.token_count,
                 "queue_ms": round(scored.queue_seconds * 1000, 1),

@@ -3,8 +3,7 @@ and `/info`."""
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -14,7 +13,14 @@ from pydantic import Discriminator, Tag
 
 from rerankd import __version__
 from rerankd.api.dialects.infinity import INFINITY_DEFAULT_MODEL, InfinityRerankResponse, infinity_response
-from rerankd.api.dialects.tei import TEIRankResult, TEIRerankRequest, is_tei_body, rerank_tei, tei_error
+from rerankd.api.dialects.tei import (
+    TEIRankResult,
+    TEIRerankRequest,
+    is_tei_body,
+    rerank_tei,
+    starts_tei_body,
+    tei_error,
+)
 from rerankd.api.errors import ERROR_RESPONSES, RETRY_AFTER_SECONDS, DialectRoute, ErrorShape, native_error
 from rerankd.api.schemas import (
     ChunkInfo,
@@ -31,6 +37,7 @@ from rerankd.api.schemas import (
 )
 from rerankd.api.security import bearer, check_api_key, require_api_key
 from rerankd.api.service import RerankCall, chunk_options, run_rerank, settings_of
+from rerankd.api.state import app_state
 from rerankd.engine.models import ModelSlot, ServedModels
 from rerankd.engine.tokenize import PairOptions
 
@@ -40,6 +47,9 @@ class NativeRoute(DialectRoute):
 
     def error_shape_for(self, body: Any) -> ErrorShape:
         return tei_error if is_tei_body(body) else native_error
+
+    def error_shape_for_start(self, body_start: bytes) -> ErrorShape:
+        return tei_error if starts_tei_body(body_start) else native_error
 
 
 router = APIRouter(route_class=NativeRoute)
@@ -62,15 +72,15 @@ def _model_info(slot: ModelSlot) -> ModelInfo:
         backend=engine.info.backend,
         device=engine.info.device,
         dtype=engine.info.dtype,
-        max_length=engine.limits.max_length,
-        max_batch_tokens=engine.limits.batching.max_batch_tokens,
+        max_length=engine.max_length,
+        max_batch_tokens=engine.settings.batch_tokens,
         untrained=engine.info.untrained,
         load_seconds=slot.load_seconds,
     )
 
 
 def _served(request: Request) -> ServedModels:
-    return request.app.state.models
+    return app_state(request).models
 
 
 @router.get("/health", summary="Liveness: the process is up")
@@ -87,10 +97,17 @@ async def ready(request: Request) -> JSONResponse:
     slots = _served(request).slots()
     pending = [slot.name for slot in slots if slot.state == "loading"]
     failed = {slot.name: slot.error or "failed" for slot in slots if slot.state == "failed"}
-    status = "ready" if not pending and not failed else "loading" if pending else "failed"
-    body = Readiness(
-        status=status, ready=[s.name for s in slots if s.state == "ready"], pending=pending, failed=failed
+    serving = []
+    for slot in slots:
+        problem = slot.engine.health() if slot.engine is not None else None
+        if problem is not None:
+            failed[slot.name] = f"unhealthy: {problem}"
+        elif slot.state == "ready":
+            serving.append(slot.name)
+    status: Literal["ready", "loading", "failed"] = (
+        "ready" if not pending and not failed else "loading" if pending else "failed"
     )
+    body = Readiness(status=status, ready=serving, pending=pending, failed=failed)
     if status == "ready":
         return JSONResponse(body.model_dump())
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -104,7 +121,7 @@ async def metrics(
 ) -> PlainTextResponse:
     if settings_of(request).metrics_auth:
         check_api_key(request, credentials)
-    text = request.app.state.metrics.render(_served(request))
+    text = app_state(request).metrics.render(_served(request))
     return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -139,7 +156,7 @@ async def models(request: Request) -> list[ModelInfo]:
     responses=AUTH_RESPONSES,
 )
 async def openai_models(request: Request) -> ModelList:
-    created = request.app.state.started
+    created = app_state(request).started
     return ModelList(data=[ModelCard(id=name, created=created) for name in _served(request).names()])
 
 
@@ -186,7 +203,7 @@ async def rerank(
         for item in outcome.results
     ]
     return RerankResponse(
-        id=f"rerank-{uuid.uuid4().hex}",
+        id=outcome.id,
         model=outcome.model,
         results=results,
         usage=Usage.of(outcome.token_count),

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from rerankd.engine.engine import DocumentScore
 
-EXAMPLE_REQUEST = {
+EXAMPLE_REQUEST: dict[str, Any] = {
     "model": "mixedbread-ai/mxbai-rerank-base-v1",
     "query": "Who wrote To Kill a Mockingbird?",
     "documents": [
@@ -153,7 +153,9 @@ class Readiness(BaseModel):
     status: Literal["ready", "loading", "failed"]
     ready: list[str]
     pending: list[str] = Field(description="models still loading")
-    failed: dict[str, str] = Field(description="models that failed to load, and why")
+    failed: dict[str, str] = Field(
+        description="models that failed to load, or whose backend is unhealthy, and why"
+    )
 
 
 class ServerInfo(BaseModel):

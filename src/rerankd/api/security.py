@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from rerankd.api.errors import APIError
+from rerankd.api.errors import APIError, ErrorType
 from rerankd.api.service import settings_of
 
 bearer = HTTPBearer(auto_error=False, description="One of the server's `--api-key` values.")
 
 
 def check_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
-    keys = settings_of(request).api_keys
+    keys = settings_of(request).api_key
     if not keys:
         return
     offered = (credentials.credentials if credentials else "").encode()
@@ -23,7 +23,7 @@ def check_api_key(request: Request, credentials: HTTPAuthorizationCredentials | 
     matches = [hmac.compare_digest(offered, key.encode()) for key in keys]
     if not any(matches):
         message = "missing or invalid API key (send Authorization: Bearer <key>)"
-        raise APIError(401, message, "unauthorized", "authorization")
+        raise APIError(401, message, ErrorType.UNAUTHORIZED, "authorization")
 
 
 async def require_api_key(

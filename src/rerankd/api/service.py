@@ -7,32 +7,21 @@ response, so every route scores the same pairs the same way.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from rerankd.api.documents import is_valid_text
-from rerankd.api.errors import APIError
-from rerankd.engine.engine import DocumentScore, ScoredDocuments
-from rerankd.engine.models import ModelNotReadyError, ServedModels, UnknownModelError
-from rerankd.engine.postprocess import rank
+from rerankd.api.errors import APIError, ErrorType
+from rerankd.api.state import app_state, record_of
+from rerankd.engine.engine import ScoredDocuments
+from rerankd.engine.models import ModelNotReadyError, UnknownModelError
+from rerankd.engine.postprocess import RankedDocument, rank
 from rerankd.engine.scheduler import QueueFullError
-from rerankd.engine.tokenize import DEFAULT_CHUNK_OVERLAP, InputTooLongError, PairOptions
-
-
-@dataclass(frozen=True)
-class APISettings:
-    max_documents: int = 1000
-    max_document_chars: int = 100_000  # per document and for the query
-    max_request_bytes: int = 16 * 1024 * 1024
-    max_chunks_per_doc: int = 64  # windows per document in chunk mode, at most
-    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP  # tokens, when a request sets none
-    request_timeout: float | None = None  # seconds
-    api_keys: tuple[str, ...] = ()  # none: no authentication
-    metrics_auth: bool = False
-    cors_origins: tuple[str, ...] = ()
-    log_format: str = "json"
+from rerankd.engine.tokenize import InputTooLongError, PairOptions
+from rerankd.settings import ServeSettings
 
 
 @dataclass(frozen=True)
@@ -47,23 +36,17 @@ class RerankCall:
 
 
 @dataclass(frozen=True)
-class RankedText:
-    index: int
-    score: float
-    detail: DocumentScore
-
-
-@dataclass(frozen=True)
 class RerankOutcome:
+    id: str  # every dialect's response id: `rerank-` and the request id the logs and X-Request-ID show
     model: str
-    results: list[RankedText]  # best first, cut to top_n
+    results: list[RankedDocument]  # best first, cut to top_n
     token_count: int
     pair_count: int
     query_truncated: bool
 
 
-def settings_of(request: Request) -> APISettings:
-    return request.app.state.settings
+def settings_of(request: Request) -> ServeSettings:
+    return app_state(request).settings
 
 
 def chunk_options(
@@ -77,7 +60,7 @@ def chunk_options(
             422,
             f"{field_name}: {max_chunks_per_doc} exceeds this server's limit of {limit} "
             "(--max-chunks-per-doc)",
-            "invalid_request",
+            ErrorType.INVALID_REQUEST,
             field_name,
         )
     return PairOptions(
@@ -87,14 +70,14 @@ def chunk_options(
     )
 
 
-def _check_sizes(call: RerankCall, settings: APISettings) -> None:
+def _check_sizes(call: RerankCall, settings: ServeSettings) -> None:
     where = call.documents_field
     if len(call.texts) > settings.max_documents:
         raise APIError(
             413,
             f"{where}: {len(call.texts)} documents exceed the limit of {settings.max_documents} "
             "(--max-documents)",
-            "too_many_documents",
+            ErrorType.TOO_MANY_DOCUMENTS,
             where,
         )
     limit = settings.max_document_chars
@@ -104,10 +87,10 @@ def _check_sizes(call: RerankCall, settings: APISettings) -> None:
             message = (
                 f"{field_name}: {len(text)} characters exceed the limit of {limit} (--max-document-chars)"
             )
-            raise APIError(413, message, "too_long", field_name)
+            raise APIError(413, message, ErrorType.TOO_LONG, field_name)
         if not is_valid_text(text):
             message = f"{field_name}: contains a lone surrogate (invalid Unicode)"
-            raise APIError(422, message, "invalid_request", field_name)
+            raise APIError(422, message, ErrorType.INVALID_REQUEST, field_name)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -127,20 +110,20 @@ async def _unless_disconnected(request: Request, scoring: Awaitable[ScoredDocume
         if disconnected:
             task.cancel()
     if disconnected:
-        raise APIError(499, "client closed the request", "client_closed")
+        raise APIError(499, "client closed the request", ErrorType.CLIENT_CLOSED)
     return task.result()
 
 
 async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
-    models: ServedModels = request.app.state.models
+    models = app_state(request).models
     settings = settings_of(request)
     _check_sizes(call, settings)
     try:
         engine = models.get(call.model)
     except UnknownModelError as error:
-        raise APIError(404, str(error), "model_not_found", "model") from error
+        raise APIError(404, str(error), ErrorType.MODEL_NOT_FOUND, "model") from error
     except ModelNotReadyError as error:
-        raise APIError(503, str(error), "unavailable", "model") from error
+        raise APIError(503, str(error), ErrorType.UNAVAILABLE, "model") from error
     where = call.documents_field
     try:
         scoring = engine.score(call.query, call.texts, call.options)
@@ -150,18 +133,21 @@ async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
             f"the request took longer than {settings.request_timeout:g} s (--request-timeout); "
             "its queued work was dropped"
         )
-        raise APIError(504, message, "timeout") from error
+        raise APIError(504, message, ErrorType.TIMEOUT) from error
     except InputTooLongError as error:
         param = f"{where}.{error.index}"
-        raise APIError(413, f"{param}: {error}", "input_too_long", param) from error
+        raise APIError(413, f"{param}: {error}", ErrorType.INPUT_TOO_LONG, param) from error
     except QueueFullError as error:
-        raise APIError(429, str(error), "overloaded") from error
-    request.state.model = engine.name
-    request.state.scored = scored
-    ranked = rank(scored.logits, raw_scores=call.raw_scores, top_n=call.top_n)
+        raise APIError(429, str(error), ErrorType.OVERLOADED) from error
+    record = record_of(request)
+    if record is not None:
+        record.model, record.scored = engine.name, scored
+    request_id = record.request_id if record is not None else uuid.uuid4().hex
+    ranked = rank(scored.documents, raw_scores=call.raw_scores, top_n=call.top_n)
     return RerankOutcome(
+        id=f"rerank-{request_id}",
         model=engine.name,
-        results=[RankedText(item.index, item.score, scored.documents[item.index]) for item in ranked],
+        results=ranked,
         token_count=scored.token_count,
         pair_count=scored.pair_count,
         query_truncated=scored.query_truncated,

@@ -17,24 +17,6 @@ class ModelLoadError(Exception):
 
 
 @dataclass(frozen=True)
-class BackendOptions:
-    """What the user chose for where and how a model runs."""
-
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    threads: int | None = None  # CPU threads for the forward pass; None keeps torch's default
-    backend: str = "auto"  # auto | torch | gguf | llamacpp: auto picks from the files
-    # The engine's largest batch, for backends that size a fixed context up front (llama.cpp).
-    batch_tokens: int | None = None  # None: the scheduler's default for the device
-    batch_pairs: int = 64
-    # The (query, document) pairs `--dtype auto` scores in float32 before it keeps a faster dtype. Given them,
-    # a backend may load its word-embedding table straight in the faster dtype, beside float32 copies of these
-    # pairs' rows, and the rest in float32 (`cast` finishes): the float32 model is never whole in memory.
-    reference_pairs: tuple[tuple[str, str], ...] = ()
-    cuda_graphs: bool = True  # replay the pass as CUDA graphs, one per bucketed batch shape (torch on CUDA)
-
-
-@dataclass(frozen=True)
 class BackendInfo:
     backend: str  # registry name, e.g. "torch"
     device: str
@@ -80,6 +62,16 @@ class RerankBackend(ABC):
         the rest compute the logits here."""
         return ReadyLogits(self.relevance_logits(input_ids))
 
+    def warm_up(self, input_ids: Sequence[Sequence[int]]) -> None:
+        """Run a pass before the first request, so that no client pays for kernel selection, cache fills or
+        lazy initialisation. Called on the engine's forward thread, like every pass."""
+        self.relevance_logits(input_ids)
+
+    def health(self) -> str | None:
+        """None while the backend can serve; else what is wrong, for `/ready`. Must answer at once, without
+        waiting for a running pass."""
+        return None
+
     def faster_dtype(self) -> str | None:
         """A lower precision this hardware runs faster than the current one, if any (for `--dtype auto`)."""
         return None
@@ -88,10 +80,10 @@ class RerankBackend(ABC):
         """Convert the loaded weights to `dtype` in place (only called with what `faster_dtype` offered)."""
         raise NotImplementedError
 
-    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:  # noqa: B027 (optional hook)
+    def prepare_for_serving(self) -> None:  # noqa: B027 (optional hook)
         """The dtype is final: make the changes a cast could not undo, such as reordering weights for the
-        device's kernels (vLLM's `process_weights_after_loading`) or capturing CUDA graphs. The engine calls
-        it once, before the first request, with its padded-token budget and pair cap per batch."""
+        device's kernels (vLLM's `process_weights_after_loading`) or capturing CUDA graphs for the batch
+        shapes the settings it was loaded with allow. The engine calls it once, before the first request."""
 
     def pass_seconds(self) -> PassSeconds | None:
         """How long a pass of each batch shape takes, where the backend has measured it (once prepared): the

@@ -66,7 +66,7 @@ class CapturedPasses:
         # This model's own stream for every capture and its first run. Not torch's capture stream, which is
         # one for the process, made on whichever GPU captured first, and shared by every model's forward
         # thread. Not a new stream per capture: the caching allocator keeps freed blocks per stream, so that
-        # held each shape's work memory apart (all 319 shapes of base: 8.6 GiB).
+        # held each shape's work memory apart (docs/decisions.md).
         self._stream = torch.cuda.Stream(device)
         self._captured: dict[tuple[int, int], _CapturedPass] = {}
         self._replay_seconds: dict[tuple[int, int], float] = {}
@@ -77,8 +77,8 @@ class CapturedPasses:
 
     def capture_all(self, shapes: list[tuple[int, int]]) -> None:
         """Capture and time every shape up front, as vLLM does: no request waits for a capture (each one
-        synchronizes the device), and the scheduler knows what each pass costs (`seconds`). All of base's
-        319 shapes at the default limits take some 12 s on an H200 and share 1.4 GiB."""
+        synchronizes the device), and the scheduler knows what each pass costs (`seconds`). The time and
+        memory this takes: docs/decisions.md."""
         started = time.perf_counter()
         torch.cuda.empty_cache()  # so that the memory logged is the graphs', not blocks the load left cached
         reserved = torch.cuda.memory_reserved(self._device)

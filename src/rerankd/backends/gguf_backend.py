@@ -7,11 +7,14 @@ straight into the compute dtype, and served by the same network and scheduler as
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from rerankd.backends.base import BackendOptions, ModelLoadError
+from rerankd.backends.base import ModelLoadError
 from rerankd.backends.torch_backend import TorchBackend, build_torch_backend
-from rerankd.formats.gguf_reader import GGUFModelError, find_gguf_variants, open_deberta_gguf
+from rerankd.formats.gguf_file import GGUFModelError, find_gguf_variants
+from rerankd.formats.gguf_reader import open_deberta_gguf
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +40,14 @@ def pick_gguf_file(folder: Path, variant: str | None) -> Path | None:
     return None
 
 
-def load_gguf_backend(path: Path, options: BackendOptions) -> TorchBackend:
+def load_gguf_backend(
+    path: Path, settings: RuntimeSettings, reference_pairs: Sequence[tuple[str, str]] = ()
+) -> TorchBackend:
     try:
         model = open_deberta_gguf(path)
     except GGUFModelError as error:
         raise ModelLoadError(str(error)) from error
     logger.info("%s: %s GGUF, tensor types %s", path.name, model.file_type, model.type_summary())
-    return build_torch_backend("gguf", model.config, model.tensors, model.tokenizer(), options, path)
+    return build_torch_backend(
+        "gguf", model.config, model.tensors, model.tokenizer(), settings, path, reference_pairs
+    )

@@ -1,10 +1,10 @@
 """Give the memory freed between CPU batches back to the operating system.
 
 Each batch allocates and frees activations of its own shape. glibc keeps the freed blocks in its heap, and the
-long-lived kernels built for new shapes land between them, so the heap fragments: on base bf16 over 240
-distinct batch shapes, RSS grew 0.36 GB and was still growing with the kernel caches capped. `malloc_trim`
-returns the free pages. After every batch it cost about 3% on repeated 64-passage requests (the next batch
-faults its pages back in); after every 8th, an eighth of that, and RSS stays within 0.24 GB of its start.
+long-lived kernels built for new shapes land between them, so the heap fragments and RSS keeps growing, even
+with the kernel caches capped. `malloc_trim` returns the free pages. After every batch it costs speed (the
+next batch faults its pages back in); after every 8th, an eighth of that, and RSS stays flat
+(docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
-from rerankd.backends.base import BackendInfo, BackendOptions, ModelLoadError, RerankBackend
-from rerankd.engine.scheduler import DEFAULT_BATCH_TOKENS
-from rerankd.formats.gguf_reader import GGUFModelError, read_gguf
-from rerankd.formats.tokenizer import TOKENIZER_JSON
+from rerankd.backends.base import BackendInfo, ModelLoadError, RerankBackend
+from rerankd.formats.gguf_file import GGUFModelError, metadata_integer, metadata_string, read_gguf
+from rerankd.formats.gguf_wordpiece import llamacpp_tokenizer
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,30 +33,62 @@ logger = logging.getLogger(__name__)
 LLAMACPP_ARCHITECTURES = ("bert", "jina-bert-v2", "modern-bert", "neo-bert")
 # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ).
 MAX_SEQUENCES = 256
-PHANTOM_SPACE = "\u2581"
-WORDPIECE_PREFIX = "##"
+# What a file that states no training context (`<arch>.context_length`) gets: BERT's.
+DEFAULT_CONTEXT_LENGTH = 512
 
 
-def load_llamacpp_backend(path: Path, options: BackendOptions) -> LlamaCppBackend:
-    """Check that the file can be served (architecture, classifier head, tokenizer), then load it."""
+def _llama_cpp(path: Path) -> Any:
     try:
         import llama_cpp
     except ImportError as error:
         raise ModelLoadError(
             f"{path}: the llama.cpp backend needs llama-cpp-python: pip install 'rerankd[llamacpp]'"
         ) from error
-    reader = _open(path)
-    architecture = _string(reader, gguf.Keys.General.ARCHITECTURE)
-    if architecture not in LLAMACPP_ARCHITECTURES:
+    return llama_cpp
+
+
+def resolve_device(requested: str, path: Path) -> str:
+    """`cpu` or `cuda[:N]`: auto takes the GPU when this llama-cpp-python build can offload to one."""
+    gpu = bool(_llama_cpp(path).llama_supports_gpu_offload())
+    if requested == "auto":
+        return "cuda" if gpu else "cpu"
+    if requested.startswith("cuda") and not gpu:
         raise ModelLoadError(
-            f"{path}: general.architecture {architecture!r} is not a reranker llama.cpp serves with rank "
-            f"pooling ({', '.join(LLAMACPP_ARCHITECTURES)})"
+            f"--device {requested}: this llama-cpp-python build has no GPU support; reinstall it with "
+            'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+        )
+    return requested
+
+
+def load_llamacpp_backend(path: Path, settings: RuntimeSettings) -> LlamaCppBackend:
+    """Check that the file can be served (architecture, classifier head, tokenizer), then load it on the
+    settings' (resolved) device."""
+    llama_cpp = _llama_cpp(path)
+    try:
+        # Read in a function of its own, so the memory map is released before llama.cpp maps the file itself.
+        tokenizer, context_length, weight_type = _servable(path)
+    except GGUFModelError as error:
+        raise ModelLoadError(str(error)) from error
+    return LlamaCppBackend(llama_cpp, path, tokenizer, settings, context_length, weight_type)
+
+
+def _servable(path: Path) -> tuple[Tokenizer, int, str]:
+    """The file's tokenizer, context length and weight type; GGUFModelError when llama.cpp's rank pooling
+    cannot serve it."""
+    reader = read_gguf(path)
+    architecture = metadata_string(path, reader, gguf.Keys.General.ARCHITECTURE)
+    if architecture not in LLAMACPP_ARCHITECTURES:
+        raise GGUFModelError(
+            path,
+            f"general.architecture {architecture!r} is not a reranker llama.cpp serves with rank pooling "
+            f"({', '.join(LLAMACPP_ARCHITECTURES)})",
         )
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     if "cls.weight" not in tensors and "cls.output.weight" not in tensors:
-        raise ModelLoadError(
-            f"{path}: this {architecture!r} model has no classification head (cls / cls.output tensors): an "
-            "embedding model, which llama.cpp's rank pooling cannot score"
+        raise GGUFModelError(
+            path,
+            f"this {architecture!r} model has no classification head (cls / cls.output tensors): an "
+            "embedding model, which llama.cpp's rank pooling cannot score",
         )
     token_types = tensors.get("token_types.weight")
     if token_types is not None and int(token_types.shape[-1]) > 1:
@@ -66,84 +98,14 @@ def load_llamacpp_backend(path: Path, options: BackendOptions) -> LlamaCppBacken
             path.name,
             int(token_types.shape[-1]),
         )
-    tokenizer = gguf_tokenizer(path, reader)
-    context_length = int(_value(reader, gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture)) or 512)
+    tokenizer = llamacpp_tokenizer(path, reader)
+    context_key = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture)
+    # 0 as well as a missing key means the file states no context.
+    context_length = metadata_integer(path, reader, context_key, default=0) or DEFAULT_CONTEXT_LENGTH
     weight_type = Counter(
         tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) >= 2
     ).most_common(1)[0][0]
-    del reader, tensors, token_types  # release the memory map before llama.cpp maps the file itself
-    return LlamaCppBackend(llama_cpp, path, tokenizer, options, context_length, weight_type)
-
-
-def gguf_tokenizer(path: Path, reader: gguf.GGUFReader) -> Tokenizer:
-    """The model's tokenizer: the `tokenizer.json` beside the file when there is one (exact for every
-    family, XLM-RoBERTa's `<s> A </s></s> B </s>` included), else rebuilt from a WordPiece (`bert`)
-    vocabulary in the metadata.
-
-    llama.cpp stores WordPiece tokens in "phantom space" form (`▁word` starts a word, a bare piece
-    continues one, `[X]` is special), which maps back one to one onto BERT's `word` / `##piece` vocabulary;
-    normalization is uncased BERT's (lowercase, accents stripped), as llama.cpp's own WPM tokenizer does.
-    Other vocabularies (SentencePiece, BPE) cannot be rebuilt exactly from the metadata, so they need the
-    sidecar. Token ids come out as llama.cpp's, since both index the same vocabulary.
-    """
-    sidecar = path.parent / TOKENIZER_JSON
-    if sidecar.is_file():
-        try:
-            tokenizer = Tokenizer.from_file(str(sidecar))
-        # tokenizers reports every parse failure as a bare Exception.
-        except Exception as error:
-            raise ModelLoadError(f"{sidecar}: not a valid tokenizer: {error}") from error
-        if tokenizer.post_processor is None:
-            raise ModelLoadError(
-                f"{sidecar}: has no post-processor, so it cannot build (query, document) pairs"
-            )
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        return tokenizer
-    model = _string(reader, gguf.Keys.Tokenizer.MODEL)
-    if model != "bert":
-        raise ModelLoadError(
-            f"{path}: a {model!r} vocabulary cannot be rebuilt exactly from the GGUF metadata; put the "
-            f"model's {TOKENIZER_JSON} next to the file"
-        )
-    return wordpiece_from_phantom_space(path, reader)
-
-
-def wordpiece_from_phantom_space(path: Path, reader: gguf.GGUFReader) -> Tokenizer:
-    field = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    if field is None:
-        raise ModelLoadError(f"{path}: no {gguf.Keys.Tokenizer.LIST} and no {TOKENIZER_JSON} beside it")
-    vocabulary = [_from_phantom_space(field.contents(index)) for index in range(len(field.data))]
-    cls_id = _value(reader, gguf.Keys.Tokenizer.BOS_ID)
-    sep_id = _value(reader, gguf.Keys.Tokenizer.SEP_ID)
-    unk_id = _value(reader, gguf.Keys.Tokenizer.UNK_ID)
-    if any(token_id is None or not 0 <= token_id < len(vocabulary) for token_id in (cls_id, sep_id, unk_id)):
-        raise ModelLoadError(
-            f"{path}: [CLS] (bos), [SEP] and [UNK] ids {cls_id}, {sep_id}, {unk_id} are not all in the "
-            f"{len(vocabulary)}-token vocabulary"
-        )
-    tokenizer = Tokenizer(
-        models.WordPiece(
-            {token: index for index, token in enumerate(vocabulary)},
-            unk_token=vocabulary[unk_id],
-            continuing_subword_prefix=WORDPIECE_PREFIX,
-        )
-    )
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
-    types = reader.get_field(gguf.Keys.Tokenizer.TOKEN_TYPE)
-    special_types = (gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN)
-    special = {vocabulary[token_id] for token_id in (cls_id, sep_id, unk_id)}
-    if types is not None:
-        special.update(
-            token for index, token in enumerate(vocabulary) if types.contents(index) in special_types
-        )
-    tokenizer.add_special_tokens(sorted(special))
-    tokenizer.post_processor = processors.BertProcessing(
-        (vocabulary[sep_id], sep_id), (vocabulary[cls_id], cls_id)
-    )
-    return tokenizer
+    return tokenizer, context_length, weight_type
 
 
 class LlamaCppBackend(RerankBackend):
@@ -156,14 +118,14 @@ class LlamaCppBackend(RerankBackend):
         llama_cpp: Any,
         path: Path,
         tokenizer: Tokenizer,
-        options: BackendOptions,
+        settings: RuntimeSettings,
         context_length: int,
         weight_type: str,
     ) -> None:
         self._llama = llama_cpp
         _route_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
-        device = _device(llama_cpp, options.device)
+        device = settings.device
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = -1 if device.startswith("cuda") else 0
         if device.startswith("cuda"):
@@ -177,10 +139,8 @@ class LlamaCppBackend(RerankBackend):
             self._free_model()
             raise ModelLoadError(f"{path}: the classifier has {labels} labels; a reranker has 1 or 2")
         self._labels = labels
-        self._max_sequences = max(1, min(options.batch_pairs, MAX_SEQUENCES))
-        budget = options.batch_tokens or DEFAULT_BATCH_TOKENS.get(
-            device.split(":")[0], DEFAULT_BATCH_TOKENS["cpu"]
-        )
+        self._max_sequences = max(1, min(settings.max_batch_pairs, MAX_SEQUENCES))
+        budget = settings.batch_tokens
         # llama.cpp attends across the whole ubatch (a mask keeps sequences apart), so its cost grows with
         # the square of the ubatch, not of each pair. On a CPU the smallest ubatch that holds any pair wins:
         # the MiniLM-L6-shaped bench model ran 4.4 long documents/s with 512-token ubatches against 2.5 with
@@ -193,7 +153,7 @@ class LlamaCppBackend(RerankBackend):
         context_params.n_batch = context_params.n_ubatch = self._max_tokens
         context_params.n_seq_max = self._max_sequences
         context_params.kv_unified = True
-        threads = options.threads or len(os.sched_getaffinity(0))
+        threads = settings.threads or len(os.sched_getaffinity(0))
         context_params.n_threads = context_params.n_threads_batch = threads
         context_params.offload_kqv = context_params.op_offload = device.startswith("cuda")
         if not device.startswith("cuda"):
@@ -270,19 +230,6 @@ def _pack(
         yield input_ids[start:]
 
 
-def _device(llama_cpp: Any, requested: str) -> str:
-    """`cpu` or `cuda[:N]`: auto takes the GPU when this llama-cpp-python build can offload to one."""
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    if requested == "auto":
-        return "cuda" if gpu else "cpu"
-    if requested.startswith("cuda") and not gpu:
-        raise ModelLoadError(
-            f"--device {requested}: this llama-cpp-python build has no GPU support; reinstall it with "
-            'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
-        )
-    return requested
-
-
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml's WARN and ERROR; the rest is debug chatter
 _log_callback: Any = None  # kept alive for as long as llama.cpp may call it
 
@@ -300,28 +247,3 @@ def _route_llama_logs(llama_cpp: Any) -> None:
 
     _log_callback = llama_cpp.llama_log_callback(forward)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-
-
-def _from_phantom_space(token: str) -> str:
-    if token.startswith("[") and token.endswith("]"):
-        return token
-    if token.startswith(PHANTOM_SPACE):
-        return token[len(PHANTOM_SPACE) :]
-    return WORDPIECE_PREFIX + token
-
-
-def _open(path: Path) -> gguf.GGUFReader:
-    try:
-        return read_gguf(path)
-    except GGUFModelError as error:
-        raise ModelLoadError(str(error)) from error
-
-
-def _value(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
-
-def _string(reader: gguf.GGUFReader, key: str) -> str | None:
-    value = _value(reader, key)
-    return value if isinstance(value, str) else None

@@ -1,46 +1,76 @@
-"""Pick and load the backend that can serve what a model path holds."""
+"""Pick the backend that can serve what a model path holds, settle where it runs, and load it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from rerankd.backends.base import BackendOptions, ModelLoadError, RerankBackend
+from rerankd.backends import llamacpp_backend, torch_backend
+from rerankd.backends.base import ModelLoadError, RerankBackend
 from rerankd.backends.gguf_backend import load_gguf_backend, pick_gguf_file
 from rerankd.backends.llamacpp_backend import LLAMACPP_ARCHITECTURES, load_llamacpp_backend
 from rerankd.backends.torch_backend import load_safetensors_backend
+from rerankd.formats.gguf_file import GGUFModelError, gguf_architecture
 from rerankd.formats.gguf_layout import ARCHITECTURE as DEBERTA_ARCHITECTURE
-from rerankd.formats.gguf_reader import GGUFModelError, gguf_architecture
 from rerankd.formats.safetensors import has_safetensors
+from rerankd.settings import RuntimeSettings
 
 BACKENDS = ("torch", "gguf", "llamacpp")
 
 
-def load_backend(path: Path, options: BackendOptions, gguf_variant: str | None = None) -> RerankBackend:
-    """Load the model at `path` with the backend its files call for, or the one `options.backend` forces.
+@dataclass(frozen=True)
+class BackendPlan:
+    """What will serve a model: the backend, the file or folder it reads, and the settings resolved for the
+    device it runs on (device defaults filled in), which the backend and the engine both receive."""
+
+    backend: str  # one of BACKENDS
+    path: Path
+    settings: RuntimeSettings
+
+
+def plan_backend(path: Path, settings: RuntimeSettings, gguf_variant: str | None = None) -> BackendPlan:
+    """The backend the files at `path` call for, or the one `settings.backend` forces.
 
     A folder with config.json and safetensors goes to the torch backend (unless a GGUF variant is asked
     for); a GGUF (a `.gguf` file, or a folder of `<model>.<TYPE>.gguf` files) by its general.architecture:
     DeBERTa to the GGUF backend (our torch network), what llama.cpp serves with rank pooling to llama.cpp.
+    The device `auto` becomes the one that backend would run on.
     """
-    if options.backend not in ("auto", *BACKENDS):
-        raise ModelLoadError(f"unknown backend {options.backend!r} (choose auto, {', '.join(BACKENDS)})")
+    if settings.backend not in ("auto", *BACKENDS):
+        raise ModelLoadError(f"unknown backend {settings.backend!r} (choose auto, {', '.join(BACKENDS)})")
     gguf_file = _gguf_file(path, gguf_variant)
     if gguf_file is None:
         if path.is_dir() and (path / "config.json").is_file() and has_safetensors(path):
-            if options.backend in ("auto", "torch"):
-                return load_safetensors_backend(path, options)
+            if settings.backend not in ("auto", "torch"):
+                raise ModelLoadError(
+                    f"{path}: a safetensors model runs on the torch backend, not {settings.backend}"
+                )
+            backend, source = "torch", path
+        else:
             raise ModelLoadError(
-                f"{path}: a safetensors model runs on the torch backend, not {options.backend}"
+                f"{path}: no model found: expected a folder with config.json, model.safetensors (or sharded "
+                "*.safetensors) and tokenizer.json or spm.model; a .gguf file; or a folder of "
+                "<model>.<TYPE>.gguf files"
             )
-        raise ModelLoadError(
-            f"{path}: no model found: expected a folder with config.json, model.safetensors (or sharded "
-            "*.safetensors) and tokenizer.json or spm.model; a .gguf file; or a folder of "
-            "<model>.<TYPE>.gguf files"
-        )
-    backend = options.backend if options.backend != "auto" else _gguf_backend(gguf_file)
+    else:
+        backend = settings.backend if settings.backend != "auto" else _gguf_backend(gguf_file)
+        source = gguf_file
     if backend == "llamacpp":
-        return load_llamacpp_backend(gguf_file, options)
-    return load_gguf_backend(gguf_file, options)
+        device = llamacpp_backend.resolve_device(settings.device, source)
+    else:
+        device = str(torch_backend.resolve_device(settings.device))
+    return BackendPlan(backend, source, settings.for_device(device))
+
+
+def load_backend(plan: BackendPlan, reference_pairs: tuple[tuple[str, str], ...] = ()) -> RerankBackend:
+    """Load the planned backend. `reference_pairs`: the (query, document) pairs `--dtype auto` scores in
+    float32 before it keeps a faster dtype; given them, a backend may load its word-embedding table straight
+    in the faster dtype beside float32 copies of their rows, so the float32 model is never whole in memory."""
+    if plan.backend == "llamacpp":
+        return load_llamacpp_backend(plan.path, plan.settings)
+    if plan.backend == "gguf":
+        return load_gguf_backend(plan.path, plan.settings, reference_pairs)
+    return load_safetensors_backend(plan.path, plan.settings, reference_pairs)
 
 
 def _gguf_file(path: Path, gguf_variant: str | None) -> Path | None:

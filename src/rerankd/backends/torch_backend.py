@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 
 from rerankd.backends.base import (
     BackendInfo,
-    BackendOptions,
     ModelLoadError,
     PassSeconds,
     PendingLogits,
@@ -33,6 +32,7 @@ from rerankd.modeling.deberta import DebertaReranker, TokenLayout
 from rerankd.modeling.onednn import bound_kernel_caches, pack_dense_layers
 from rerankd.modeling.reference_rows import Float32Rows
 from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def cpu_has_bf16_units() -> bool:
     """AMX tiles or AVX512-BF16, and oneDNN free to use them: where it runs bf16 matmuls several times faster
     than fp32.
 
-    Without them (e.g. AVX2-only CPUs) bf16 is emulated and measured ~10x slower than fp32.
+    Without them (e.g. AVX2-only CPUs) bf16 is emulated, far slower than fp32 (docs/decisions.md).
     """
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     if cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
@@ -96,8 +96,8 @@ def padded_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of `shape` (rows, length): each sequence from the left, padding after it.
     Rows past the sequences (a batch padded to a bucketed shape) hold one unmasked pad token, so no row of
-    the attention is masked whole. Built in numpy rather than row by row in torch: 0.1 ms instead of 0.9
-    for 64 MS MARCO pairs, host time that a GPU otherwise waits through."""
+    the attention is masked whole. Built in numpy rather than row by row in torch, which is several times
+    slower: host time that a GPU otherwise waits through (docs/decisions.md)."""
     lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
     padded = torch.full(shape, pad_id, dtype=torch.long, pin_memory=pin)
     mask = torch.zeros(shape, dtype=torch.long, pin_memory=pin)
@@ -137,7 +137,11 @@ class TorchBackend(RerankBackend):
     CUDA with `cuda_graphs` to the bucketed shape of its graph."""
 
     def __init__(
-        self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo, cuda_graphs: bool
+        self,
+        model: DebertaReranker,
+        tokenizer: Tokenizer,
+        info: BackendInfo,
+        settings: RuntimeSettings,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -147,7 +151,7 @@ class TorchBackend(RerankBackend):
         self._heap = HeapTrimmer() if self._device.type == "cpu" else None
         if self._heap is not None:  # what the load freed (read buffers, unfused projections) goes back
             self._heap.trim()
-        self._cuda_graphs = cuda_graphs
+        self._settings = settings
         # Captured once the dtype is final (`prepare_for_serving`): a graph holds the weights by address.
         self._graphs: CapturedPasses | None = None
 
@@ -181,6 +185,17 @@ class TorchBackend(RerankBackend):
             padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True), layout
         )
 
+    def health(self) -> str | None:
+        """On a GPU, whether the device still answers: after a fault (an illegal access, a lost device) every
+        CUDA call fails. The query does not wait for running passes."""
+        if self._device.type != "cuda":
+            return None
+        try:
+            torch.cuda.mem_get_info(self._device)
+        except RuntimeError as error:
+            return f"{self._device}: {error}"
+        return None
+
     def faster_dtype(self) -> str | None:
         return faster_dtype_on(self._device) if self.info.dtype == "float32" else None
 
@@ -192,10 +207,11 @@ class TorchBackend(RerankBackend):
             self._heap.trim()
         self.info = replace(self.info, dtype=dtype)
 
-    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:
+    def prepare_for_serving(self) -> None:
+        batch_tokens, batch_pairs = self._settings.batch_tokens, self._settings.max_batch_pairs
         if self._device.type == "cpu" and pack_dense_layers(self.model, batch_tokens):
             logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
-        if self._device.type == "cuda" and self._cuda_graphs:
+        if self._device.type == "cuda" and self._settings.cuda_graphs:
             self._graphs = CapturedPasses(self.model, self._device, self.info.max_length)
             self._graphs.capture_all(bucketed_shapes(batch_tokens, batch_pairs, self.info.max_length))
 
@@ -208,22 +224,24 @@ def build_torch_backend(
     raw_config: dict,
     reader: TensorReader,
     tokenizer: Tokenizer,
-    options: BackendOptions,
+    settings: RuntimeSettings,
     source: Path,
+    reference_pairs: Sequence[tuple[str, str]] = (),
 ) -> TorchBackend:
-    """Materialize the project's network from any weight format (`reader`) on the chosen device and dtype."""
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)  # process-wide: one forward pass runs at a time anyway
+    """Materialize the project's network from any weight format (`reader`) on the settings' device and dtype
+    (`reference_pairs`: see `registry.load_backend`)."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)  # process-wide: one forward pass runs at a time anyway
     try:
         config = DebertaConfig.from_dict(raw_config)
-        device = resolve_device(options.device)
-        dtype = resolve_dtype(options.dtype, device)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
         if device.type == "cpu":
             bound_kernel_caches()
-        faster = faster_dtype_on(device) if options.dtype == "auto" else None
+        faster = faster_dtype_on(device) if settings.dtype == "auto" else None
         split = None
-        if faster is not None and options.reference_pairs:
-            token_ids = reference_token_ids(tokenizer, options.reference_pairs, config.pad_token_id)
+        if faster is not None and reference_pairs:
+            token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
             split = SplitEmbeddings(DTYPES[faster], token_ids)
         model = load_reranker(config, reader, dtype, device, split)
     except (UnsupportedModelError, CheckpointError) as error:
@@ -240,10 +258,12 @@ def build_torch_backend(
         max_length=config.max_position_embeddings,
         untrained=untrained,
     )
-    return TorchBackend(model, tokenizer, info, cuda_graphs=options.cuda_graphs)
+    return TorchBackend(model, tokenizer, info, settings)
 
 
-def load_safetensors_backend(folder: Path, options: BackendOptions) -> TorchBackend:
+def load_safetensors_backend(
+    folder: Path, settings: RuntimeSettings, reference_pairs: Sequence[tuple[str, str]] = ()
+) -> TorchBackend:
     """A Hugging Face-format folder: config.json, safetensors weights, tokenizer.json or spm.model."""
     try:
         raw_config = json.loads((folder / "config.json").read_text())
@@ -255,4 +275,4 @@ def load_safetensors_backend(folder: Path, options: BackendOptions) -> TorchBack
         raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
     except (SafetensorsCheckpointError, TokenizerLoadError) as error:
         raise ModelLoadError(f"{folder}: {error}") from error
-    return build_torch_backend("torch", raw_config, reader, tokenizer, options, folder)
+    return build_torch_backend("torch", raw_config, reader, tokenizer, settings, folder, reference_pairs)

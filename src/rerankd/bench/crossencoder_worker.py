@@ -7,6 +7,7 @@ first workload's documents in input order, to compare with rerankd's on the same
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ def main(spec_path: str) -> None:
     for workload in spec["workloads"]:
         start = time.perf_counter()
         latencies = timed_requests(
-            lambda w=workload: model.rank(w["query"], w["documents"]),
+            functools.partial(model.rank, workload["query"], workload["documents"]),
             spec["max_requests"],
             spec["max_seconds"],
         )

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
-from rerankd.bench.run import LLAMACPP_CONTENDER, BenchResult, GeometryResult
+from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult
 from rerankd.bench.targets import Target, targets_for
 
 BASELINE = "sentence-transformers float32"

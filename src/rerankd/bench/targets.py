@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rerankd.bench.run import GeometryResult
+from rerankd.bench.results import GeometryResult
 
 TARGET_GEOMETRY = "base"
 RERANKD = "rerankd"

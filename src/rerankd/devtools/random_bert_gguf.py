@@ -3,8 +3,8 @@
 The GGUF is what llama.cpp's `convert_hf_to_gguf.py` writes for a BERT reranker: architecture `bert`,
 tensor names from the `gguf` package's BERT name map, the pooler as `cls` and the classifier as
 `cls.output` (llama.cpp's rank pooling computes `cls.output(tanh(cls(h_CLS)))`, i.e. BERT's pooler and
-classifier), `bert.pooling_type` = RANK, and the WordPiece vocabulary in llama.cpp's "phantom space" form
-(`##piece` -> `piece`, `word` -> `▁word`, `[SPECIAL]` kept) under tokenizer model `bert`.
+classifier), `bert.pooling_type` = RANK, and the WordPiece vocabulary in llama.cpp's "phantom space" form,
+which `formats.gguf_wordpiece` writes next to the rebuild the backend reads it with.
 The reference `BertForSequenceClassification` comes back with it, so tests can compare scores.
 """
 
@@ -18,12 +18,18 @@ from typing import TYPE_CHECKING
 
 import gguf
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, processors, trainers
+
+from rerankd.formats.gguf_wordpiece import (
+    BERT_SPECIAL_TOKENS,
+    WORDPIECE_PREFIX,
+    add_wordpiece_vocabulary,
+    uncased_wordpiece,
+)
 
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Whole words of the vocabulary; anything else is spelled out of single characters and ## continuations.
 WORDS = (
     *("the", "a", "an", "of", "to", "in", "is", "was", "by", "and", "or", "for", "on", "with"),
@@ -33,8 +39,6 @@ WORDS = (
     *("mockingbird", "kill", "pride", "prejudice", "water", "music", "search", "rank", "score", "query"),
 )
 PIECES = ("ing", "ed", "s", "er", "est", "ly", "tion")
-WORDPIECE_PREFIX = "##"
-PHANTOM_SPACE = "\u2581"
 CONTEXT_LENGTH = 128
 # The gguf name map knows a sequence classifier's head under RoBERTa's names.
 HEAD_NAMES = {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"}
@@ -53,7 +57,7 @@ def tiny_bert_vocabulary() -> list[str]:
     """Special tokens, whole words, single characters and `##` continuations: a few hundred entries that
     tokenize any lowercase ASCII text without [UNK]."""
     characters = string.ascii_lowercase + string.digits
-    vocabulary = [*SPECIAL_TOKENS, *WORDS, *characters, *string.punctuation]
+    vocabulary = [*BERT_SPECIAL_TOKENS, *WORDS, *characters, *string.punctuation]
     vocabulary += [WORDPIECE_PREFIX + piece for piece in PIECES]
     vocabulary += [WORDPIECE_PREFIX + character for character in characters]
     return list(dict.fromkeys(vocabulary))
@@ -64,17 +68,19 @@ def random_bert_cross_encoder(vocabulary: list[str], seed: int = 0) -> BertForSe
     wide enough that scores spread over the sigmoid instead of sitting at sigmoid(0)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=len(vocabulary),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=CONTEXT_LENGTH,
-        # One segment type, as XLM-RoBERTa rerankers have: llama.cpp adds type 0 to every token.
-        type_vocab_size=1,
-        num_labels=1,
-        pad_token_id=vocabulary.index("[PAD]"),
+    config = BertConfig.from_dict(
+        {
+            "vocab_size": len(vocabulary),
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "max_position_embeddings": CONTEXT_LENGTH,
+            # One segment type, as XLM-RoBERTa rerankers have: llama.cpp adds type 0 to every token.
+            "type_vocab_size": 1,
+            "num_labels": 1,
+            "pad_token_id": vocabulary.index("[PAD]"),
+        }
     )
     model = BertForSequenceClassification(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -100,15 +106,6 @@ def gguf_tensor_name(hf_name: str, name_map: gguf.TensorNameMap) -> str:
     return f"{mapped}.{suffix}"
 
 
-def phantom_space(token: str) -> str:
-    """llama.cpp's WPM vocabulary form of a WordPiece token."""
-    if token.startswith("[") and token.endswith("]"):
-        return token
-    if token.startswith(WORDPIECE_PREFIX):
-        return token[len(WORDPIECE_PREFIX) :]
-    return PHANTOM_SPACE + token
-
-
 def write_bert_gguf(
     model: BertForSequenceClassification,
     vocabulary: list[str],
@@ -131,24 +128,8 @@ def write_bert_gguf(
     writer.add_pooling_type(gguf.PoolingType.RANK)
     writer.add_classifier_output_labels(["LABEL_0"])
 
-    writer.add_tokenizer_model("bert")
-    writer.add_token_list([phantom_space(token) for token in vocabulary])
-    writer.add_token_types(
-        [
-            gguf.TokenType.UNKNOWN
-            if token == "[UNK]"
-            else gguf.TokenType.CONTROL
-            if token in SPECIAL_TOKENS
-            else gguf.TokenType.NORMAL
-            for token in vocabulary
-        ]
-    )
     writer.add_token_type_count(config.type_vocab_size)
-    writer.add_bos_token_id(vocabulary.index("[CLS]"))  # llama.cpp reads [CLS] as BERT's BOS
-    writer.add_sep_token_id(vocabulary.index("[SEP]"))
-    writer.add_unk_token_id(vocabulary.index("[UNK]"))
-    writer.add_pad_token_id(vocabulary.index("[PAD]"))
-    writer.add_mask_token_id(vocabulary.index("[MASK]"))
+    add_wordpiece_vocabulary(writer, vocabulary)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
@@ -165,12 +146,13 @@ def write_bert_gguf(
 def train_wordpiece(texts: Iterable[str], vocab_size: int = BERT_VOCABULARY_SIZE) -> Tokenizer:
     """An uncased BERT WordPiece tokenizer trained on `texts`, so pairs are as long as a real BERT's, with
     the normalization llama.cpp's WPM applies. Every token has type 0, as llama.cpp feeds them."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+    tokenizer = uncased_wordpiece(
+        models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX)
+    )
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix=WORDPIECE_PREFIX
+        vocab_size=vocab_size,
+        special_tokens=list(BERT_SPECIAL_TOKENS),
+        continuing_subword_prefix=WORDPIECE_PREFIX,
     )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -197,19 +179,21 @@ def write_bert_reranker(
     tokenizer = train_wordpiece(texts)
     vocabulary = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocabulary),
-        type_vocab_size=1,
-        num_labels=1,
-        pad_token_id=vocabulary.index("[PAD]"),
-        **geometry,
+    config = BertConfig.from_dict(
+        {
+            "vocab_size": len(vocabulary),
+            "type_vocab_size": 1,
+            "num_labels": 1,
+            "pad_token_id": vocabulary.index("[PAD]"),
+            **geometry,
+        }
     )
     model = BertForSequenceClassification(config).eval()
     transformers_dir, gguf_path = bert_reranker_paths(folder)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(transformers_dir)
     tokenizer.save(str(transformers_dir / "tokenizer.json"))
-    special = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS, strict=True))
+    special = dict(zip(("pad", "unk", "cls", "sep", "mask"), BERT_SPECIAL_TOKENS, strict=True))
     (transformers_dir / "tokenizer_config.json").write_text(
         json.dumps(
             {

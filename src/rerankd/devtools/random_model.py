@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from rerankd.catalog import CATALOG, UNTRAINED_KEY, deberta_v3_config
-from rerankd.formats.sentencepiece import train_unigram_tokenizer
+from rerankd.devtools.train_tokenizer import train_unigram_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -7,19 +7,22 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from rerankd.backends.base import BackendInfo, RerankBackend
-from rerankd.engine.scheduler import BatchLimits, BatchObserver, BatchScheduler, RequestTiming
+from rerankd.engine.scheduler import BatchObserver, BatchScheduler, RequestTiming
 from rerankd.engine.tokenize import DEFAULT_PAIR_OPTIONS, EncodedDocument, PairOptions, PairTokenizer
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
+WARMUP_QUERY = "rerankd warm-up"
+WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
-@dataclass(frozen=True)
-class EngineLimits:
-    max_length: int = 512  # tokens per (query, document) pair, after truncation
-    batching: BatchLimits = field(default_factory=BatchLimits)
+
+def max_pair_length(settings: RuntimeSettings, info: BackendInfo) -> int:
+    """Tokens a pair is truncated to: the settings' `max_length`, or the model's when shorter or unset."""
+    return min(settings.max_length or info.max_length, info.max_length)
 
 
 @dataclass(frozen=True)
@@ -57,31 +60,31 @@ class ScoredDocuments:
 class RerankEngine:
     """Owns one backend and its batch scheduler. Forward passes run one at a time in a dedicated thread (one
     batch running per device; a GPU gets the next one queued behind it); tokenization runs in its own small
-    pool; the event loop only awaits."""
+    pool; the event loop only awaits. `settings` are the ones the backend was loaded with (resolved for its
+    device); pairs are truncated to their `max_length`, or the model's when that is shorter or unset."""
 
     def __init__(
-        self, name: str, backend: RerankBackend, limits: EngineLimits, on_batch: BatchObserver | None = None
+        self,
+        name: str,
+        backend: RerankBackend,
+        settings: RuntimeSettings,
+        on_batch: BatchObserver | None = None,
     ) -> None:
-        device_type = backend.info.device.split(":")[0]
-        limits = replace(limits, batching=limits.batching.for_device(device_type))
-        budget = limits.batching.max_batch_tokens or 0
-        if limits.max_length > backend.info.max_length:
-            raise ValueError(
-                f"max length {limits.max_length} exceeds what the model accepts ({backend.info.max_length})"
-            )
-        if budget < limits.max_length:
-            raise ValueError(f"max batch tokens {budget} must be at least the max length {limits.max_length}")
-        backend.prepare_for_serving(budget, limits.batching.max_batch_pairs)
+        self.max_length = max_pair_length(settings, backend.info)
+        budget = settings.batch_tokens
+        if budget < self.max_length:
+            raise ValueError(f"max batch tokens {budget} must be at least the max length {self.max_length}")
+        backend.prepare_for_serving()
         self.name = name
         self.backend = backend
-        self.limits = limits
-        self.tokenizer = PairTokenizer(backend.tokenizer, limits.max_length)
+        self.settings = settings
+        self.tokenizer = PairTokenizer(backend.tokenizer, self.max_length)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{name}")
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self.scheduler = BatchScheduler(
             backend.launch,
             self._forward_thread,
-            limits.batching,
+            settings,
             on_batch=on_batch,
             pass_seconds=backend.pass_seconds(),
         )
@@ -119,6 +122,15 @@ class RerankEngine:
             queue_seconds=timing.queue_seconds,
             inference_seconds=timing.inference_seconds,
         )
+
+    def warm_up(self) -> None:
+        """Score a small request once, on the forward thread (where every pass runs), before serving."""
+        token_ids = self.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
+        self._forward_thread.submit(self.backend.warm_up, token_ids).result()
+
+    def health(self) -> str | None:
+        """None while the model can serve; else the backend's reason."""
+        return self.backend.health()
 
     def close(self) -> None:
         self.scheduler.stop()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
-from rerankd.backends.base import BackendOptions
-from rerankd.backends.registry import load_backend
-from rerankd.devtools.faults import FAULT_MARKER_ENV, FaultInjectingBackend
-from rerankd.engine.engine import EngineLimits, RerankEngine
+from rerankd.backends.base import RerankBackend
+from rerankd.backends.registry import load_backend, plan_backend
+from rerankd.engine.engine import RerankEngine, max_pair_length
 from rerankd.engine.precision import keeps_faster_precision, reference_pairs
-from rerankd.engine.scheduler import BatchLimits, BatchObserver
+from rerankd.engine.scheduler import BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,48 +33,42 @@ def split_gguf_selector(model: str) -> tuple[str, str | None]:
 
 def load_engine(
     model: str,
+    settings: RuntimeSettings | None = None,
     *,
     served_name: str | None = None,
-    revision: str | None = None,
-    cache_dir: Path = Path("models"),
-    options: BackendOptions | None = None,
-    max_length: int | None = None,
-    batching: BatchLimits | None = None,
     on_batch: BatchObserver | None = None,
+    wrap_backend: Callable[[RerankBackend], RerankBackend] | None = None,
 ) -> RerankEngine:
-    """Raises `ModelSourceError` or `ModelLoadError` with a message meant for the user."""
+    """`model` loaded as `settings` say (default: the defaults and the environment's), resolved once for the
+    device it runs on and handed to the backend and the engine alike. `wrap_backend`, when given, wraps the
+    loaded backend (tests inject faults through it). Raises `ModelSourceError` or `ModelLoadError` with a
+    message meant for the user."""
     started = time.perf_counter()
+    settings = settings or RuntimeSettings()
     reference, variant = split_gguf_selector(model)
     files = gguf_files(variant) if variant else SAFETENSORS_FILES
-    source = resolve_model_source(reference, revision=revision, cache_dir=cache_dir, files=files)
-    batching = batching or BatchLimits()
-    options = replace(
-        options or BackendOptions(),
-        batch_tokens=batching.max_batch_tokens,
-        batch_pairs=batching.max_batch_pairs,
+    source = resolve_model_source(
+        reference, revision=settings.revision, cache_dir=settings.model_cache, files=files
     )
-    if options.dtype == "auto":
-        options = replace(options, reference_pairs=reference_pairs())
-    backend = load_backend(source.path, options, gguf_variant=variant)
-    if os.environ.get(FAULT_MARKER_ENV):
-        backend = FaultInjectingBackend(backend, os.environ[FAULT_MARKER_ENV])
-    limits = EngineLimits(
-        max_length=min(max_length or backend.info.max_length, backend.info.max_length),
-        batching=batching,
-    )
-    if options.dtype == "auto" and not keeps_faster_precision(
-        backend, PairTokenizer(backend.tokenizer, limits.max_length)
-    ):
+    plan = plan_backend(source.path, settings, gguf_variant=variant)
+    settings = plan.settings
+    auto_dtype = settings.dtype == "auto"
+    backend = load_backend(plan, reference_pairs() if auto_dtype else ())
+    max_length = max_pair_length(settings, backend.info)
+    if auto_dtype and not keeps_faster_precision(backend, PairTokenizer(backend.tokenizer, max_length)):
         del backend  # its weights are rounded now: freed before the float32 load, not held beside it
-        backend = load_backend(source.path, replace(options, dtype="float32"), gguf_variant=variant)
-    engine = RerankEngine(served_name or model, backend, limits, on_batch=on_batch)
+        settings = settings.model_copy(update={"dtype": "float32"})
+        backend = load_backend(replace(plan, settings=settings))
+    if wrap_backend is not None:
+        backend = wrap_backend(backend)
+    engine = RerankEngine(served_name or model, backend, settings, on_batch=on_batch)
     logger.info(
         "loaded %s (%s, %s on %s, max length %d) in %.1fs",
         engine.name,
         backend.info.backend,
         backend.info.dtype,
         backend.info.device,
-        limits.max_length,
+        engine.max_length,
         time.perf_counter() - started,
     )
     return engine

@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 ModelState = Literal["loading", "ready", "failed"]
 EngineLoader = Callable[[str, str], RerankEngine]  # (served name, model reference) -> engine
-WARMUP_QUERY = "rerankd warm-up"
-WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
 
 class UnknownModelError(LookupError):
@@ -116,9 +114,7 @@ class ServedModels:
             try:
                 engine = load(slot.name, slot.reference)
                 if warmup:
-                    engine.backend.relevance_logits(
-                        engine.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
-                    )
+                    engine.warm_up()
             except Exception as error:  # any failure is this model's, reported by /ready and its requests
                 slot.state, slot.error = "failed", str(error) or type(error).__name__
                 logger.error("model %s (%s) failed to load: %s", slot.name, slot.reference, slot.error)

@@ -1,10 +1,12 @@
-"""Turn relevance logits into the ranked list a client sees."""
+"""Turn scored documents into the ranked list a client sees."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from rerankd.engine.engine import DocumentScore
 
 
 def sigmoid(logit: float) -> float:
@@ -17,14 +19,17 @@ def sigmoid(logit: float) -> float:
 
 @dataclass(frozen=True)
 class RankedDocument:
-    index: int
-    score: float
+    index: int  # in the request's documents
+    score: float  # what the client sees: the sigmoid of the logit, or the logit itself (raw scores)
+    detail: DocumentScore  # which window won, for chunk mode's answer
 
 
-def rank(logits: Sequence[float], raw_scores: bool = False, top_n: int | None = None) -> list[RankedDocument]:
+def rank(
+    documents: Sequence[DocumentScore], raw_scores: bool = False, top_n: int | None = None
+) -> list[RankedDocument]:
     """Scores (sigmoid unless `raw_scores`) sorted descending, ties by input order, then cut to `top_n`."""
-    scores = [logit if raw_scores else sigmoid(logit) for logit in logits]
+    scores = [document.logit if raw_scores else sigmoid(document.logit) for document in documents]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if top_n is not None:
         order = order[:top_n]
-    return [RankedDocument(index=i, score=scores[i]) for i in order]
+    return [RankedDocument(index=i, score=scores[i], detail=documents[i]) for i in order]

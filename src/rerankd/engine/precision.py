@@ -38,7 +38,7 @@ def case_scores(
     backend: RerankBackend, tokenizer: PairTokenizer, cases: list[ValidationCase]
 ) -> list[list[float]]:
     """Relevance of every (query, documents) group of `cases`, flattened in order. One pair per pass: the
-    float32 pass then needs the least memory (a batch of the long case's three pairs took 0.23 GB on base)."""
+    float32 pass then needs the least memory (docs/decisions.md)."""
     return [
         [sigmoid(backend.relevance_logits([pair])[0]) for pair in tokenizer.encode_pairs(query, documents)]
         for case in cases

@@ -1,38 +1,25 @@
-"""Cross-request dynamic batching: one queue of pairs per model, one forward pass running at a time.
+"""Cross-request dynamic batching: the loop that turns one model's fair queue into forward passes.
 
-Every request's pairs join one queue. Each batch is packed under a padded-token budget (batch size × longest
-pair ≤ `max_batch_tokens`) and a pair cap, each request giving its pairs in length order so that padding stays
-low. Requests share the model by fair queueing on a virtual clock: the clock advances by 1/n for every pair
-served while n requests wait; a request joins at the clock's time, and its finish tag is that time plus its
-number of pairs. The lowest finish tag goes first, so a 10-document request that arrives while a
-1,000-document one is queued fills the very next batch and is done after it, instead of alternating pair by
-pair with the big one over several batches. Requests whose finish tags are within one batch of the lowest
-(equal requests that arrived together, say) are served together, shortest pair first across all of them:
-they finish together, as under ideal fair sharing, and their batches pad less (8 requests of 64 MS MARCO
-passages: 8% fewer padded tokens, 16% fewer batches, 10% more pairs/s than one request after another). A
-request is never overtaken forever: the clock keeps advancing while others are served, so newcomers' tags
-eventually pass an old request's fixed one. On a CPU, a short wait (`batch_wait_ms`) after the queue wakes up
-gathers concurrent requests into the same batch. Forward passes run in one worker thread: the event loop never
-blocks on the model. On a GPU, which runs a pass asynchronously, the next batch is formed and queued behind
-the running one before the running one's logits are collected, so the device does not sit idle while the host
-pads, lays out and queues a batch (TEI's router works the same way); a CPU computes a pass at launch, and each
-batch is delivered before the next is formed. Where the backend has timed its passes (CUDA graphs, one per
-batch shape), a formed batch whose pairs differ much in length is cut into the passes that take the least
-time (`cheapest_first_pass`): a GPU's budget fits a whole request of short and long pairs in one pass, all
-padded to the longest.
+Every request's pairs join one queue (`fair_queue`, which decides what each batch holds). On a CPU, a short
+wait (`batch_wait_ms`) after the queue wakes up gathers concurrent requests into the same batch. Forward
+passes run in one worker thread: the event loop never blocks on the model. On a GPU, which runs a pass
+asynchronously, the next batch is formed and queued behind the running one before the running one's logits
+are collected, so the device does not sit idle while the host pads, lays out and queues a batch (TEI's router
+works the same way); a CPU computes a pass at launch, and each batch is delivered before the next is formed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from rerankd.backends.base import PassSeconds, PendingLogits
+from rerankd.engine.fair_queue import Batch, FairQueue, QueuedRequest, deliver
+from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -69,66 +56,6 @@ class RequestTiming:
         return (self.finished or self.submitted) - (self.first_batch or self.submitted)
 
 
-# Padded tokens per forward pass when the user sets none. Measured with `rerankd bench`-style sweeps on the
-# 2-core CPU: base geometry, MS MARCO pairs, fp32 — 512/1024 tokens: 9.0/8.5 pairs/s, 4096: 5.6, 8192: 5.0
-# (xsmall peaks at 1024: 27 pairs/s vs 16.5 at 8192). Big CPU batches spill the caches; a GPU wants them big.
-DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
-# How long an idle queue waits for concurrent requests. A CPU pass of a few requests' pairs takes long
-# enough that gathering them first pays. A GPU pass takes milliseconds, and concurrent requests gather on
-# their own while one runs (the next batch is formed behind it), so a wait only adds to each request's time:
-# one client on an H200 (base, fp16, CUDA graphs, 64 passages) 2,882 pairs/s with 2 ms, 3,135 with none.
-DEFAULT_BATCH_WAIT_MS = {"cpu": 2.0, "cuda": 0.0}
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_batch_tokens: int | None = None  # padded tokens per forward pass (batch size x longest pair)
-    max_batch_pairs: int = 64
-    batch_wait_ms: float | None = None
-    max_queued_pairs: int | None = None  # admission limit: a request that would pass it is refused
-
-    def for_device(self, device_type: str) -> BatchLimits:
-        """These limits with the token budget and the wait filled in for `device_type` where the user set
-        none."""
-        known = device_type if device_type in DEFAULT_BATCH_TOKENS else "cpu"
-        tokens = DEFAULT_BATCH_TOKENS[known] if self.max_batch_tokens is None else self.max_batch_tokens
-        wait = DEFAULT_BATCH_WAIT_MS[known] if self.batch_wait_ms is None else self.batch_wait_ms
-        return replace(self, max_batch_tokens=tokens, batch_wait_ms=wait)
-
-
-# Pairs whose lengths round up to the same multiple of this are never split into different passes: a CUDA
-# graph's bucket (cuda_graphs.LENGTH_STEP), and few enough cut points to weigh them all at every batch.
-CUT_TOKENS = 16
-
-
-def cheapest_first_pass(lengths: Sequence[int], pass_seconds: PassSeconds) -> int:
-    """How many of a formed batch's pairs (`lengths`, in the order it took them) to run now, so that the batch
-    runs as the sequence of passes that takes the least device time, by `pass_seconds(pairs, longest)`. One
-    padded pass of 64 MS MARCO passages on an H200 (base, fp16) takes 11.9 ms; three passes of 32, 24 and 8
-    of them, cut by length, 8.4 ms. Only the first pass is taken: the rest go back to the queue, to be
-    weighed again with whatever arrives meanwhile. Cuts fall between runs of pairs of one length class
-    (`CUT_TOKENS`); over the k runs this is the O(k²) dynamic program of the best split of a sequence."""
-    runs: list[tuple[int, int]] = []  # (pairs, longest) of each run of equal length class
-    for length in lengths:
-        if runs and -(-length // CUT_TOKENS) == -(-runs[-1][1] // CUT_TOKENS):
-            runs[-1] = (runs[-1][0] + 1, max(runs[-1][1], length))
-        else:
-            runs.append((1, length))
-    # cheapest[i]: least time to run runs i.. ; first_cut[i]: where the first of those passes ends.
-    cheapest = [0.0] * (len(runs) + 1)
-    first_cut = [len(runs)] * (len(runs) + 1)
-    for start in range(len(runs) - 1, -1, -1):
-        pairs, longest, best = 0, 0, float("inf")
-        for end in range(start + 1, len(runs) + 1):
-            pairs += runs[end - 1][0]
-            longest = max(longest, runs[end - 1][1])
-            seconds = pass_seconds(pairs, longest) + cheapest[end]
-            if seconds < best:
-                best, first_cut[start] = seconds, end
-        cheapest[start] = best
-    return sum(pairs for pairs, _ in runs[: first_cut[0]])
-
-
 class QueueFullError(RuntimeError):
     """The queue cannot take a request's pairs now; the client should retry shortly."""
 
@@ -139,68 +66,51 @@ class QueueFullError(RuntimeError):
         )
 
 
-@dataclass(eq=False)
-class _Request:
-    """A request's pairs waiting in the queue, shortest first, and where their logits go."""
+@dataclass(frozen=True)
+class _Waiter:
+    """Where a queued request's logits go."""
 
-    arrival: int
-    finish: float  # fair queueing's finish tag: the virtual clock when the request joined, plus its pairs
-    pending: list[int]  # indices into token_ids, sorted by length
-    token_ids: Sequence[Sequence[int]]
-    logits: list[float]
     done: asyncio.Future[list[float]]
     timing: RequestTiming
-    remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.remaining = len(self.pending)
-
-    @property
-    def next_length(self) -> int:
-        """Tokens of the shortest pair still waiting."""
-        return len(self.token_ids[self.pending[0]])
-
-    def pairs_per_batch(self, budget: int, max_pairs: int) -> int:
-        """How many of its longest waiting pair fit one batch: a batch's worth of this request's pairs."""
-        longest = len(self.token_ids[self.pending[-1]])
-        return max(1, min(max_pairs, budget // longest))
 
 
 @dataclass(frozen=True)
 class _LaunchedBatch:
-    batch: list[tuple[_Request, int]]
+    batch: Batch
     started: float
     logits: PendingLogits
+    lengths: list[int] = field(default_factory=list)
 
 
 class BatchScheduler:
-    """Owns the queue and the loop that turns it into forward passes for one model."""
+    """Owns the queue and the loop that turns it into forward passes for one model, within the batching
+    limits of `settings` (resolved for the model's device)."""
 
     def __init__(
         self,
         launch: LaunchFn,
         executor: Executor,
-        limits: BatchLimits,
+        settings: RuntimeSettings,
         on_batch: BatchObserver | None = None,
         pass_seconds: PassSeconds | None = None,
     ) -> None:
-        if limits.max_batch_tokens is None or limits.batch_wait_ms is None:
-            raise ValueError("resolve the token budget and the wait first (BatchLimits.for_device)")
         self._launch_fn = launch
         self._on_batch = on_batch
         self._pass_seconds = pass_seconds
         self._executor = executor
-        self._limits = limits
-        self._requests: list[_Request] = []
-        self._arrivals = itertools.count()
-        self._clock = 0.0  # virtual time of fair queueing
+        self._budget = settings.batch_tokens
+        self._wait_seconds = settings.batch_wait_seconds
+        self._max_pairs = settings.max_batch_pairs
+        self._max_queued = settings.max_queued_pairs
+        self._queue = FairQueue()
+        self._waiters: dict[QueuedRequest, _Waiter] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queued_pairs(self) -> int:
-        return sum(len(request.pending) for request in self._requests)
+        return self._queue.queued_pairs
 
     async def submit(
         self, token_ids: Sequence[Sequence[int]], timing: RequestTiming | None = None
@@ -211,28 +121,19 @@ class BatchScheduler:
         refused forever)."""
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
-        limit = self._limits.max_queued_pairs
         queued = self.queued_pairs
-        if limit is not None and queued and queued + len(token_ids) > limit:
-            raise QueueFullError(len(token_ids), queued, limit)
-        order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))
+        if self._max_queued is not None and queued and queued + len(token_ids) > self._max_queued:
+            raise QueueFullError(len(token_ids), queued, self._max_queued)
         timing = timing or RequestTiming()
         timing.submitted = time.perf_counter()
-        request = _Request(
-            next(self._arrivals),
-            self._clock + len(order),
-            order,
-            token_ids,
-            [0.0] * len(token_ids),
-            loop.create_future(),
-            timing,
-        )
-        if not order:
+        if not token_ids:
             return []
-        self._requests.append(request)
+        request = self._queue.add(token_ids)
+        waiter = _Waiter(loop.create_future(), timing)
+        self._waiters[request] = waiter
         self._wakeup.set()
         try:
-            return await asyncio.shield(request.done)
+            return await asyncio.shield(waiter.done)
         except asyncio.CancelledError:
             self._withdraw(request)
             raise
@@ -242,7 +143,8 @@ class BatchScheduler:
         if loop is not self._loop:
             self._loop = loop
             self._wakeup = asyncio.Event()
-            self._requests = []
+            self._queue.clear()
+            self._waiters = {}
             self._loop_task = None
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._run(), name="batch-scheduler")
@@ -251,13 +153,14 @@ class BatchScheduler:
         """Cancel the batching loop (queued requests are cancelled with it); call from its event loop."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-        for request in self._requests:
-            request.done.cancel()
-        self._requests = []
+        self._queue.clear()
+        for waiter in self._waiters.values():
+            waiter.done.cancel()
+        self._waiters = {}
 
-    def _withdraw(self, request: _Request) -> None:
-        if request in self._requests:
-            self._requests.remove(request)
+    def _withdraw(self, request: QueuedRequest) -> None:
+        self._waiters.pop(request, None)
+        if self._queue.withdraw(request):
             logger.debug("dropped %d queued pairs of a cancelled request", len(request.pending))
 
     async def _run(self) -> None:
@@ -266,16 +169,16 @@ class BatchScheduler:
         waits for the host between batches; it is then collected before anything else is launched."""
         in_flight: _LaunchedBatch | None = None
         while True:
-            if not self._requests:
+            if not self._queue:
                 if in_flight is not None:
                     await self._collect(in_flight)
                     in_flight = None
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                if self._limits.batch_wait_ms:
-                    await asyncio.sleep(self._limits.batch_wait_ms / 1000)
-            batch = self._next_batch()
+                if self._wait_seconds:
+                    await asyncio.sleep(self._wait_seconds)
+            batch = self._queue.next_batch(self._budget, self._max_pairs, self._pass_seconds)
             if not batch:
                 continue
             launched = await self._launch(batch)
@@ -287,19 +190,21 @@ class BatchScheduler:
             else:
                 in_flight = launched
 
-    async def _launch(self, batch: list[tuple[_Request, int]]) -> _LaunchedBatch | None:
+    async def _launch(self, batch: Batch) -> _LaunchedBatch | None:
         """Start the batch's forward pass; None (its requests failed) when that raises."""
         sequences = [request.token_ids[index] for request, index in batch]
         started = time.perf_counter()
         for request, _ in batch:
-            request.timing.first_batch = request.timing.first_batch or started
+            waiter = self._waiters.get(request)
+            if waiter is not None:
+                waiter.timing.first_batch = waiter.timing.first_batch or started
         loop = asyncio.get_running_loop()
         try:
             logits = await loop.run_in_executor(self._executor, self._launch_fn, sequences)
         except Exception as error:  # a failed forward fails only the requests in this batch
             self._fail_batch(batch, error)
             return None
-        return _LaunchedBatch(batch, started, logits)
+        return _LaunchedBatch(batch, started, logits, [len(ids) for ids in sequences])
 
     async def _collect(self, launched: _LaunchedBatch) -> None:
         """Wait for a launched batch's logits (off the event loop when the device still runs) and deliver."""
@@ -313,66 +218,20 @@ class BatchScheduler:
             self._fail_batch(launched.batch, error)
             return
         if self._on_batch is not None:
-            lengths = [len(request.token_ids[index]) for request, index in launched.batch]
+            lengths = launched.lengths
             seconds = time.perf_counter() - launched.started
             self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
-        self._deliver(launched.batch, logits)
+        finished = time.perf_counter()
+        for request in deliver(launched.batch, logits):
+            waiter = self._waiters.pop(request, None)
+            if waiter is not None and not waiter.done.done():
+                waiter.timing.finished = finished
+                waiter.done.set_result(request.logits)
 
-    def _next_batch(self) -> list[tuple[_Request, int]]:
-        """Fill a batch pair by pair. Requests whose finish tags are within one batch of the lowest (as many
-        of its longest pair as fit the budget and the pair cap) are served together, shortest pair first
-        across all of them; then the others, lowest finish tag first, each giving its shortest pair. A
-        request whose next pair would pass the token budget sits this batch out."""
-        limits = self._limits
-        budget = limits.max_batch_tokens or 0
-        batch: list[tuple[_Request, int]] = []
-        clock_steps: list[float] = []
-        longest = 0
-        candidates = [request for request in self._requests if request.pending]
-        waiting = len(candidates)
-        lowest = min(candidates, key=lambda request: request.finish, default=None)
-        together = 0.0
-        if lowest is not None:
-            together = lowest.finish + lowest.pairs_per_batch(budget, limits.max_batch_pairs)
-
-        def priority(request: _Request) -> tuple[float, ...]:
-            if request.finish <= together:
-                return (0, request.next_length, request.finish, request.arrival)
-            return (1, request.finish, request.arrival)
-
-        while candidates and len(batch) < limits.max_batch_pairs:
-            request = min(candidates, key=priority)
-            length = request.next_length
-            if batch and (len(batch) + 1) * max(longest, length) > budget:
-                candidates.remove(request)
-                continue
-            batch.append((request, request.pending.pop(0)))
-            clock_steps.append(1 / waiting)
-            longest = max(longest, length)
-            if not request.pending:
-                candidates.remove(request)
-                waiting -= 1
-        if self._pass_seconds is not None and batch:
-            lengths = [len(request.token_ids[index]) for request, index in batch]
-            kept = cheapest_first_pass(lengths, self._pass_seconds)
-            for request, index in reversed(batch[kept:]):  # back to the front of their queues, in order
-                request.pending.insert(0, index)
-            batch, clock_steps = batch[:kept], clock_steps[:kept]
-        self._clock += sum(clock_steps)
-        self._requests = [request for request in self._requests if request.pending]
-        return batch
-
-    def _deliver(self, batch: list[tuple[_Request, int]], logits: list[float]) -> None:
-        for (request, index), logit in zip(batch, logits, strict=True):
-            request.logits[index] = logit
-            request.remaining -= 1
-            if request.remaining == 0 and not request.done.done():
-                request.timing.finished = time.perf_counter()
-                request.done.set_result(request.logits)
-
-    def _fail_batch(self, batch: list[tuple[_Request, int]], error: Exception) -> None:
+    def _fail_batch(self, batch: Batch, error: Exception) -> None:
         logger.error("forward pass failed for a batch of %d pairs", len(batch), exc_info=error)
         for request in {request for request, _ in batch}:
+            waiter = self._waiters.get(request)
             self._withdraw(request)
-            if not request.done.done():
-                request.done.set_exception(error)
+            if waiter is not None and not waiter.done.done():
+                waiter.done.set_exception(error)

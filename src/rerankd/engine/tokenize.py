@@ -14,8 +14,9 @@ from typing import Literal
 
 from tokenizers import Encoding, Tokenizer
 
+from rerankd.settings import DEFAULT_CHUNK_OVERLAP
+
 TruncationDirection = Literal["right", "left"]
-DEFAULT_CHUNK_OVERLAP = 64  # tokens shared by consecutive windows of a chunked document
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
 
 def _window_span(document: Encoding, start: int, stop: int) -> tuple[int, int]:
     """The characters tokens start..stop cover. `token_to_chars` reads two tokens' offsets, where
-    `Encoding.offsets` builds the list of every token's (0.37 ms for 64 MS MARCO passages, a tenth of
-    their tokenization)."""
+    `Encoding.offsets` builds the list of every token's, a real share of the tokenization's time
+    (docs/decisions.md)."""
     if start >= stop:
         return 0, 0
     first, last = document.token_to_chars(start), document.token_to_chars(stop - 1)
@@ -131,7 +132,7 @@ class PairTokenizer:
         truncation is off and a pair does not fit."""
         query_ids = self._tokenizer.encode(query, add_special_tokens=False).ids
         # Only chunk mode reports which characters a window covers. Without it, the variant that keeps no
-        # offsets gives the same ids faster (a query with 64 MS MARCO passages, 2-core CPU: 2.4 ms, not 3.4).
+        # offsets gives the same ids faster (docs/decisions.md).
         encode_batch = self._tokenizer.encode_batch if options.chunk else self._tokenizer.encode_batch_fast
         encodings = encode_batch(list(documents), add_special_tokens=False)
         query_truncated = False

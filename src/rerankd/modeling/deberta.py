@@ -8,15 +8,14 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The relative terms are multiplied against one table row per distance a batch of length L has (2L - 1), so
   the term of every (i, j) sits at a fixed stride in the product: a strided view, not a gather.
 - Padding never reaches the dense layers: a batch's tokens are packed, (tokens, hidden), for the projections,
-  the feed-forward network and the norms, and laid out padded, (batch, length), for attention alone. On the
-  2-core CPU over 64 MS MARCO passages under the 1,024-token budget, padding was 10% of the tokens, and
-  packing ran base 6% faster in bf16 (scores identical).
+  the feed-forward network and the norms, and laid out padded, (batch, length), for attention alone: the
+  dense layers do no work on padding (docs/decisions.md).
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
 - Attention is `baddbmm` (the relative bias enters as the matmul's addend) then softmax and `bmm`: on a CPU
-  measured 2-3x faster than `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's
-  cuDNN kernel plans every new batch shape anew (see `attend`).
+  faster than `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel
+  plans every new batch shape anew (see `attend`).
 """
 
 from __future__ import annotations
@@ -80,8 +79,7 @@ class RelativeIndex:
     offset L - 1 + i (2L - 2) + j, a strided view. The p2c term of (i, j) is key_j . query_table[slot(i - j)]:
     with the keys as the product's rows and the table rows in increasing order, the same view transposed.
     Slots repeat where the log buckets span several distances, so batches longer than the buckets' linear
-    range (128) multiply up to twice the rows they reach; no gathers pays for that (measured on 512-token
-    batches: 1.4x faster than gathering slots).
+    range (128) multiply up to twice the rows they reach; no gathers pays for that (docs/decisions.md).
     """
 
     c2p_slots: torch.Tensor  # slot of each column of the c2p product: distances L - 1 down to -(L - 1)
@@ -193,9 +191,9 @@ class TokenLayout:
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(query . key + bias) . value for (heads, batch, length, size) inputs with the scale applied, as
-    `baddbmm` (the bias is the matmul's addend), softmax and `bmm` over heads x batch. On a CPU this is 2-3x
-    faster than SDPA with a bias; on an H200, SDPA picks cuDNN's kernel, which builds a plan for every new
-    batch shape (110-320 ms each, measured), and these matmuls matched its speed on shapes it had seen."""
+    `baddbmm` (the bias is the matmul's addend), softmax and `bmm` over heads x batch. On a CPU this is
+    faster than SDPA with a bias; on a GPU, SDPA picks cuDNN's kernel, which builds a plan for every new
+    batch shape, and these matmuls match its speed without one (docs/decisions.md)."""
     heads, batch, queries, size = query.shape
     keys = (heads * batch, key.shape[2], size)
     scores = torch.baddbmm(
@@ -297,10 +295,13 @@ class DebertaLayer(nn.Module):
 class DebertaReranker(nn.Module):
     """DeBERTa encoder + context pooler + classifier; returns one relevance logit per pair."""
 
+    slot_table: torch.Tensor  # a buffer: the relative-table slot of every distance
+
     def __init__(self, config: DebertaConfig) -> None:
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
+        # An nn.Embedding; while `--dtype auto` checks the faster dtype, a `Float32Rows` around it.
+        self.word_embeddings: nn.Module = nn.Embedding(config.vocab_size, config.embedding_size)
         self.position_embeddings = (
             nn.Embedding(config.max_position_embeddings, config.embedding_size)
             if config.position_biased_input

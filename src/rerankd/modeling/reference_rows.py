@@ -17,6 +17,9 @@ from torch import nn
 class Float32Rows(nn.Module):
     """Embeds with float32 copies of `token_ids`' rows of `serving`'s table; `serving` serves afterwards."""
 
+    slot_of: torch.Tensor  # buffers
+    rows: torch.Tensor
+
     def __init__(self, serving: nn.Embedding, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
         super().__init__()
         self.serving = serving

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -105,7 +105,7 @@ def load_reranker(
     tensors = _Tensors(reader, dtype, device)
     hidden, embed = config.hidden_size, config.embedding_size
     inner = config.num_attention_heads * config.attention_head_size
-    # First, so that the stored table (fp32: 393 MB for base) is gone before any other weight arrives.
+    # First, so that the stored table (the largest weight) is gone before any other weight arrives.
     word_table, reference = tensors.word_embeddings((config.vocab_size, embed), split)
     state: dict[str, torch.Tensor] = {
         "word_embeddings.weight": word_table,
@@ -133,7 +133,7 @@ def load_reranker(
         key = tensors.linear(f"{attention}.key_proj", inner, hidden)
         value = tensors.linear(f"{attention}.value_proj", inner, hidden)
         # The attention scale goes into the query rows (in float32), so no forward pass multiplies by it.
-        layer = model.layers[index]
+        layer = cast(DebertaLayer, model.layers[index])
         scaled_query = [(tensor.float() * layer.scale).to(tensors.dtype) for tensor in query]
         for part, (weight, bias) in _query_key_value(layer, scaled_query, key, value).items():
             state[f"layers.{index}.{part}.weight"], state[f"layers.{index}.{part}.bias"] = weight, bias
@@ -158,7 +158,7 @@ def load_reranker(
     model.load_state_dict(state, strict=True, assign=True)
     model.slot_table = relative_slot_table(config).to(device)
     if reference is not None:
-        model.word_embeddings = Float32Rows(model.word_embeddings, *reference)
+        model.word_embeddings = Float32Rows(cast(torch.nn.Embedding, model.word_embeddings), *reference)
     return model.eval().requires_grad_(False)
 
 
@@ -201,6 +201,8 @@ def _set_layer_relative_projections(
     """c2p needs keys of the relative table, p2c its queries: shared with the content projections or not."""
     inner = config.num_attention_heads * config.attention_head_size
     attention = f"encoder.layer.{index}.attention.self"
+    key_projection: tuple[torch.Tensor, torch.Tensor] | None
+    query_projection: tuple[torch.Tensor, torch.Tensor] | None
     if config.share_att_key:
         key_projection, query_projection = key, query
     else:
@@ -214,7 +216,7 @@ def _set_layer_relative_projections(
             if "p2c" in config.pos_att_type
             else None
         )
-    model.layers[index].set_relative_projections(
+    cast(DebertaLayer, model.layers[index]).set_relative_projections(
         table,
         key_projection if "c2p" in config.pos_att_type else None,
         query_projection if "p2c" in config.pos_att_type else None,

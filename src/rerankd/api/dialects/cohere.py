@@ -8,7 +8,6 @@ carry `message` (Cohere's clients) and, on v1, `detail` too (Jina's clients).
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -146,7 +145,7 @@ async def rerank_v1(body: CohereV1Request, request: Request) -> CohereV1Response
         return {"text": document} if isinstance(document, str) else document
 
     return CohereV1Response(
-        id=str(uuid.uuid4()),
+        id=outcome.id,
         model=outcome.model,
         results=[
             V1Result(
@@ -206,7 +205,7 @@ async def rerank_v2(body: CohereV2Request, request: Request) -> CohereV2Response
     )
     outcome = await run_rerank(request, call)
     return CohereV2Response(
-        id=str(uuid.uuid4()),
+        id=outcome.id,
         results=[V2Result(index=item.index, relevance_score=item.score) for item in outcome.results],
         meta=Meta.of("2", outcome),
     )

@@ -4,7 +4,6 @@ reads each result's `document` as a plain string."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,7 +35,7 @@ def infinity_response(
     outcome: RerankOutcome, texts: Sequence[str], return_documents: bool
 ) -> InfinityRerankResponse:
     return InfinityRerankResponse(
-        id=f"rerank-{uuid.uuid4().hex}",
+        id=outcome.id,
         created=int(time.time()),
         model=outcome.model,
         results=[

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from rerankd.api.documents import document_texts
-from rerankd.api.errors import ERROR_RESPONSES, APIError, dialect_route
+from rerankd.api.errors import ERROR_RESPONSES, APIError, ErrorType, dialect_route
 from rerankd.api.schemas import ModelName, ObjectDocument, QueryText, RankFields, Usage
 from rerankd.api.security import require_api_key
 from rerankd.api.service import RerankCall, run_rerank
@@ -76,7 +76,7 @@ async def rerank_mixedbread(body: MixedbreadRerankRequest, request: Request) -> 
         raise APIError(
             422,
             "rewrite_query: query rewriting is not supported; send false",
-            "invalid_request",
+            ErrorType.INVALID_REQUEST,
             "rewrite_query",
         )
     texts = document_texts(body.input, body.rank_fields, "input")

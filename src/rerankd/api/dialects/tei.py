@@ -6,20 +6,22 @@ are `{"error", "error_type"}` with TEI's status codes (413 for input over the li
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
-from rerankd.api.errors import APIError
+from rerankd.api.errors import APIError, ErrorType
 from rerankd.api.schemas import ModelName, QueryText, RawScores
 from rerankd.api.service import RerankCall, run_rerank
+from rerankd.api.state import record_of
 from rerankd.engine.tokenize import PairOptions
 
 ERROR_TYPES = {
-    "overloaded": "Overloaded",
-    "internal_error": "Backend",
-    "unavailable": "Unhealthy",
+    ErrorType.OVERLOADED: "Overloaded",
+    ErrorType.INTERNAL_ERROR: "Backend",
+    ErrorType.UNAVAILABLE: "Unhealthy",
 }
 
 
@@ -30,6 +32,16 @@ def tei_error(error: APIError) -> dict[str, Any]:
 def is_tei_body(body: Any) -> bool:
     """TEI's request is told apart from rerankd's own by its `texts` field."""
     return isinstance(body, dict) and "texts" in body
+
+
+# A `texts` key in raw JSON: inside a JSON string its quotes would be escaped.
+TEXTS_KEY = re.compile(rb'"texts"\s*:')
+
+
+def starts_tei_body(body_start: bytes) -> bool:
+    """Whether the first bytes of a body too large to parse are a TEI request's: its `texts` key comes before
+    the texts themselves, which are what makes a body large."""
+    return TEXTS_KEY.search(body_start) is not None
 
 
 def _lower(value: Any) -> Any:
@@ -63,7 +75,9 @@ class TEIRankResult(BaseModel):
 
 
 async def rerank_tei(request: Request, body: TEIRerankRequest) -> list[TEIRankResult]:
-    request.state.error_shape = tei_error
+    record = record_of(request)
+    if record is not None:
+        record.error_shape = tei_error
     options = PairOptions(truncate=body.truncate is not False, truncation_direction=body.truncation_direction)
     call = RerankCall(
         query=body.query,

@@ -1,16 +1,18 @@
-"""Test-only fault injection: a backend whose forward pass fails for batches holding a marked pair.
+"""Fault injection for tests: `rerankd serve` whose backends fail every forward pass holding a marked word.
 
-Set `RERANKD_TEST_FAULT_MARKER` to a word; every forward pass that holds a pair containing it raises. Tests
-use it to show that a failing batch fails only its own requests, through a real server.
+`python tests/faults.py MARKER serve ...` runs the real server (rerankd's own command line) with each loaded
+backend wrapped so that a batch with a pair containing MARKER raises; tests use it to show that a failing
+batch fails only its own requests, through a real server. Production code knows nothing of it: the wrapper
+reaches the loader through `rerankd.cli.serve.run`'s `wrap_backend`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from rerankd.backends.base import PassSeconds, RerankBackend
-
-FAULT_MARKER_ENV = "RERANKD_TEST_FAULT_MARKER"
+from rerankd.cli import build_parser, serve
 
 
 class InjectedFault(RuntimeError):
@@ -45,8 +47,18 @@ class FaultInjectingBackend(RerankBackend):
         self._inner.cast(dtype)
         self.info = self._inner.info
 
-    def prepare_for_serving(self, batch_tokens: int, batch_pairs: int) -> None:
-        self._inner.prepare_for_serving(batch_tokens, batch_pairs)
+    def prepare_for_serving(self) -> None:
+        self._inner.prepare_for_serving()
 
     def pass_seconds(self) -> PassSeconds | None:
         return self._inner.pass_seconds()
+
+
+def main(argv: Sequence[str]) -> int:
+    marker, *serve_args = argv
+    args = build_parser().parse_args(serve_args)
+    return serve.run(args, wrap_backend=lambda backend: FaultInjectingBackend(backend, marker))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

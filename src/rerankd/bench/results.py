@@ -1,0 +1,69 @@
+"""What a `rerankd bench` run found, in the types the report, the targets and the JSON are made from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rerankd.bench.measure import Measurement
+
+# The contender name of rerankd serving a GGUF through its llama.cpp backend, which the report describes.
+LLAMACPP_CONTENDER = "rerankd (llama.cpp)"
+
+
+@dataclass
+class Fairness:
+    """Latency of small requests alone and while one big request is being scored."""
+
+    alone_p95: float
+    during_p95: float
+    during_count: int
+    big_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.during_p95 / self.alone_p95
+
+
+@dataclass
+class GeometryResult:
+    geometry: str
+    config: dict[str, int]
+    workloads: list[dict[str, float | str]]
+    measurements: list[Measurement] = field(default_factory=list)
+    fairness: Fairness | None = None
+    bf16_peak_rss: int | None = None  # rerankd serving the model in bfloat16: load plus one small request
+    # Max |Δscore| of each sentence-transformers dtype against rerankd on the first workload's documents.
+    score_drift: dict[str, float] = field(default_factory=dict)
+
+    def measurement(self, contender: str, workload: str, clients: int = 1) -> Measurement | None:
+        """The run of `contender` on `workload` with `clients` clients, if it was measured."""
+        for measurement in self.measurements:
+            if (measurement.contender, measurement.workload, measurement.clients) == (
+                contender,
+                workload,
+                clients,
+            ):
+                return measurement
+        return None
+
+    def concurrent(self, contender: str, workload: str) -> Measurement | None:
+        """The run of `contender` on `workload` with several clients at once, if it was measured."""
+        return next(
+            (
+                m
+                for m in self.measurements
+                if (m.contender, m.workload) == (contender, workload) and m.clients > 1
+            ),
+            None,
+        )
+
+
+@dataclass
+class BenchResult:
+    date: str
+    command: str
+    machine: dict[str, object]
+    ceilings: dict[str, float]  # dtype -> matmul GFLOP/s
+    ceiling_shape: tuple[int, int, int]  # the product measured: (rows, inner, columns)
+    geometries: list[GeometryResult]
+    device: str = "cpu"  # where every contender ran: cpu | cuda
