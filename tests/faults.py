@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from rerankd.backends.base import PassSeconds, RerankBackend
+from rerankd.backends.base import Batch, PassSeconds, RerankBackend
 from rerankd.cli import build_parser, serve
 
 
@@ -35,10 +35,10 @@ class FaultInjectingBackend(RerankBackend):
         self.tokenizer = inner.tokenizer
         self._marker_ids = inner.tokenizer.encode(marker, add_special_tokens=False).ids
 
-    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
-        if any(_contains(ids, self._marker_ids) for ids in input_ids):
+    def relevance_logits(self, batch: Batch) -> list[float]:
+        if any(_contains(ids, self._marker_ids) for ids in batch.input_ids):
             raise InjectedFault("injected forward failure")
-        return self._inner.relevance_logits(input_ids)
+        return self._inner.relevance_logits(batch)
 
     def faster_dtype(self) -> str | None:
         return self._inner.faster_dtype()

@@ -84,7 +84,9 @@ def test_truncation_is_longest_first_like_the_reference_tokenizer(
 ) -> None:
     engine = load_engine(str(xsmall_model_dir), RuntimeSettings(max_length=256))
     try:
-        ids = engine.tokenizer.encode_pairs("query " * query_words, ["document " * document_words])[0]
+        ids = engine.tokenizer.encode_pairs("query " * query_words, ["document " * document_words]).input_ids[
+            0
+        ]
     finally:
         engine.close()
     expected = reference[0](

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from rerankd.api.app import create_app
-from rerankd.backends.base import RerankBackend
+from rerankd.backends.base import Batch, RerankBackend
 from rerankd.engine.engine import RerankEngine
 from rerankd.engine.models import ServedModels
 from rerankd.settings import ServeSettings
@@ -27,9 +26,9 @@ class ReportingBackend(RerankBackend):
         self.problem: str | None = None
         self.pass_threads: list[str] = []
 
-    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
+    def relevance_logits(self, batch: Batch) -> list[float]:
         self.pass_threads.append(threading.current_thread().name)
-        return self._inner.relevance_logits(input_ids)
+        return self._inner.relevance_logits(batch)
 
     def health(self) -> str | None:
         return self.problem

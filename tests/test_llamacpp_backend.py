@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rerankd.backends.base import ModelLoadError
+from rerankd.backends.base import Batch, ModelLoadError, Pair
 from rerankd.devtools.random_bert_gguf import random_bert_cross_encoder, tiny_bert_vocabulary, write_bert_gguf
 from rerankd.engine.loader import load_engine
 from rerankd.formats.gguf_writer import export_gguf
@@ -120,10 +120,10 @@ def test_scores_match_transformers(tiny_bert: tuple[Path, Any, Any]) -> None:
 @needs_llama_cpp
 def test_batches_larger_than_the_context_are_split(tiny_bert: tuple[Path, Any, Any]) -> None:
     path, _, reference_tokenizer = tiny_bert
-    ids = reference_ids(reference_tokenizer, DOCUMENTS)
+    pairs = [Pair(ids, len(ids)) for ids in reference_ids(reference_tokenizer, DOCUMENTS)]
     small = load_backend_at(path, device="cpu", max_batch_tokens=128, max_batch_pairs=2)
-    logits = small.relevance_logits(ids * 3)
-    one_by_one = [small.relevance_logits([pair])[0] for pair in ids]
+    logits = small.relevance_logits(Batch(pairs * 3))
+    one_by_one = [small.relevance_logits(Batch([pair]))[0] for pair in pairs]
     assert np.max(np.abs(np.array(logits) - one_by_one * 3)) <= 1e-4
 
 

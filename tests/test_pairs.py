@@ -41,7 +41,9 @@ def test_longest_first_equals_the_tokenizers_own_truncation(tokenizer_file: Path
         for _ in range(60):
             query = " ".join(rng.choices(words, k=rng.randint(1, 2 * max_length)))
             document = " ".join(rng.choices(words, k=rng.randint(0, 2 * max_length)))
-            assert built.encode_pairs(query, [document])[0] == reference.encode(query, document).ids
+            pair, expected = built.encode_pairs(query, [document]).pairs[0], reference.encode(query, document)
+            assert pair.ids == expected.ids
+            assert pair.token_type_ids == expected.type_ids
 
 
 def test_every_msmarco_passage_pairs_as_the_tokenizer_pairs_it(
@@ -54,7 +56,7 @@ def test_every_msmarco_passage_pairs_as_the_tokenizer_pairs_it(
     reference = Tokenizer.from_file(str(tokenizer_file))
     reference.enable_truncation(512, strategy="longest_first")
     expected = [encoding.ids for encoding in reference.encode_batch([(query, text) for text in passages])]
-    assert pairs(tokenizer_file, 512).encode_pairs(query, passages) == expected
+    assert pairs(tokenizer_file, 512).encode_pairs(query, passages).input_ids == expected
 
 
 def test_longest_first_cuts_the_longer_first_then_splits_the_budget() -> None:
@@ -73,12 +75,12 @@ def test_left_truncation_keeps_the_end_and_max_tokens_per_doc_caps_first(tokeniz
     room = 64 - 3 - len(query_ids)
     right = built.encode("query", [document]).documents[0]
     left = built.encode("query", [document], PairOptions(truncation_direction="left")).documents[0]
-    assert right.windows[0].token_ids == [CLS, *query_ids, SEP, *document_ids[:room], SEP]
-    assert left.windows[0].token_ids == [CLS, *query_ids, SEP, *document_ids[-room:], SEP]
+    assert right.windows[0].pair.ids == [CLS, *query_ids, SEP, *document_ids[:room], SEP]
+    assert left.windows[0].pair.ids == [CLS, *query_ids, SEP, *document_ids[-room:], SEP]
     assert right.truncated and left.truncated
     assert left.windows[0].span is None  # only chunk mode reports spans
     capped = built.encode("query", [document], PairOptions(max_tokens_per_doc=10)).documents[0]
-    assert capped.windows[0].token_ids == [CLS, *query_ids, SEP, *document_ids[:10], SEP]
+    assert capped.windows[0].pair.ids == [CLS, *query_ids, SEP, *document_ids[:10], SEP]
 
 
 def test_truncation_off_refuses_an_over_long_pair_naming_the_document(tokenizer_file: Path) -> None:
@@ -100,9 +102,9 @@ def test_chunk_windows_cover_the_document_with_overlap(tokenizer_file: Path) -> 
     encoded = built.encode("query", [document, "short"], PairOptions(chunk=True, chunk_overlap=16))
     long_document, short_document = encoded.documents
     assert len(short_document.windows) == 1 and not short_document.truncated
-    pieces = [window.token_ids[2 + len(query_ids) : -1] for window in long_document.windows]
+    pieces = [window.pair.ids[2 + len(query_ids) : -1] for window in long_document.windows]
     assert all(
-        window.token_ids[: 2 + len(query_ids)] == [CLS, *query_ids, SEP] for window in long_document.windows
+        window.pair.ids[: 2 + len(query_ids)] == [CLS, *query_ids, SEP] for window in long_document.windows
     )
     assert all(len(piece) == room for piece in pieces[:-1])
     step = room - 16
@@ -120,7 +122,7 @@ def test_chunk_mode_truncates_a_long_query_to_half_and_says_so(tokenizer_file: P
     built = pairs(tokenizer_file, 128)
     encoded = built.encode("query " * 200, ["document " * 500], PairOptions(chunk=True))
     assert encoded.query_truncated
-    first = encoded.documents[0].windows[0].token_ids
+    first = encoded.documents[0].windows[0].pair.ids
     assert first.index(SEP) - 1 == (128 - 3) // 2
     assert not built.encode("short query", ["document " * 500], PairOptions(chunk=True)).query_truncated
     assert built.encode("query " * 200, ["document " * 500]).query_truncated

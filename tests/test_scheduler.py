@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rerankd.backends.base import PassSeconds, PendingLogits, ReadyLogits
+from rerankd.backends.base import Batch, Pair, PassSeconds, PendingLogits, ReadyLogits
 from rerankd.engine.passes import cheapest_first_pass
 from rerankd.engine.scheduler import BatchScheduler, QueueFullError, RequestTiming
 from rerankd.settings import RuntimeSettings
@@ -29,18 +29,23 @@ class RecordingForward:
         self.entered = threading.Event()  # set once a batch has reached the forward function
         self.fail_when = lambda batch: False
 
-    def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
+    def __call__(self, batch: Batch) -> PendingLogits:
         self.entered.set()
         assert self.release.wait(timeout=10), "the test never released the forward pass"
-        self.batches.append([list(ids) for ids in batch])
-        if self.fail_when(batch):
+        self.batches.append(batch.input_ids)
+        if self.fail_when(batch.input_ids):
             raise RuntimeError("injected forward failure")
-        return ReadyLogits([float(sum(ids)) for ids in batch])
+        return ReadyLogits(id_sums(batch.pairs))
 
 
-def sequences(tag: int, lengths: Sequence[int]) -> list[list[int]]:
-    """Sequences whose first id tags the request and whose sum identifies them."""
-    return [[tag] + [index + 1] * (length - 1) for index, length in enumerate(lengths)]
+def sequences(tag: int, lengths: Sequence[int]) -> list[Pair]:
+    """Pairs whose first id tags the request and whose sum identifies them."""
+    return [Pair([tag] + [index + 1] * (length - 1), length) for index, length in enumerate(lengths)]
+
+
+def id_sums(pairs: Sequence[Pair]) -> list[float]:
+    """The logits the recording launch functions give: each pair's sum of ids."""
+    return [float(sum(pair.ids)) for pair in pairs]
 
 
 @pytest.fixture
@@ -81,10 +86,10 @@ def make_scheduler(
 def test_results_come_back_in_input_order_within_budget_and_cap(forward: RecordingForward) -> None:
     scheduler, executor = make_scheduler(forward, max_batch_tokens=512, max_batch_pairs=4, batch_wait_ms=0)
     lengths = [5, 512, 40, 40, 300, 7, 128, 129, 1, 256, 90, 90, 90]
-    token_ids = sequences(1000, lengths)
-    logits = run(scheduler.submit(token_ids))
+    pairs = sequences(1000, lengths)
+    logits = run(scheduler.submit(pairs))
     executor.shutdown()
-    assert logits == [float(sum(ids)) for ids in token_ids]
+    assert logits == id_sums(pairs)
     for batch in forward.batches:
         assert len(batch) <= 4
         assert len(batch) == 1 or len(batch) * max(map(len, batch)) <= 512
@@ -119,7 +124,7 @@ def test_requests_that_arrive_together_are_packed_by_length_across_them(forward:
     results = run(three_clients())
     executor.shutdown()
     assert [sorted(map(len, batch)) for batch in forward.batches] == [[10] * 3, [50] * 3, [90] * 3]
-    assert results == [[float(sum(ids)) for ids in sequences(tag, [90, 10, 50])] for tag in (100, 200, 300)]
+    assert results == [id_sums(sequences(tag, [90, 10, 50])) for tag in (100, 200, 300)]
 
 
 def small_beside_huge(
@@ -245,11 +250,11 @@ class GatedForward:
         self._gate = threading.Semaphore(0)
         self._entered = threading.Semaphore(0)
 
-    def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        self.batches.append([list(ids) for ids in batch])
+    def __call__(self, batch: Batch) -> PendingLogits:
+        self.batches.append(batch.input_ids)
         self._entered.release()
         self._gate.acquire(timeout=10)
-        return ReadyLogits([float(sum(ids)) for ids in batch])
+        return ReadyLogits(id_sums(batch.pairs))
 
     async def entered(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._entered.acquire, True, 10)
@@ -297,10 +302,10 @@ class QueuedDevice:
         self.events: list[tuple[str, int]] = []
         self.fail_when = lambda batch: False
 
-    def __call__(self, batch: Sequence[Sequence[int]]) -> PendingLogits:
+    def __call__(self, batch: Batch) -> PendingLogits:
         launched = sum(event == "launch" for event, _ in self.events)
         self.events.append(("launch", launched))
-        return QueuedLogits(self, launched, [list(ids) for ids in batch])
+        return QueuedLogits(self, launched, batch.input_ids)
 
 
 class QueuedLogits(PendingLogits):
@@ -325,8 +330,8 @@ def test_on_an_asynchronous_device_the_next_batch_is_queued_before_the_running_o
     device = QueuedDevice()
     executor = ThreadPoolExecutor(max_workers=1)
     scheduler = BatchScheduler(device, executor, gpu_limits(pairs=2))
-    token_ids = sequences(4, [10, 11, 12, 13, 14, 15])
-    assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
+    pairs = sequences(4, [10, 11, 12, 13, 14, 15])
+    assert run(scheduler.submit(pairs)) == id_sums(pairs)
     executor.shutdown()
     order = ["launch 0", "launch 1", "collect 0", "launch 2", "collect 1", "collect 2"]
     assert [f"{event} {index}" for event, index in device.events] == order
@@ -412,8 +417,8 @@ def test_where_passes_are_timed_a_padded_batch_is_split_by_length(forward: Recor
         forward, padded_pass_seconds, max_batch_tokens=16384, max_batch_pairs=64, batch_wait_ms=0
     )
     lengths = [200, 20, 150, 20, 190, 30] + [25] * 26 + [180] * 3
-    token_ids = sequences(7, lengths)
-    assert run(scheduler.submit(token_ids)) == [float(sum(ids)) for ids in token_ids]
+    pairs = sequences(7, lengths)
+    assert run(scheduler.submit(pairs)) == id_sums(pairs)
     executor.shutdown()
     assert [sorted(len(ids) for ids in batch) for batch in forward.batches] == [
         sorted(length for length in lengths if length <= 30),

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from rerankd.backends.base import Batch, Pair
 from rerankd.backends.cuda_graphs import bucketed_shape
 from rerankd.backends.torch_backend import padded_batch
 
 
+def _batch(*sequences: list[int]) -> Batch:
+    return Batch([Pair(ids, len(ids)) for ids in sequences])
+
+
 def test_padded_batch_places_each_sequence_from_the_left() -> None:
-    padded, mask = padded_batch([[5, 6, 7], [8], [9, 10]], (3, 3), pad_id=0, pin=False)
+    padded, mask = padded_batch(_batch([5, 6, 7], [8], [9, 10]), (3, 3), pad_id=0, pin=False)
     assert padded.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
 
@@ -17,7 +22,7 @@ def test_padded_batch_places_each_sequence_from_the_left() -> None:
 def test_rows_past_the_sequences_hold_one_pad_token() -> None:
     """A batch padded to a bucketed shape: extra columns are padding, extra rows one unmasked pad token (so
     no attention row is masked whole)."""
-    padded, mask = padded_batch([[5, 6], [7]], (4, 5), pad_id=3, pin=False)
+    padded, mask = padded_batch(_batch([5, 6], [7]), (4, 5), pad_id=3, pin=False)
     assert padded.tolist() == [[5, 6, 3, 3, 3], [7, 3, 3, 3, 3], [3] * 5, [3] * 5]
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
 

@@ -1,10 +1,11 @@
-"""The one interface every backend implements: token ids in, one relevance logit per pair out."""
+"""The one interface every backend implements: a batch of pairs in, one relevance logit per pair out."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from tokenizers import Tokenizer
 
@@ -23,6 +24,49 @@ class BackendInfo:
     dtype: str
     max_length: int  # longest pair (in tokens) the network accepts
     untrained: bool  # random weights: scores mean nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One model input: a (query, document) pair's token ids, special tokens included, and where its second
+    segment starts (token type 1 from there on, for models trained with segment ids, such as BERT; the
+    pair's length when its template gives every token type 0)."""
+
+    ids: list[int]
+    second_segment: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def token_type_ids(self) -> list[int]:
+        return [0] * self.second_segment + [1] * (len(self.ids) - self.second_segment)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The pairs of one forward pass, unpadded; their logits come back in this order."""
+
+    pairs: Sequence[Pair]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(pair.ids) for pair in self.pairs]
+
+    @property
+    def longest(self) -> int:
+        return max(len(pair.ids) for pair in self.pairs)
+
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return [pair.ids for pair in self.pairs]
+
+    def flat_ids(self) -> chain[int]:
+        """Every pair's ids, one after another."""
+        return chain.from_iterable(pair.ids for pair in self.pairs)
 
 
 class PendingLogits(ABC):
@@ -53,19 +97,19 @@ class RerankBackend(ABC):
     tokenizer: Tokenizer
 
     @abstractmethod
-    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Score a batch of unpadded token-id sequences; sigmoid of each logit is the relevance."""
+    def relevance_logits(self, batch: Batch) -> list[float]:
+        """Score a batch of pairs; sigmoid of each logit is the relevance."""
 
-    def launch(self, input_ids: Sequence[Sequence[int]]) -> PendingLogits:
+    def launch(self, batch: Batch) -> PendingLogits:
         """Start scoring a batch. A backend on an asynchronous device (CUDA) returns once the work is queued,
         before the logits exist, so that the host prepares the next batch while the device runs this one;
         the rest compute the logits here."""
-        return ReadyLogits(self.relevance_logits(input_ids))
+        return ReadyLogits(self.relevance_logits(batch))
 
-    def warm_up(self, input_ids: Sequence[Sequence[int]]) -> None:
+    def warm_up(self, batch: Batch) -> None:
         """Run a pass before the first request, so that no client pays for kernel selection, cache fills or
         lazy initialisation. Called on the engine's forward thread, like every pass."""
-        self.relevance_logits(input_ids)
+        self.relevance_logits(batch)
 
     def health(self) -> str | None:
         """None while the backend can serve; else what is wrong, for `/ready`. Must answer at once, without

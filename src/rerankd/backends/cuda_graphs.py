@@ -1,7 +1,8 @@
 """The forward pass captured as CUDA graphs, one per bucketed batch shape, and replayed.
 
-A pass of base issues some 400 kernels. Launched one by one from Python they cost the host about as long as
-the GPU takes to run them at serving batch sizes, so the device waits on the host. A captured graph is
+A pass issues a kernel or more per operation of every layer. Launched one by one from Python they can cost
+the host as long as the GPU takes to run them at serving batch sizes, so the device waits on the host
+(docs/decisions.md has the measurements). A captured graph is
 replayed with one launch. A graph fixes every tensor's shape and address, so each batch is padded up to a
 bucket: its pairs to 1, 2, 4 or 8, then a multiple of 8; its length to a multiple of 16. Every bucket a batch
 can reach is captured and timed when the model is prepared for serving (vLLM works the same way), into one

@@ -21,7 +21,7 @@ from typing import Any
 import gguf
 from tokenizers import Tokenizer
 
-from rerankd.backends.base import BackendInfo, ModelLoadError, RerankBackend
+from rerankd.backends.base import BackendInfo, Batch, ModelLoadError, RerankBackend
 from rerankd.formats.gguf_file import GGUFModelError, metadata_integer, metadata_string, read_gguf
 from rerankd.formats.gguf_wordpiece import llamacpp_tokenizer
 from rerankd.settings import RuntimeSettings
@@ -171,9 +171,9 @@ class LlamaCppBackend(RerankBackend):
             backend="llamacpp", device=device, dtype=weight_type, max_length=context_length, untrained=False
         )
 
-    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
+    def relevance_logits(self, batch: Batch) -> list[float]:
         logits: list[float] = []
-        for group in _pack(input_ids, self._max_tokens, self._max_sequences):
+        for group in _pack(batch.input_ids, self._max_tokens, self._max_sequences):
             logits.extend(self._decode(group))
         return logits
 

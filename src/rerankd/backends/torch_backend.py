@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from rerankd.backends.base import (
     BackendInfo,
+    Batch,
     ModelLoadError,
     PassSeconds,
     PendingLogits,
@@ -92,17 +93,17 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def padded_batch(
-    input_ids: Sequence[Sequence[int]], shape: tuple[int, int], pad_id: int, pin: bool
+    batch: Batch, shape: tuple[int, int], pad_id: int, pin: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of `shape` (rows, length): each sequence from the left, padding after it.
     Rows past the sequences (a batch padded to a bucketed shape) hold one unmasked pad token, so no row of
     the attention is masked whole. Built in numpy rather than row by row in torch, which is several times
     slower: host time that a GPU otherwise waits through (docs/decisions.md)."""
-    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
     padded = torch.full(shape, pad_id, dtype=torch.long, pin_memory=pin)
     mask = torch.zeros(shape, dtype=torch.long, pin_memory=pin)
     real = np.arange(shape[1]) < lengths[:, None]
-    tokens = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=int(lengths.sum()))
+    tokens = np.fromiter(batch.flat_ids(), dtype=np.int64, count=int(lengths.sum()))
     padded.numpy()[: len(lengths)][real] = tokens
     mask.numpy()[: len(lengths)][real] = 1
     mask.numpy()[len(lengths) :, 0] = 1
@@ -155,20 +156,20 @@ class TorchBackend(RerankBackend):
         # Captured once the dtype is final (`prepare_for_serving`): a graph holds the weights by address.
         self._graphs: CapturedPasses | None = None
 
-    def relevance_logits(self, input_ids: Sequence[Sequence[int]]) -> list[float]:
-        return self.launch(input_ids).result()
+    def relevance_logits(self, batch: Batch) -> list[float]:
+        return self.launch(batch).result()
 
-    def launch(self, input_ids: Sequence[Sequence[int]]) -> PendingLogits:
+    def launch(self, batch: Batch) -> PendingLogits:
         """On a CPU the logits are computed here; on a GPU this returns as soon as the pass is queued (no call
         in it waits for the device), and `result` waits for the logits' copy back."""
-        shape = (len(input_ids), max(len(ids) for ids in input_ids))
+        shape = (len(batch), batch.longest)
         if self._graphs is not None:
             shape = bucketed_shape(*shape, self.info.max_length)
         # Page-locked host buffers make the copies to a GPU asynchronous (pinning needs a CUDA runtime).
         on_gpu = self._device.type == "cuda"
-        padded, mask = padded_batch(input_ids, shape, self._pad_id, pin=on_gpu)
+        padded, mask = padded_batch(batch, shape, self._pad_id, pin=on_gpu)
         with torch.inference_mode():
-            logits = self._pass(padded, mask)[: len(input_ids)]
+            logits = self._pass(padded, mask)[: len(batch)]
             if on_gpu:
                 return DeviceLogits.copied_from(logits)
         scores = logits.tolist()

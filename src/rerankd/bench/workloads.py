@@ -23,7 +23,7 @@ class Workload:
 
 
 def _measured(name: str, query: str, documents: list[str], tokenizer: PairTokenizer) -> Workload:
-    lengths = [len(ids) for ids in tokenizer.encode_pairs(query, documents)]
+    lengths = tokenizer.encode_pairs(query, documents).lengths
     return Workload(name, query, documents, lengths)
 
 
@@ -44,7 +44,7 @@ def long_documents_workload(
     documents = []
     for _ in range(count):
         parts = [next(passages)]
-        while len(tokenizer.encode_pairs(query, [" ".join(parts)])[0]) < min_tokens:
+        while tokenizer.encode_pairs(query, [" ".join(parts)]).longest < min_tokens:
             parts.append(next(passages))
         documents.append(" ".join(parts))
     return _measured(f"{count} long documents", query, documents, tokenizer)

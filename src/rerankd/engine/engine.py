@@ -104,9 +104,9 @@ class RerankEngine:
             self._tokenize_pool, self.tokenizer.encode, query, documents, options
         )
         tokenized = time.perf_counter()
-        token_ids = encoded.token_ids
+        pairs = encoded.pairs
         timing = RequestTiming()
-        logits = await self.scheduler.submit(token_ids, timing)
+        logits = await self.scheduler.submit(pairs, timing)
         scores = []
         position = 0
         for document in encoded.documents:
@@ -115,8 +115,8 @@ class RerankEngine:
             position += count
         return ScoredDocuments(
             documents=scores,
-            token_count=sum(len(ids) for ids in token_ids),
-            pair_count=len(token_ids),
+            token_count=sum(len(pair) for pair in pairs),
+            pair_count=len(pairs),
             query_truncated=encoded.query_truncated,
             tokenization_seconds=tokenized - started,
             queue_seconds=timing.queue_seconds,
@@ -125,8 +125,8 @@ class RerankEngine:
 
     def warm_up(self) -> None:
         """Score a small request once, on the forward thread (where every pass runs), before serving."""
-        token_ids = self.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
-        self._forward_thread.submit(self.backend.warm_up, token_ids).result()
+        batch = self.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
+        self._forward_thread.submit(self.backend.warm_up, batch).result()
 
     def health(self) -> str | None:
         """None while the model can serve; else the backend's reason."""

@@ -15,48 +15,52 @@ advancing while others are served, so newcomers' tags eventually pass an old req
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from rerankd.backends.base import PassSeconds
 from rerankd.engine.passes import cheapest_first_pass
 
+# What the queue holds per pair: anything with a length (the engine's `Pair`s; plain lists in unit tests).
+P = TypeVar("P", bound=Sized)
+
 
 @dataclass(eq=False)
-class QueuedRequest:
+class QueuedRequest(Generic[P]):
     """A request's pairs waiting in the queue, shortest first, and the logits delivered so far."""
 
     arrival: int
     finish: float  # fair queueing's finish tag: the virtual clock when the request joined, plus its pairs
-    pending: list[int]  # indices into token_ids, sorted by length
-    token_ids: Sequence[Sequence[int]]
+    pending: list[int]  # indices into pairs, sorted by length
+    pairs: Sequence[P]
     logits: list[float] = field(init=False)
     remaining: int = field(init=False)  # pairs not yet scored (queued or in a running batch)
 
     def __post_init__(self) -> None:
-        self.logits = [0.0] * len(self.token_ids)
+        self.logits = [0.0] * len(self.pairs)
         self.remaining = len(self.pending)
 
     @property
     def next_length(self) -> int:
         """Tokens of the shortest pair still waiting."""
-        return len(self.token_ids[self.pending[0]])
+        return len(self.pairs[self.pending[0]])
 
     def pairs_per_batch(self, budget: int, max_pairs: int) -> int:
         """How many of its longest waiting pair fit one batch: a batch's worth of this request's pairs."""
-        longest = len(self.token_ids[self.pending[-1]])
+        longest = len(self.pairs[self.pending[-1]])
         return max(1, min(max_pairs, budget // longest))
 
 
 # A formed batch: which request each pair comes from, and the pair's index in it.
-Batch = list[tuple[QueuedRequest, int]]
+QueuedBatch = list[tuple[QueuedRequest[P], int]]
 
 
-class FairQueue:
+class FairQueue(Generic[P]):
     """The waiting requests of one model and the fair-queueing clock."""
 
     def __init__(self) -> None:
-        self._requests: list[QueuedRequest] = []
+        self._requests: list[QueuedRequest[P]] = []
         self._arrivals = itertools.count()
         self._clock = 0.0  # virtual time of fair queueing
 
@@ -67,33 +71,35 @@ class FairQueue:
     def __bool__(self) -> bool:
         return bool(self._requests)
 
-    def add(self, token_ids: Sequence[Sequence[int]]) -> QueuedRequest:
+    def add(self, pairs: Sequence[P]) -> QueuedRequest[P]:
         """Queue a request's pairs (none queued for an empty one)."""
-        order = sorted(range(len(token_ids)), key=lambda index: len(token_ids[index]))
-        request = QueuedRequest(next(self._arrivals), self._clock + len(order), order, token_ids)
+        order = sorted(range(len(pairs)), key=lambda index: len(pairs[index]))
+        request = QueuedRequest(next(self._arrivals), self._clock + len(order), order, pairs)
         if order:
             self._requests.append(request)
         return request
 
-    def withdraw(self, request: QueuedRequest) -> bool:
+    def withdraw(self, request: QueuedRequest[P]) -> bool:
         """Drop a request's waiting pairs; False when none were waiting."""
         if request not in self._requests:
             return False
         self._requests.remove(request)
         return True
 
-    def clear(self) -> list[QueuedRequest]:
+    def clear(self) -> list[QueuedRequest[P]]:
         """Empty the queue, returning what waited."""
         requests, self._requests = self._requests, []
         return requests
 
-    def next_batch(self, budget: int, max_pairs: int, pass_seconds: PassSeconds | None = None) -> Batch:
+    def next_batch(
+        self, budget: int, max_pairs: int, pass_seconds: PassSeconds | None = None
+    ) -> QueuedBatch[P]:
         """Fill a batch pair by pair. Requests whose finish tags are within one batch of the lowest (as many
         of its longest pair as fit the budget and the pair cap) are served together, shortest pair first
         across all of them; then the others, lowest finish tag first, each giving its shortest pair. A
         request whose next pair would pass the token budget sits this batch out. Where `pass_seconds` times
         the backend's passes, only the batch's cheapest first pass is taken (`cheapest_first_pass`)."""
-        batch: Batch = []
+        batch: QueuedBatch[P] = []
         clock_steps: list[float] = []
         longest = 0
         candidates = [request for request in self._requests if request.pending]
@@ -103,7 +109,7 @@ class FairQueue:
         if lowest is not None:
             together = lowest.finish + lowest.pairs_per_batch(budget, max_pairs)
 
-        def priority(request: QueuedRequest) -> tuple[float, ...]:
+        def priority(request: QueuedRequest[P]) -> tuple[float, ...]:
             if request.finish <= together:
                 return (0, request.next_length, request.finish, request.arrival)
             return (1, request.finish, request.arrival)
@@ -121,7 +127,7 @@ class FairQueue:
                 candidates.remove(request)
                 waiting -= 1
         if pass_seconds is not None and batch:
-            lengths = [len(request.token_ids[index]) for request, index in batch]
+            lengths = [len(request.pairs[index]) for request, index in batch]
             kept = cheapest_first_pass(lengths, pass_seconds)
             for request, index in reversed(batch[kept:]):  # back to the front of their queues, in order
                 request.pending.insert(0, index)
@@ -131,7 +137,7 @@ class FairQueue:
         return batch
 
 
-def deliver(batch: Batch, logits: Sequence[float]) -> list[QueuedRequest]:
+def deliver(batch: QueuedBatch[P], logits: Sequence[float]) -> list[QueuedRequest[P]]:
     """Record a batch's logits with their requests; the requests this completed."""
     completed = []
     for (request, index), logit in zip(batch, logits, strict=True):

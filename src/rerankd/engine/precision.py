@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from rerankd.backends.base import RerankBackend
+from rerankd.backends.base import Batch, RerankBackend
 from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import ValidationCase, builtin_cases, drift
@@ -40,7 +40,10 @@ def case_scores(
     """Relevance of every (query, documents) group of `cases`, flattened in order. One pair per pass: the
     float32 pass then needs the least memory (docs/decisions.md)."""
     return [
-        [sigmoid(backend.relevance_logits([pair])[0]) for pair in tokenizer.encode_pairs(query, documents)]
+        [
+            sigmoid(backend.relevance_logits(Batch([pair]))[0])
+            for pair in tokenizer.encode_pairs(query, documents).pairs
+        ]
         for case in cases
         for query, documents in case.queries
     ]

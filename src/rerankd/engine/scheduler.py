@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from rerankd.backends.base import PassSeconds, PendingLogits
-from rerankd.engine.fair_queue import Batch, FairQueue, QueuedRequest, deliver
+from rerankd.backends.base import Batch, Pair, PassSeconds, PendingLogits
+from rerankd.engine.fair_queue import FairQueue, QueuedBatch, QueuedRequest, deliver
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
-LaunchFn = Callable[[Sequence[Sequence[int]]], PendingLogits]
+LaunchFn = Callable[[Batch], PendingLogits]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class _Waiter:
 
 @dataclass(frozen=True)
 class _LaunchedBatch:
-    batch: Batch
+    batch: QueuedBatch[Pair]
     started: float
     logits: PendingLogits
     lengths: list[int] = field(default_factory=list)
@@ -102,8 +102,8 @@ class BatchScheduler:
         self._wait_seconds = settings.batch_wait_seconds
         self._max_pairs = settings.max_batch_pairs
         self._max_queued = settings.max_queued_pairs
-        self._queue = FairQueue()
-        self._waiters: dict[QueuedRequest, _Waiter] = {}
+        self._queue: FairQueue[Pair] = FairQueue()
+        self._waiters: dict[QueuedRequest[Pair], _Waiter] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,23 +112,21 @@ class BatchScheduler:
     def queued_pairs(self) -> int:
         return self._queue.queued_pairs
 
-    async def submit(
-        self, token_ids: Sequence[Sequence[int]], timing: RequestTiming | None = None
-    ) -> list[float]:
-        """Logits for every sequence, in input order; `timing`, when given, is filled in. Cancelling the
+    async def submit(self, pairs: Sequence[Pair], timing: RequestTiming | None = None) -> list[float]:
+        """Logits for every pair, in input order; `timing`, when given, is filled in. Cancelling the
         caller drops its queued pairs. Raises `QueueFullError` when taking them would pass
         `max_queued_pairs` (an empty queue takes any request, so a request larger than the limit is not
         refused forever)."""
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
         queued = self.queued_pairs
-        if self._max_queued is not None and queued and queued + len(token_ids) > self._max_queued:
-            raise QueueFullError(len(token_ids), queued, self._max_queued)
+        if self._max_queued is not None and queued and queued + len(pairs) > self._max_queued:
+            raise QueueFullError(len(pairs), queued, self._max_queued)
         timing = timing or RequestTiming()
         timing.submitted = time.perf_counter()
-        if not token_ids:
+        if not pairs:
             return []
-        request = self._queue.add(token_ids)
+        request = self._queue.add(pairs)
         waiter = _Waiter(loop.create_future(), timing)
         self._waiters[request] = waiter
         self._wakeup.set()
@@ -158,7 +156,7 @@ class BatchScheduler:
             waiter.done.cancel()
         self._waiters = {}
 
-    def _withdraw(self, request: QueuedRequest) -> None:
+    def _withdraw(self, request: QueuedRequest[Pair]) -> None:
         self._waiters.pop(request, None)
         if self._queue.withdraw(request):
             logger.debug("dropped %d queued pairs of a cancelled request", len(request.pending))
@@ -190,9 +188,9 @@ class BatchScheduler:
             else:
                 in_flight = launched
 
-    async def _launch(self, batch: Batch) -> _LaunchedBatch | None:
+    async def _launch(self, batch: QueuedBatch[Pair]) -> _LaunchedBatch | None:
         """Start the batch's forward pass; None (its requests failed) when that raises."""
-        sequences = [request.token_ids[index] for request, index in batch]
+        pairs = Batch([request.pairs[index] for request, index in batch])
         started = time.perf_counter()
         for request, _ in batch:
             waiter = self._waiters.get(request)
@@ -200,11 +198,11 @@ class BatchScheduler:
                 waiter.timing.first_batch = waiter.timing.first_batch or started
         loop = asyncio.get_running_loop()
         try:
-            logits = await loop.run_in_executor(self._executor, self._launch_fn, sequences)
+            logits = await loop.run_in_executor(self._executor, self._launch_fn, pairs)
         except Exception as error:  # a failed forward fails only the requests in this batch
             self._fail_batch(batch, error)
             return None
-        return _LaunchedBatch(batch, started, logits, [len(ids) for ids in sequences])
+        return _LaunchedBatch(batch, started, logits, pairs.lengths)
 
     async def _collect(self, launched: _LaunchedBatch) -> None:
         """Wait for a launched batch's logits (off the event loop when the device still runs) and deliver."""
@@ -228,7 +226,7 @@ class BatchScheduler:
                 waiter.timing.finished = finished
                 waiter.done.set_result(request.logits)
 
-    def _fail_batch(self, batch: Batch, error: Exception) -> None:
+    def _fail_batch(self, batch: QueuedBatch[Pair], error: Exception) -> None:
         logger.error("forward pass failed for a batch of %d pairs", len(batch), exc_info=error)
         for request in {request for request, _ in batch}:
             waiter = self._waiters.get(request)

@@ -1,4 +1,5 @@
-"""Pair building: `[CLS] query [SEP] document [SEP]` from the query and each document encoded on their own.
+"""Pair building: the model's pair template (`[CLS] query [SEP] document [SEP]`, `<s> query </s></s> document
+</s>`, ...) around the query and each document, encoded on their own.
 
 Encoding the texts separately and assembling the pairs here (instead of letting the tokenizer encode pairs)
 gives one tokenization per document whatever happens next: truncation exactly like the tokenizer's own
@@ -14,6 +15,7 @@ from typing import Literal
 
 from tokenizers import Encoding, Tokenizer
 
+from rerankd.backends.base import Batch, Pair
 from rerankd.settings import DEFAULT_CHUNK_OVERLAP
 
 TruncationDirection = Literal["right", "left"]
@@ -39,7 +41,7 @@ class Window:
     """One (query, piece of a document) pair, and which characters of the document the piece covers (in
     chunk mode, which reports them; None otherwise)."""
 
-    token_ids: list[int]
+    pair: Pair
     span: tuple[int, int] | None
 
 
@@ -55,9 +57,9 @@ class EncodedRequest:
     query_truncated: bool
 
     @property
-    def token_ids(self) -> list[list[int]]:
+    def pairs(self) -> list[Pair]:
         """Every window's pair, documents in order."""
-        return [window.token_ids for document in self.documents for window in document.windows]
+        return [window.pair for document in self.documents for window in document.windows]
 
 
 class InputTooLongError(ValueError):
@@ -94,10 +96,59 @@ def _window_span(document: Encoding, start: int, stop: int) -> tuple[int, int]:
     return first[0], last[1]
 
 
+class UnsupportedTemplateError(ValueError):
+    """The tokenizer's pair template gives token types this module cannot reproduce."""
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """The special tokens a tokenizer's pair template puts before, between and after the two texts, and where
+    token type 1 starts: `second_at` tokens into part `second_part` (0 prefix ... 4 suffix); None when the
+    template gives every token type 0 (RoBERTa, XLM-R)."""
+
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    second_part: int | None
+    second_at: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> PairTemplate:
+        first = tokenizer.encode("a", add_special_tokens=False)
+        second = tokenizer.encode("b", add_special_tokens=False)
+        pair = tokenizer.post_process(first, second, add_special_tokens=True)
+        texts = [at for at, special in enumerate(pair.special_tokens_mask) if not special]
+        first_at, second_at = texts[0], texts[len(first.ids)]
+        first_end, second_end = first_at + len(first.ids), second_at + len(second.ids)
+        bounds = [0, first_at, first_end, second_at, second_end, len(pair.ids)]
+        types = pair.type_ids
+        if any(kind not in (0, 1) for kind in types) or sorted(types) != types:
+            raise UnsupportedTemplateError(f"pair template with token types {types} (expected 0s, then 1s)")
+        part, offset = None, 0
+        if 1 in types:
+            start = types.index(1)
+            part = max(index for index in range(5) if bounds[index] <= start)
+            offset = start - bounds[part]
+            if part < 2:
+                raise UnsupportedTemplateError(f"pair template with token type 1 on the first text ({types})")
+        ids = pair.ids
+        return cls(ids[:first_at], ids[first_end:second_at], ids[second_end:], part, offset)
+
+    @property
+    def special_tokens(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def pair(self, query: list[int], document: list[int]) -> Pair:
+        ids = [*self.prefix, *query, *self.middle, *document, *self.suffix]
+        lengths = [len(self.prefix), len(query), len(self.middle), len(document), len(self.suffix)]
+        second = len(ids) if self.second_part is None else sum(lengths[: self.second_part]) + self.second_at
+        return Pair(ids, second)
+
+
 class PairTokenizer:
     """Builds model inputs for (query, document) pairs with the model's own tokenizer; thread-safe.
 
-    Takes the tokenizer over (a copy of a 128k-piece vocabulary costs ~130 MB) and turns its truncation and
+    Takes the tokenizer over (copying a large vocabulary costs a lot of memory) and turns its truncation and
     padding off: every text is encoded whole, and the pairs are cut here.
     """
 
@@ -106,24 +157,10 @@ class PairTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self.max_length = max_length
-        self._prefix, self._middle, self._suffix = self._special_tokens()
-        self.budget = max_length - len(self._prefix) - len(self._middle) - len(self._suffix)
+        self.template = PairTemplate.of(tokenizer)
+        self.budget = max_length - self.template.special_tokens
         if self.budget < 2:
             raise ValueError(f"max length {max_length} leaves no room for a query and a document")
-
-    def _special_tokens(self) -> tuple[list[int], list[int], list[int]]:
-        """The special tokens the tokenizer's pair template puts before, between and after the two texts."""
-        first = self._tokenizer.encode("a", add_special_tokens=False)
-        second = self._tokenizer.encode("b", add_special_tokens=False)
-        pair = self._tokenizer.post_process(first, second, add_special_tokens=True)
-        texts = [at for at, special in enumerate(pair.special_tokens_mask) if not special]
-        first_at, second_at = texts[0], texts[len(first.ids)]
-        first_end = first_at + len(first.ids)
-        second_end = second_at + len(second.ids)
-        return pair.ids[:first_at], pair.ids[first_end:second_at], pair.ids[second_end:]
-
-    def _pair(self, query: list[int], document: list[int]) -> list[int]:
-        return [*self._prefix, *query, *self._middle, *document, *self._suffix]
 
     def encode(
         self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
@@ -151,7 +188,7 @@ class PairTokenizer:
                     raise InputTooLongError(index, length, self.max_length)
                 kept_query, kept_document = longest_first(len(query_ids), stop - start, self.budget)
                 start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
-                pair = self._pair(query_ids[:kept_query], ids[start:stop])
+                pair = self.template.pair(query_ids[:kept_query], ids[start:stop])
                 window = Window(pair, None)
                 document = EncodedDocument([window], truncated=stop - start < len(ids))
             query_truncated |= kept_query < len(query_ids)
@@ -184,12 +221,12 @@ class PairTokenizer:
         windows = []
         for window_start in kept:
             window_stop = min(window_start + room, stop)
-            pair = self._pair(query, ids[window_start:window_stop])
+            pair = self.template.pair(query, ids[window_start:window_stop])
             windows.append(Window(pair, _window_span(document, window_start, window_stop)))
         covered_stop = min(kept[-1] + room, stop)
         truncated = start > 0 or covered_stop < len(ids)
         return EncodedDocument(windows, truncated)
 
-    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[list[int]]:
+    def encode_pairs(self, query: str, documents: Sequence[str]) -> Batch:
         """One truncated pair per document, as the reference builds them."""
-        return self.encode(query, documents).token_ids
+        return Batch(self.encode(query, documents).pairs)
