@@ -43,11 +43,23 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-unit
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
 	touch $@
 
+# llama.cpp's own converter, from the sdist of the llama-cpp-python installed above, for the tests that serve
+# what it writes: convert_hf_to_gguf.py, its conversion/ package and the gguf-py it puts before PyPI's gguf.
+LLAMACPP_CONVERTER := $(VENV)/share/llama.cpp/convert_hf_to_gguf.py
+$(LLAMACPP_CONVERTER): $(VENV)/.installed-test
+	rm -rf $(@D) && mkdir -p $(@D)/sdist
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(@D)/sdist \
+		"llama-cpp-python==$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+	tar -xzf $(@D)/sdist/*.tar.gz -C $(@D) --strip-components=3 --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+		'*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/gguf/*'
+	rm -rf $(@D)/sdist
+	touch $@
+
 install: $(VENV)/.installed-runtime
 
 install-unit: $(VENV)/.installed-unit
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(LLAMACPP_CONVERTER)
 
 serve: install
 	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)

@@ -1,8 +1,11 @@
-"""Run `rerankd serve` as a real process on a loopback port, for integration tests."""
+"""Run `rerankd serve` as a real process on a loopback port, and the other commands as processes, for
+integration tests."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +39,20 @@ def running_server(
         command, base_url, log_path, env=env, ready_path=ready_path, startup_seconds=STARTUP_SECONDS
     ):
         yield base_url
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`rerankd ARGS` as a user runs it, output captured (bounded: five minutes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "rerankd", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 60, poll_seconds: float = 0.2) -> None:

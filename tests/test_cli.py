@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,23 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from serving import run_cli
+
 pytestmark = pytest.mark.slow  # every test runs the CLI as a process
 
 QUERY = "Who wrote To Kill a Mockingbird?"
 DOCUMENTS = ["To Kill a Mockingbird is a novel by Harper Lee.", "Moby-Dick was written by Herman Melville."]
-
-
-def run_cli(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rerankd", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_rank_prints_the_ranking(xsmall_model_dir: Path) -> None:

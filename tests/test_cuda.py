@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shapes
-from rerankd.backends.torch_backend import load_safetensors_backend
+from rerankd.backends.safetensors_backend import load_safetensors_backend
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.engine.tokenize import PairTokenizer

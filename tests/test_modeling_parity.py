@@ -10,6 +10,7 @@ import torch
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
 from rerankd.backends import torch_backend
+from rerankd.backends.base import Batch, Pair
 from rerankd.backends.cuda_graphs import bucketed_shape, bucketed_shapes
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
@@ -218,7 +219,12 @@ def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None
     shape = bucketed_shape(len(lengths), max(lengths), max_length=512)
     assert shape == (4, 144)
     bucketed_ids, bucketed_mask = torch_backend.padded_batch(
-        [row[: int(real.sum())].tolist() for row, real in zip(input_ids, mask, strict=True)],
+        Batch(
+            [
+                Pair(row[real.bool()].tolist(), second_segment=int(real.sum()))
+                for row, real in zip(input_ids, mask, strict=True)
+            ]
+        ),
         shape,
         pad_id=0,
         pin=False,

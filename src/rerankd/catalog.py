@@ -40,6 +40,15 @@ CATALOG: dict[str, CatalogEntry] = {
     ),
 }
 
+# The other encoder families (served by `transformers`' networks), by the name `/info` gives them, and the
+# published reranker of each whose geometry random-weight models, tests and benchmarks take.
+ENCODER_FAMILY_MODELS: dict[str, str] = {
+    "bert": "cross-encoder/ms-marco-MiniLM-L6-v2",
+    "electra": "cross-encoder/ms-marco-electra-base",
+    "xlm-roberta": "BAAI/bge-reranker-v2-m3",
+    "modernbert": "Alibaba-NLP/gte-reranker-modernbert-base",
+}
+
 # Other names people use for the same weights.
 ALIASES: dict[str, str] = {
     "antflydb/mxbai-rerank-base-v1": "mixedbread-ai/mxbai-rerank-base-v1",

@@ -70,6 +70,7 @@ def _model_info(slot: ModelSlot) -> ModelInfo:
         name=slot.name,
         state=slot.state,
         backend=engine.info.backend,
+        family=engine.info.family,
         device=engine.info.device,
         dtype=engine.info.dtype,
         max_length=engine.max_length,

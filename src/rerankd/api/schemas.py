@@ -129,6 +129,7 @@ class ModelInfo(BaseModel):
     state: Literal["loading", "ready", "failed"]
     error: str | None = Field(None, description="why the model failed to load")
     backend: str | None = None
+    family: str | None = Field(None, description="the network's architecture family, e.g. bert, xlm-roberta")
     device: str | None = None
     dtype: str | None = None
     max_length: int | None = None

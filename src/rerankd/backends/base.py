@@ -20,6 +20,7 @@ class ModelLoadError(Exception):
 @dataclass(frozen=True)
 class BackendInfo:
     backend: str  # registry name, e.g. "torch"
+    family: str  # the network's architecture family, e.g. "deberta-v2", "bert", "xlm-roberta"
     device: str
     dtype: str
     max_length: int  # longest pair (in tokens) the network accepts

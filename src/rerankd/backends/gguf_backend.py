@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rerankd.backends.base import ModelLoadError
-from rerankd.backends.torch_backend import TorchBackend, build_torch_backend
+from rerankd.backends.deberta_backend import DebertaBackend, build_deberta_backend
 from rerankd.formats.gguf_file import GGUFModelError, find_gguf_variants
 from rerankd.formats.gguf_reader import open_deberta_gguf
 from rerankd.settings import RuntimeSettings
@@ -42,12 +42,12 @@ def pick_gguf_file(folder: Path, variant: str | None) -> Path | None:
 
 def load_gguf_backend(
     path: Path, settings: RuntimeSettings, reference_pairs: Sequence[tuple[str, str]] = ()
-) -> TorchBackend:
+) -> DebertaBackend:
     try:
         model = open_deberta_gguf(path)
     except GGUFModelError as error:
         raise ModelLoadError(str(error)) from error
     logger.info("%s: %s GGUF, tensor types %s", path.name, model.file_type, model.type_summary())
-    return build_torch_backend(
+    return build_deberta_backend(
         "gguf", model.config, model.tensors, model.tokenizer(), settings, path, reference_pairs
     )

@@ -4,8 +4,13 @@ The model runs in llama.cpp through `llama-cpp-python`'s C API with rank pooling
 classifier head (`cls.output(tanh(cls(h_CLS)))`) and hands back its raw logit per sequence; the engine
 applies the sigmoid like for every backend. The engine's own token ids are fed to `llama_decode` directly
 (the high-level `Llama.embed` takes only text), so tokenization, truncation and chunking stay the engine's.
-llama.cpp adds token type 0 to every token, so a BERT trained with segment ids (type_vocab_size 2) scores
-differently here than in `transformers`; a warning says so at load.
+
+llama.cpp's API takes no token types: its BERT graph adds type 0 to every token. A model trained with segment
+ids (type_vocab_size 2) is therefore fed input embeddings instead of ids, each token's with its type's offset
+from type 0 (`formats.gguf_embeddings`), which makes the graph's sum BERT's. What llama.cpp cannot score as
+`transformers` does is refused at load, naming what the file lacks: a BERT whose pooler
+`convert_hf_to_gguf.py` dropped. A ModernBERT whose converter stored its LayerNorm epsilon under the RMSNorm
+key gets it under the key llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
+from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from rerankd.backends.base import BackendInfo, Batch, ModelLoadError, RerankBackend
-from rerankd.formats.gguf_file import GGUFModelError, metadata_integer, metadata_string, read_gguf
+from rerankd.backends.base import BackendInfo, Batch, ModelLoadError, Pair, RerankBackend
+from rerankd.formats.gguf_embeddings import SegmentEmbeddings, segment_embeddings
+from rerankd.formats.gguf_file import (
+    GGUFModelError,
+    gguf_architecture,
+    metadata_integer,
+    metadata_number,
+    metadata_string,
+    read_gguf,
+)
 from rerankd.formats.gguf_wordpiece import llamacpp_tokenizer
 from rerankd.settings import RuntimeSettings
 
@@ -35,14 +51,25 @@ LLAMACPP_ARCHITECTURES = ("bert", "jina-bert-v2", "modern-bert", "neo-bert")
 MAX_SEQUENCES = 256
 # What a file that states no training context (`<arch>.context_length`) gets: BERT's.
 DEFAULT_CONTEXT_LENGTH = 512
+# The safetensors folder a file came from is what serves a model llama.cpp would score wrong.
+SERVE_SAFETENSORS = (
+    "serve the model's safetensors folder (config.json, model.safetensors, tokenizer) with the torch "
+    "backend instead"
+)
 
 
 def _llama_cpp(path: Path) -> Any:
     try:
         import llama_cpp
     except ImportError as error:
+        try:
+            served = (
+                f"general.architecture {gguf_architecture(path)!r} is served by the llama.cpp backend, which"
+            )
+        except GGUFModelError as unreadable:
+            raise ModelLoadError(str(unreadable)) from unreadable
         raise ModelLoadError(
-            f"{path}: the llama.cpp backend needs llama-cpp-python: pip install 'rerankd[llamacpp]'"
+            f"{path}: {served} needs llama-cpp-python: pip install 'rerankd[llamacpp]'"
         ) from error
     return llama_cpp
 
@@ -60,21 +87,33 @@ def resolve_device(requested: str, path: Path) -> str:
     return requested
 
 
+@dataclass(frozen=True)
+class ServableFile:
+    """What serving a GGUF takes beside llama.cpp's own load of it, read from the file first."""
+
+    tokenizer: Tokenizer
+    architecture: str
+    context_length: int
+    weight_type: str
+    segments: SegmentEmbeddings | None  # fed instead of ids to a model with token types
+    float_overrides: dict[str, float]  # metadata llama.cpp needs under another key than the file's
+
+
 def load_llamacpp_backend(path: Path, settings: RuntimeSettings) -> LlamaCppBackend:
     """Check that the file can be served (architecture, classifier head, tokenizer), then load it on the
     settings' (resolved) device."""
     llama_cpp = _llama_cpp(path)
     try:
         # Read in a function of its own, so the memory map is released before llama.cpp maps the file itself.
-        tokenizer, context_length, weight_type = _servable(path)
+        servable = _servable(path)
     except GGUFModelError as error:
         raise ModelLoadError(str(error)) from error
-    return LlamaCppBackend(llama_cpp, path, tokenizer, settings, context_length, weight_type)
+    return LlamaCppBackend(llama_cpp, path, servable, settings)
 
 
-def _servable(path: Path) -> tuple[Tokenizer, int, str]:
-    """The file's tokenizer, context length and weight type; GGUFModelError when llama.cpp's rank pooling
-    cannot serve it."""
+def _servable(path: Path) -> ServableFile:
+    """What serving the file takes; GGUFModelError when llama.cpp's rank pooling cannot score it as
+    `transformers` scores the model it came from."""
     reader = read_gguf(path)
     architecture = metadata_string(path, reader, gguf.Keys.General.ARCHITECTURE)
     if architecture not in LLAMACPP_ARCHITECTURES:
@@ -90,22 +129,40 @@ def _servable(path: Path) -> tuple[Tokenizer, int, str]:
             f"this {architecture!r} model has no classification head (cls / cls.output tensors): an "
             "embedding model, which llama.cpp's rank pooling cannot score",
         )
-    token_types = tensors.get("token_types.weight")
-    if token_types is not None and int(token_types.shape[-1]) > 1:
-        logger.warning(
-            "%s: the model has %d token types but llama.cpp gives every token type 0, so its scores differ "
-            "from transformers' for this model",
-            path.name,
-            int(token_types.shape[-1]),
+    if architecture == "bert" and "cls.output.weight" in tensors and "cls.weight" not in tensors:
+        raise GGUFModelError(
+            path,
+            "this BERT has a classifier (cls.output) but no pooler (cls): llama.cpp's convert_hf_to_gguf.py "
+            "drops BertForSequenceClassification's pooler.dense, which its score needs "
+            f"(classifier(tanh(pooler(h_CLS)))), so llama.cpp would score it wrong; {SERVE_SAFETENSORS}",
         )
-    tokenizer = llamacpp_tokenizer(path, reader)
     context_key = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture)
     # 0 as well as a missing key means the file states no context.
     context_length = metadata_integer(path, reader, context_key, default=0) or DEFAULT_CONTEXT_LENGTH
     weight_type = Counter(
         tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) >= 2
     ).most_common(1)[0][0]
-    return tokenizer, context_length, weight_type
+    return ServableFile(
+        tokenizer=llamacpp_tokenizer(path, reader),
+        architecture=architecture,
+        context_length=context_length,
+        weight_type=weight_type,
+        segments=segment_embeddings(path, reader),
+        float_overrides=_layer_norm_epsilon(path, reader, architecture),
+    )
+
+
+def _layer_norm_epsilon(path: Path, reader: GGUFReader, architecture: str) -> dict[str, float]:
+    """ModernBERT's epsilon where llama.cpp reads it. Its LayerNorms take `norm_eps`, which
+    convert_hf_to_gguf.py stores as `layer_norm_rms_epsilon` (the name it gives every `norm_eps`), while
+    llama.cpp's ModernBERT reads `layer_norm_epsilon` and refuses a file without it; the value is the same."""
+    if architecture != "modern-bert":
+        return {}
+    key = gguf.Keys.Attention.LAYERNORM_EPS.format(arch=architecture)
+    rms_key = gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=architecture)
+    if reader.get_field(key) is not None or reader.get_field(rms_key) is None:
+        return {}
+    return {key: metadata_number(path, reader, rms_key)}
 
 
 class LlamaCppBackend(RerankBackend):
@@ -113,24 +170,20 @@ class LlamaCppBackend(RerankBackend):
     on a CPU, the engine's token budget on a GPU (a non-causal model needs each sequence whole in one
     ubatch), n_seq_max = the pair cap. The engine's batches are decoded in groups that fit."""
 
-    def __init__(
-        self,
-        llama_cpp: Any,
-        path: Path,
-        tokenizer: Tokenizer,
-        settings: RuntimeSettings,
-        context_length: int,
-        weight_type: str,
-    ) -> None:
+    def __init__(self, llama_cpp: Any, path: Path, servable: ServableFile, settings: RuntimeSettings) -> None:
         self._llama = llama_cpp
         _route_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
         device = settings.device
+        context_length = servable.context_length
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = -1 if device.startswith("cuda") else 0
         if device.startswith("cuda"):
             model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
             model_params.main_gpu = int(device.partition(":")[2] or 0)
+        if servable.float_overrides:
+            overrides = _float_overrides(llama_cpp, servable.float_overrides)  # alive until the load returns
+            model_params.kv_overrides = overrides
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:
             raise ModelLoadError(f"{path}: llama.cpp could not load the model (its log above says why)")
@@ -165,29 +218,47 @@ class LlamaCppBackend(RerankBackend):
         if not self._context:
             self._free_model()
             raise ModelLoadError(f"{path}: llama.cpp could not create a rank-pooling context")
-        self._batch = llama_cpp.llama_batch_init(self._max_tokens, 0, 1)
-        self.tokenizer = tokenizer
+        self._segments = servable.segments
+        # A batch of input embeddings (llama.cpp then reads no ids) for a model with token types, else of ids.
+        width = 0 if self._segments is None else self._segments.width
+        self._batch = llama_cpp.llama_batch_init(self._max_tokens, width, 1)
+        self._inputs = (
+            np.ctypeslib.as_array(self._batch.token, shape=(self._max_tokens,))
+            if self._segments is None
+            else np.ctypeslib.as_array(self._batch.embd, shape=(self._max_tokens, width))
+        )
+        self.tokenizer = servable.tokenizer
         self.info = BackendInfo(
-            backend="llamacpp", device=device, dtype=weight_type, max_length=context_length, untrained=False
+            backend="llamacpp",
+            family=servable.architecture,
+            device=device,
+            dtype=servable.weight_type,
+            max_length=context_length,
+            untrained=False,
         )
 
     def relevance_logits(self, batch: Batch) -> list[float]:
         logits: list[float] = []
-        for group in _pack(batch.input_ids, self._max_tokens, self._max_sequences):
+        for group in _pack(batch.pairs, self._max_tokens, self._max_sequences):
             logits.extend(self._decode(group))
         return logits
 
-    def _decode(self, group: Sequence[Sequence[int]]) -> list[float]:
+    def _decode(self, group: Sequence[Pair]) -> list[float]:
         batch = self._batch
         position = 0
-        for sequence, ids in enumerate(group):
-            for index, token in enumerate(ids):
-                batch.token[position] = token
+        for sequence, pair in enumerate(group):
+            for index in range(len(pair)):
                 batch.pos[position] = index
                 batch.n_seq_id[position] = 1
                 batch.seq_id[position][0] = sequence
                 batch.logits[position] = 1  # embeddings need every token marked as an output
                 position += 1
+        ids = [token for pair in group for token in pair.ids]
+        if self._segments is None:
+            self._inputs[:position] = ids
+        else:
+            types = [kind for pair in group for kind in pair.token_type_ids]
+            self._inputs[:position] = self._segments.rows(ids, types)
         batch.n_tokens = position
         memory = self._llama.llama_get_memory(self._context)
         if memory:
@@ -216,18 +287,26 @@ class LlamaCppBackend(RerankBackend):
             self._free_model()
 
 
-def _pack(
-    input_ids: Sequence[Sequence[int]], max_tokens: int, max_sequences: int
-) -> Iterator[Sequence[Sequence[int]]]:
+def _pack(pairs: Sequence[Pair], max_tokens: int, max_sequences: int) -> Iterator[Sequence[Pair]]:
     """Consecutive groups of at most `max_tokens` tokens and `max_sequences` sequences."""
     start, tokens = 0, 0
-    for index, ids in enumerate(input_ids):
-        if index > start and (tokens + len(ids) > max_tokens or index - start >= max_sequences):
-            yield input_ids[start:index]
+    for index, pair in enumerate(pairs):
+        if index > start and (tokens + len(pair) > max_tokens or index - start >= max_sequences):
+            yield pairs[start:index]
             start, tokens = index, 0
-        tokens += len(ids)
-    if start < len(input_ids):
-        yield input_ids[start:]
+        tokens += len(pair)
+    if start < len(pairs):
+        yield pairs[start:]
+
+
+def _float_overrides(llama_cpp: Any, values: dict[str, float]) -> Any:
+    """llama.cpp's kv_overrides array for float metadata, closed by the empty entry it stops at."""
+    overrides = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for index, (key, value) in enumerate(values.items()):
+        overrides[index].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+        overrides[index].key = key.encode()
+        overrides[index].value.val_f64 = value
+    return overrides
 
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml's WARN and ERROR; the rest is debug chatter

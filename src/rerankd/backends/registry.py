@@ -9,7 +9,7 @@ from rerankd.backends import llamacpp_backend, torch_backend
 from rerankd.backends.base import ModelLoadError, RerankBackend
 from rerankd.backends.gguf_backend import load_gguf_backend, pick_gguf_file
 from rerankd.backends.llamacpp_backend import LLAMACPP_ARCHITECTURES, load_llamacpp_backend
-from rerankd.backends.torch_backend import load_safetensors_backend
+from rerankd.backends.safetensors_backend import load_safetensors_backend
 from rerankd.formats.gguf_file import GGUFModelError, gguf_architecture
 from rerankd.formats.gguf_layout import ARCHITECTURE as DEBERTA_ARCHITECTURE
 from rerankd.formats.safetensors import has_safetensors

@@ -1,14 +1,13 @@
-"""Torch backend: the project's DeBERTa network on CPU or CUDA, fed by any weight format."""
+"""What every torch network shares on CPU or CUDA: device and dtype resolution, padded batches, logits on
+their way back from a GPU, and the backend that runs passes under `torch.inference_mode`. The networks'
+own backends build on it: DeBERTa (`deberta_backend`) and `transformers`' encoders (`encoder_backend`)."""
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
-from collections.abc import Sequence
+from abc import abstractmethod
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,21 +17,12 @@ from rerankd.backends.base import (
     BackendInfo,
     Batch,
     ModelLoadError,
-    PassSeconds,
     PendingLogits,
     ReadyLogits,
     RerankBackend,
 )
-from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shape, bucketed_shapes
 from rerankd.backends.heap import HeapTrimmer
-from rerankd.catalog import UNTRAINED_KEY
-from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
-from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
-from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import DebertaReranker, TokenLayout
-from rerankd.modeling.onednn import bound_kernel_caches, pack_dense_layers
-from rerankd.modeling.reference_rows import Float32Rows
-from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
+from rerankd.modeling.onednn import pack_dense_layers
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -77,10 +67,10 @@ def faster_dtype_on(device: torch.device) -> str | None:
     return "bfloat16" if cpu_has_bf16_units() else None
 
 
-def reference_token_ids(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], pad_id: int) -> set[int]:
-    """Every token id `pairs` put into the model, special tokens and padding included."""
-    encodings = tokenizer.encode_batch(list(pairs), add_special_tokens=True)
-    return {pad_id, *itertools.chain.from_iterable(encoding.ids for encoding in encodings)}
+def apply_threads(settings: RuntimeSettings) -> None:
+    """`--threads`, process-wide: one forward pass runs at a time anyway."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -110,6 +100,18 @@ def padded_batch(
     return padded, mask
 
 
+def segment_ids(batch: Batch, shape: tuple[int, int], pin: bool) -> torch.Tensor:
+    """Token type ids of `shape`, as `padded_batch` lays the pairs out: 1 from each pair's second segment to
+    its end, 0 elsewhere (padding included)."""
+    types = torch.zeros(shape, dtype=torch.long, pin_memory=pin)
+    starts = np.asarray([pair.second_segment for pair in batch.pairs], dtype=np.int64)
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    columns = np.arange(shape[1])
+    second = (columns >= starts[:, None]) & (columns < lengths[:, None])
+    types.numpy()[: len(lengths)][second] = 1
+    return types
+
+
 class DeviceLogits(PendingLogits):
     """Logits on their way from a GPU to page-locked host memory; `result` waits for the copy to land."""
 
@@ -134,12 +136,14 @@ class DeviceLogits(PendingLogits):
 
 
 class TorchBackend(RerankBackend):
-    """Runs a `DebertaReranker` under `torch.inference_mode`, padding each batch to its longest pair, or on
-    CUDA with `cuda_graphs` to the bucketed shape of its graph."""
+    """A torch network's passes: each batch padded to its longest pair (or, where a subclass runs CUDA
+    graphs, to its graph's bucket) and run under `torch.inference_mode`. A subclass says how a padded batch
+    reaches its network (`_pass`)."""
 
     def __init__(
         self,
-        model: DebertaReranker,
+        model: torch.nn.Module,
+        pad_id: int,
         tokenizer: Tokenizer,
         info: BackendInfo,
         settings: RuntimeSettings,
@@ -148,13 +152,11 @@ class TorchBackend(RerankBackend):
         self.tokenizer = tokenizer
         self.info = info
         self._device = torch.device(info.device)
-        self._pad_id = model.config.pad_token_id
+        self._pad_id = pad_id
         self._heap = HeapTrimmer() if self._device.type == "cpu" else None
         if self._heap is not None:  # what the load freed (read buffers, unfused projections) goes back
             self._heap.trim()
         self._settings = settings
-        # Captured once the dtype is final (`prepare_for_serving`): a graph holds the weights by address.
-        self._graphs: CapturedPasses | None = None
 
     def relevance_logits(self, batch: Batch) -> list[float]:
         return self.launch(batch).result()
@@ -162,14 +164,10 @@ class TorchBackend(RerankBackend):
     def launch(self, batch: Batch) -> PendingLogits:
         """On a CPU the logits are computed here; on a GPU this returns as soon as the pass is queued (no call
         in it waits for the device), and `result` waits for the logits' copy back."""
-        shape = (len(batch), batch.longest)
-        if self._graphs is not None:
-            shape = bucketed_shape(*shape, self.info.max_length)
         # Page-locked host buffers make the copies to a GPU asynchronous (pinning needs a CUDA runtime).
         on_gpu = self._device.type == "cuda"
-        padded, mask = padded_batch(batch, shape, self._pad_id, pin=on_gpu)
         with torch.inference_mode():
-            logits = self._pass(padded, mask)[: len(batch)]
+            logits = self._pass(batch, self._shape(batch), pin=on_gpu)[: len(batch)]
             if on_gpu:
                 return DeviceLogits.copied_from(logits)
         scores = logits.tolist()
@@ -177,14 +175,17 @@ class TorchBackend(RerankBackend):
             self._heap.batch_done()
         return ReadyLogits(scores)
 
-    def _pass(self, padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self._graphs is not None:
-            return self._graphs.run(padded, mask)
-        # Laid out on the host, where finding the tokens costs no wait for the device.
-        layout = TokenLayout.from_mask(mask).to(self._device)
-        return self.model.relevance_logits(
-            padded.to(self._device, non_blocking=True), mask.to(self._device, non_blocking=True), layout
-        )
+    def _shape(self, batch: Batch) -> tuple[int, int]:
+        """The padded shape a batch runs as: (pairs, longest pair)."""
+        return len(batch), batch.longest
+
+    @abstractmethod
+    def _pass(self, batch: Batch, shape: tuple[int, int], pin: bool) -> torch.Tensor:
+        """Queue the network's pass over `batch` padded to `shape` (host buffers page-locked when `pin`);
+        one logit per row."""
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._device, non_blocking=True)
 
     def health(self) -> str | None:
         """On a GPU, whether the device still answers: after a fault (an illegal access, a lost device) every
@@ -201,79 +202,11 @@ class TorchBackend(RerankBackend):
         return faster_dtype_on(self._device) if self.info.dtype == "float32" else None
 
     def cast(self, dtype: str) -> None:
-        if isinstance(self.model.word_embeddings, Float32Rows):  # the table was loaded in `dtype` already
-            self.model.word_embeddings = self.model.word_embeddings.serving
         self.model.to(DTYPES[dtype])  # tensor by tensor: the peak is the weights plus one converted tensor
         if self._heap is not None:  # the float32 weights' pages, freed in the heap, go back to the OS
             self._heap.trim()
         self.info = replace(self.info, dtype=dtype)
 
     def prepare_for_serving(self) -> None:
-        batch_tokens, batch_pairs = self._settings.batch_tokens, self._settings.max_batch_pairs
-        if self._device.type == "cpu" and pack_dense_layers(self.model, batch_tokens):
+        if self._device.type == "cpu" and pack_dense_layers(self.model, self._settings.batch_tokens):
             logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
-        if self._device.type == "cuda" and self._settings.cuda_graphs:
-            self._graphs = CapturedPasses(self.model, self._device, self.info.max_length)
-            self._graphs.capture_all(bucketed_shapes(batch_tokens, batch_pairs, self.info.max_length))
-
-    def pass_seconds(self) -> PassSeconds | None:
-        return None if self._graphs is None else self._graphs.seconds
-
-
-def build_torch_backend(
-    backend_name: str,
-    raw_config: dict,
-    reader: TensorReader,
-    tokenizer: Tokenizer,
-    settings: RuntimeSettings,
-    source: Path,
-    reference_pairs: Sequence[tuple[str, str]] = (),
-) -> TorchBackend:
-    """Materialize the project's network from any weight format (`reader`) on the settings' device and dtype
-    (`reference_pairs`: see `registry.load_backend`)."""
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)  # process-wide: one forward pass runs at a time anyway
-    try:
-        config = DebertaConfig.from_dict(raw_config)
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-        if device.type == "cpu":
-            bound_kernel_caches()
-        faster = faster_dtype_on(device) if settings.dtype == "auto" else None
-        split = None
-        if faster is not None and reference_pairs:
-            token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
-            split = SplitEmbeddings(DTYPES[faster], token_ids)
-        model = load_reranker(config, reader, dtype, device, split)
-    except (UnsupportedModelError, CheckpointError) as error:
-        raise ModelLoadError(f"{source}: {error}") from error
-    except KeyError as error:
-        raise ModelLoadError(f"{source}: the model config lacks the required key {error}") from error
-    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
-    if untrained:
-        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", source)
-    info = BackendInfo(
-        backend=backend_name,
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        max_length=config.max_position_embeddings,
-        untrained=untrained,
-    )
-    return TorchBackend(model, tokenizer, info, settings)
-
-
-def load_safetensors_backend(
-    folder: Path, settings: RuntimeSettings, reference_pairs: Sequence[tuple[str, str]] = ()
-) -> TorchBackend:
-    """A Hugging Face-format folder: config.json, safetensors weights, tokenizer.json or spm.model."""
-    try:
-        raw_config = json.loads((folder / "config.json").read_text())
-        tokenizer = load_tokenizer(folder)
-        reader = SafetensorsCheckpoint(folder)
-    except FileNotFoundError as error:
-        raise ModelLoadError(f"{folder}: {error.filename} is missing") from error
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
-    except (SafetensorsCheckpointError, TokenizerLoadError) as error:
-        raise ModelLoadError(f"{folder}: {error}") from error
-    return build_torch_backend("torch", raw_config, reader, tokenizer, settings, folder, reference_pairs)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rerankd.catalog import CATALOG
+from rerankd.catalog import CATALOG, ENCODER_FAMILY_MODELS
 
 
 def add_parser(commands: Any) -> None:
@@ -14,7 +14,14 @@ def add_parser(commands: Any) -> None:
         "random-model", help="write a random-weight (untrained) model folder for tests and benchmarks"
     )
     random_model.add_argument("out", type=Path)
-    random_model.add_argument("--geometry", choices=sorted(CATALOG), default="base")
+    random_model.add_argument(
+        "--family",
+        choices=["deberta-v2", *ENCODER_FAMILY_MODELS],
+        default="deberta-v2",
+        help="the network: DeBERTa-v3 (mxbai-rerank-v1) at --geometry, or another encoder family, tiny or "
+        "at its published model's geometry (--geometry published)",
+    )
+    random_model.add_argument("--geometry", choices=[*sorted(CATALOG), "tiny", "published"], default="base")
     random_model.add_argument(
         "--tokenizer",
         type=Path,
@@ -36,8 +43,22 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from rerankd.devtools.random_encoders import write_random_encoder
     from rerankd.devtools.random_model import write_random_model
 
+    if args.family != "deberta-v2":
+        if args.geometry not in ("tiny", "published"):
+            raise SystemExit(f"--family {args.family} takes --geometry tiny or published")
+        published = args.geometry == "published"
+        out = write_random_encoder(
+            args.out, args.family, published, seed=args.seed, num_labels=args.num_labels
+        )
+        print(f"wrote an untrained {args.geometry} {args.family} model to {out}")
+        return 0
+    if args.geometry not in CATALOG:
+        raise SystemExit(
+            f"--geometry {args.geometry} is for the other families; DeBERTa's: {sorted(CATALOG)}"
+        )
     out = write_random_model(
         args.out,
         geometry=args.geometry,

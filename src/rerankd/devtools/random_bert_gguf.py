@@ -20,6 +20,7 @@ import gguf
 import torch
 from tokenizers import Tokenizer, models, processors, trainers
 
+from rerankd.devtools.random_encoders import randomize_weights
 from rerankd.formats.gguf_wordpiece import (
     BERT_SPECIAL_TOKENS,
     WORDPIECE_PREFIX,
@@ -76,21 +77,15 @@ def random_bert_cross_encoder(vocabulary: list[str], seed: int = 0) -> BertForSe
             "num_attention_heads": 4,
             "intermediate_size": 128,
             "max_position_embeddings": CONTEXT_LENGTH,
-            # One segment type, as XLM-RoBERTa rerankers have: llama.cpp adds type 0 to every token.
-            "type_vocab_size": 1,
+            # Segments A and B, as BERT rerankers (cross-encoder/ms-marco-MiniLM-L6-v2) have.
+            "type_vocab_size": 2,
             "num_labels": 1,
             "pad_token_id": vocabulary.index("[PAD]"),
         }
     )
     model = BertForSequenceClassification(config).eval()
-    generator = torch.Generator().manual_seed(seed)
+    randomize_weights(model, seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if "LayerNorm.weight" in name:
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(noise * 0.2)
         model.classifier.weight.mul_(2.0)
         model.classifier.bias.zero_()  # logits around 0, where the sigmoid is steepest
     return model
@@ -145,7 +140,7 @@ def write_bert_gguf(
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = BERT_VOCABULARY_SIZE) -> Tokenizer:
     """An uncased BERT WordPiece tokenizer trained on `texts`, so pairs are as long as a real BERT's, with
-    the normalization llama.cpp's WPM applies. Every token has type 0, as llama.cpp feeds them."""
+    the normalization llama.cpp's WPM applies. Every token has type 0: the model it is for has one type."""
     tokenizer = uncased_wordpiece(
         models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX)
     )

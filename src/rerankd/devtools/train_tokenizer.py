@@ -33,7 +33,7 @@ def train_unigram_tokenizer(out_dir: Path, vocab_size: int = 8000) -> None:
     reserved = [SPECIAL_TOKEN_DEFAULTS[key] for key in RESERVED_PIECE_KEYS]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_sentences()),
+        sentence_iterator=iter(training_sentences()),
         model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
@@ -63,7 +63,7 @@ def train_unigram_tokenizer(out_dir: Path, vocab_size: int = 8000) -> None:
     tokenizer_from_spm(spm_path, config, added_tokens).save(str(out_dir / "tokenizer.json"))
 
 
-def _training_sentences() -> list[str]:
+def training_sentences() -> list[str]:
     """Non-empty lines of the language reference bundled for pydoc and of the top-level stdlib modules'
     docstrings: English prose mixed with code, present in every CPython install."""
     # Imported here: only training needs this half-megabyte table of documentation.

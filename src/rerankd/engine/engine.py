@@ -21,8 +21,12 @@ WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
 
 def max_pair_length(settings: RuntimeSettings, info: BackendInfo) -> int:
-    """Tokens a pair is truncated to: the settings' `max_length`, or the model's when shorter or unset."""
-    return min(settings.max_length or info.max_length, info.max_length)
+    """Tokens a pair is truncated to: the settings' `max_length`, or the model's when shorter or unset. Unset,
+    it is also capped at the batch token budget, so that a long-context model (ModernBERT's 8,192 positions)
+    serves under the device's default budget; a `max_length` set past the budget is an error instead."""
+    if settings.max_length is None:
+        return min(info.max_length, settings.batch_tokens)
+    return min(settings.max_length, info.max_length)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,14 @@ class RerankEngine:
         budget = settings.batch_tokens
         if budget < self.max_length:
             raise ValueError(f"max batch tokens {budget} must be at least the max length {self.max_length}")
+        if self.max_length < backend.info.max_length and settings.max_length is None:
+            logger.info(
+                "%s: pairs are truncated to %d tokens, the batch token budget (the model takes %d: raise "
+                "--max-batch-tokens to serve longer pairs)",
+                name,
+                self.max_length,
+                backend.info.max_length,
+            )
         backend.prepare_for_serving()
         self.name = name
         self.backend = backend

@@ -34,9 +34,10 @@ class TokenizerLoadError(Exception):
         self.problem = problem
 
 
-def load_tokenizer(folder: Path) -> Tokenizer:
+def load_tokenizer(folder: Path, middle_separators: int = 1) -> Tokenizer:
     """The folder's tokenizer.json, else one built from its spm.model, with no padding or truncation
-    (the engine sets its own) and a verified `[CLS] A [SEP] B [SEP]` pair template."""
+    (the engine sets its own) and a verified `[CLS] A [SEP] B [SEP]` pair template (`<s> A </s></s> B </s>`
+    for RoBERTa's families, whose template has two separators in the middle)."""
     tokenizer_json, spm_model = folder / TOKENIZER_JSON, folder / SPM_MODEL
     config = _read_json_object(folder, TOKENIZER_CONFIG)
     if tokenizer_json.is_file():
@@ -62,7 +63,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     sep_id = _vocabulary_id(folder, tokenizer, sep_token)
     if tokenizer.post_processor is None:
         tokenizer.post_processor = pair_template(cls_token, cls_id, sep_token, sep_id)
-    _verify_pair_template(folder, tokenizer, cls_id, sep_id)
+    _verify_pair_template(folder, tokenizer, cls_id, sep_id, middle_separators)
     if tokenizer_json.is_file() and spm_model.is_file():
         _verify_special_ids_match_spm(folder, tokenizer, [cls_token, sep_token])
     return tokenizer
@@ -97,16 +98,18 @@ def _vocabulary_id(folder: Path, tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
-def _verify_pair_template(folder: Path, tokenizer: Tokenizer, cls_id: int, sep_id: int) -> None:
-    """A cross-encoder scores `[CLS] query [SEP] passage [SEP]`; any other layout gives wrong scores."""
+def _verify_pair_template(
+    folder: Path, tokenizer: Tokenizer, cls_id: int, sep_id: int, middle_separators: int
+) -> None:
+    """A cross-encoder scores the pairs it was trained on (`[CLS] query [SEP] passage [SEP]`, or with two
+    separators in the middle); any other layout gives wrong scores."""
     query_ids = tokenizer.encode(PROBE_QUERY, add_special_tokens=False).ids
     passage_ids = tokenizer.encode(PROBE_PASSAGE, add_special_tokens=False).ids
-    expected = [cls_id, *query_ids, sep_id, *passage_ids, sep_id]
+    expected = [cls_id, *query_ids, *[sep_id] * middle_separators, *passage_ids, sep_id]
     actual = tokenizer.encode(PROBE_QUERY, PROBE_PASSAGE).ids
     if actual != expected:
-        raise TokenizerLoadError(
-            folder, f"a pair encodes as {actual}, expected [CLS] query [SEP] passage [SEP] = {expected}"
-        )
+        layout = " ".join(["[CLS] query", *["[SEP]"] * middle_separators, "passage [SEP]"])
+        raise TokenizerLoadError(folder, f"a pair encodes as {actual}, expected {layout} = {expected}")
 
 
 def _verify_special_ids_match_spm(folder: Path, tokenizer: Tokenizer, tokens: list[str]) -> None:

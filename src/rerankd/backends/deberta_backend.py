@@ -1,0 +1,122 @@
+"""DeBERTa backend: the project's DeBERTa-v2/v3 network on CPU or CUDA, fed by any weight format (safetensors,
+GGUF), with its tokens packed past padding, and CUDA graphs on a GPU."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from rerankd.backends.base import BackendInfo, Batch, ModelLoadError, PassSeconds
+from rerankd.backends.cuda_graphs import CapturedPasses, bucketed_shape, bucketed_shapes
+from rerankd.backends.torch_backend import (
+    DTYPES,
+    TorchBackend,
+    apply_threads,
+    faster_dtype_on,
+    padded_batch,
+    resolve_device,
+    resolve_dtype,
+)
+from rerankd.catalog import UNTRAINED_KEY
+from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
+from rerankd.modeling.deberta import DebertaReranker, TokenLayout
+from rerankd.modeling.onednn import bound_kernel_caches
+from rerankd.modeling.reference_rows import Float32Rows
+from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
+from rerankd.settings import RuntimeSettings
+
+logger = logging.getLogger(__name__)
+
+
+def reference_token_ids(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], pad_id: int) -> set[int]:
+    """Every token id `pairs` put into the model, special tokens and padding included."""
+    encodings = tokenizer.encode_batch(list(pairs), add_special_tokens=True)
+    return {pad_id, *itertools.chain.from_iterable(encoding.ids for encoding in encodings)}
+
+
+class DebertaBackend(TorchBackend):
+    """Runs a `DebertaReranker`, each batch padded to its longest pair, or on CUDA with `cuda_graphs` to the
+    bucketed shape of its graph."""
+
+    model: DebertaReranker
+
+    def __init__(
+        self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo, settings: RuntimeSettings
+    ) -> None:
+        super().__init__(model, model.config.pad_token_id, tokenizer, info, settings)
+        # Captured once the dtype is final (`prepare_for_serving`): a graph holds the weights by address.
+        self._graphs: CapturedPasses | None = None
+
+    def _shape(self, batch: Batch) -> tuple[int, int]:
+        shape = super()._shape(batch)
+        return shape if self._graphs is None else bucketed_shape(*shape, self.info.max_length)
+
+    def _pass(self, batch: Batch, shape: tuple[int, int], pin: bool) -> torch.Tensor:
+        padded, mask = padded_batch(batch, shape, self._pad_id, pin)
+        if self._graphs is not None:
+            return self._graphs.run(padded, mask)
+        # Laid out on the host, where finding the tokens costs no wait for the device.
+        layout = TokenLayout.from_mask(mask).to(self._device)
+        return self.model.relevance_logits(self._on_device(padded), self._on_device(mask), layout)
+
+    def cast(self, dtype: str) -> None:
+        if isinstance(self.model.word_embeddings, Float32Rows):  # the table was loaded in `dtype` already
+            self.model.word_embeddings = self.model.word_embeddings.serving
+        super().cast(dtype)
+
+    def prepare_for_serving(self) -> None:
+        super().prepare_for_serving()
+        if self._device.type == "cuda" and self._settings.cuda_graphs:
+            self._graphs = CapturedPasses(self.model, self._device, self.info.max_length)
+            batch_tokens, batch_pairs = self._settings.batch_tokens, self._settings.max_batch_pairs
+            self._graphs.capture_all(bucketed_shapes(batch_tokens, batch_pairs, self.info.max_length))
+
+    def pass_seconds(self) -> PassSeconds | None:
+        return None if self._graphs is None else self._graphs.seconds
+
+
+def build_deberta_backend(
+    backend_name: str,
+    raw_config: dict,
+    reader: TensorReader,
+    tokenizer: Tokenizer,
+    settings: RuntimeSettings,
+    source: Path,
+    reference_pairs: Sequence[tuple[str, str]] = (),
+) -> DebertaBackend:
+    """Materialize the project's network from any weight format (`reader`) on the settings' device and dtype
+    (`reference_pairs`: see `registry.load_backend`)."""
+    apply_threads(settings)
+    try:
+        config = DebertaConfig.from_dict(raw_config)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        if device.type == "cpu":
+            bound_kernel_caches()
+        faster = faster_dtype_on(device) if settings.dtype == "auto" else None
+        split = None
+        if faster is not None and reference_pairs:
+            token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
+            split = SplitEmbeddings(DTYPES[faster], token_ids)
+        model = load_reranker(config, reader, dtype, device, split)
+    except (UnsupportedModelError, CheckpointError) as error:
+        raise ModelLoadError(f"{source}: {error}") from error
+    except KeyError as error:
+        raise ModelLoadError(f"{source}: the model config lacks the required key {error}") from error
+    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
+    if untrained:
+        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", source)
+    info = BackendInfo(
+        backend=backend_name,
+        family="deberta-v2",
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_length=config.max_position_embeddings,
+        untrained=untrained,
+    )
+    return DebertaBackend(model, tokenizer, info, settings)

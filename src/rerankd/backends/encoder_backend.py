@@ -1,0 +1,72 @@
+"""Encoder backend: `transformers`' BERT, ELECTRA, RoBERTa/XLM-RoBERTa and ModernBERT sequence classifiers on
+CPU or CUDA, with the token type ids of each pair's segments where the network reads them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from rerankd.backends.base import BackendInfo, Batch, ModelLoadError
+from rerankd.backends.torch_backend import (
+    TorchBackend,
+    apply_threads,
+    padded_batch,
+    resolve_device,
+    resolve_dtype,
+    segment_ids,
+)
+from rerankd.catalog import UNTRAINED_KEY
+from rerankd.modeling.config import UnsupportedModelError
+from rerankd.modeling.encoders import EncoderFamily, EncoderReranker, load_encoder
+from rerankd.settings import RuntimeSettings
+
+logger = logging.getLogger(__name__)
+
+
+class EncoderBackend(TorchBackend):
+    """Runs an `EncoderReranker`, each batch padded to its longest pair (the fair queue hands over pairs of
+    similar length, so little is padding). No CUDA graphs: `transformers`' networks are not captured."""
+
+    model: EncoderReranker
+
+    def _pass(self, batch: Batch, shape: tuple[int, int], pin: bool) -> torch.Tensor:
+        padded, mask = padded_batch(batch, shape, self._pad_id, pin)
+        types = self._on_device(segment_ids(batch, shape, pin)) if self.model.token_types else None
+        return self.model.relevance_logits(self._on_device(padded), self._on_device(mask), types)
+
+
+def build_encoder_backend(
+    folder: Path, raw_config: dict, family: EncoderFamily, tokenizer: Tokenizer, settings: RuntimeSettings
+) -> EncoderBackend:
+    """The folder's classifier on the settings' device and dtype."""
+    apply_threads(settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    try:
+        model = load_encoder(folder, family, dtype, device)
+        max_length = family.max_length(raw_config)
+    except UnsupportedModelError as error:
+        raise ModelLoadError(f"{folder}: {error}") from error
+    except KeyError as error:
+        raise ModelLoadError(f"{folder}: the model config lacks the required key {error}") from error
+    # transformers reports a bad checkpoint (missing or misshapen tensors, unreadable files) as these.
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(
+            f"{folder}: transformers could not load the {family.architecture}: {error}"
+        ) from error
+    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
+    if untrained:
+        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", folder)
+    info = BackendInfo(
+        backend="torch",
+        family=family.name,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_length=max_length,
+        untrained=untrained,
+    )
+    pad_id = raw_config.get("pad_token_id")
+    return EncoderBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
