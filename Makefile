@@ -59,7 +59,19 @@ install: $(VENV)/.installed-runtime
 
 install-unit: $(VENV)/.installed-unit
 
-install-test: $(VENV)/.installed-test $(LLAMACPP_CONVERTER)
+# Mixedbread's own mxbai-rerank package, the reference mxbai-rerank-v2 is scored against: it needs
+# transformers 4.x (it calls the tokenizer's `prepare_for_model`, gone from 5.x), so it gets an environment of
+# its own, which the tests run it in.
+MXBAI_VENV ?= .venv-mxbai
+MXBAI_SPEC ?= mxbai-rerank==0.1.6 transformers==4.57.6
+$(MXBAI_VENV)/.installed:
+	$(PYTHON) -m venv $(MXBAI_VENV)
+	$(MXBAI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MXBAI_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(MXBAI_VENV)/bin/python -m pip install --quiet $(MXBAI_SPEC)
+	touch $@
+
+install-test: $(VENV)/.installed-test $(LLAMACPP_CONVERTER) $(MXBAI_VENV)/.installed
 
 serve: install
 	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)
@@ -108,7 +120,7 @@ bench: install-test $(INFINITY_VENV)/.installed
 		--infinity $(INFINITY_VENV)/bin/infinity_emb --json models/bench/results.json $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) $(MXBAI_VENV) .pytest_cache .ruff_cache
 
 # Container images (README, "Docker"): `make docker-build` (CPU) or `make docker-build-cuda`, then
 # `make docker-run` (or docker-run-cuda). Any engine with docker's CLI works: `make docker-build

@@ -49,6 +49,12 @@ ENCODER_FAMILY_MODELS: dict[str, str] = {
     "modernbert": "Alibaba-NLP/gte-reranker-modernbert-base",
 }
 
+# The LLM rerankers, by family, and the Hub model of each whose geometry random models take.
+CAUSAL_FAMILY_MODELS: dict[str, str] = {
+    "qwen3-reranker": "Qwen/Qwen3-Reranker-0.6B",
+    "mxbai-rerank-v2": "mixedbread-ai/mxbai-rerank-base-v2",
+}
+
 # Other names people use for the same weights.
 ALIASES: dict[str, str] = {
     "antflydb/mxbai-rerank-base-v1": "mixedbread-ai/mxbai-rerank-base-v1",

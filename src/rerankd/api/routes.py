@@ -3,6 +3,7 @@ and `/info`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -189,7 +190,7 @@ async def rerank(
         model=None if infinity else body.model,
         top_n=body.top_n,
         raw_scores=body.raw_scores,
-        options=options,
+        options=replace(options, instruction=body.instruction),
     )
     outcome = await run_rerank(request, call)
     if infinity:

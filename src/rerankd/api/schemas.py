@@ -76,6 +76,11 @@ class RerankRequest(BaseModel):
     )
     max_chunks_per_doc: MaxChunksPerDoc = None
     chunk_overlap: ChunkOverlap = None
+    instruction: StrictStr | None = Field(
+        None,
+        description="An LLM reranker's task instruction (Qwen3-Reranker's `<Instruct>`, mxbai-rerank-v2's "
+        "`instruction:`); unset, the model card's default. Other models take none.",
+    )
 
 
 class DocumentText(BaseModel):

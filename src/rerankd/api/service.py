@@ -20,7 +20,7 @@ from rerankd.engine.engine import ScoredDocuments
 from rerankd.engine.models import ModelNotReadyError, UnknownModelError
 from rerankd.engine.postprocess import RankedDocument, rank
 from rerankd.engine.scheduler import QueueFullError
-from rerankd.engine.tokenize import InputTooLongError, PairOptions
+from rerankd.engine.tokenize import InputTooLongError, InstructionNotTakenError, PairOptions
 from rerankd.settings import ServeSettings
 
 
@@ -82,6 +82,8 @@ def _check_sizes(call: RerankCall, settings: ServeSettings) -> None:
         )
     limit = settings.max_document_chars
     texts = [("query", call.query), *((f"{where}.{index}", text) for index, text in enumerate(call.texts))]
+    if call.options.instruction is not None:
+        texts.append(("instruction", call.options.instruction))
     for field_name, text in texts:
         if len(text) > limit:
             message = (
@@ -137,6 +139,9 @@ async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
     except InputTooLongError as error:
         param = f"{where}.{error.index}"
         raise APIError(413, f"{param}: {error}", ErrorType.INPUT_TOO_LONG, param) from error
+    except InstructionNotTakenError as error:
+        message = f"instruction: model {engine.name!r} ({engine.info.family}): {error}"
+        raise APIError(422, message, ErrorType.INVALID_REQUEST, "instruction") from error
     except QueueFullError as error:
         raise APIError(429, str(error), ErrorType.OVERLOADED) from error
     record = record_of(request)

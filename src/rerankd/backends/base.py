@@ -9,6 +9,8 @@ from itertools import chain
 
 from tokenizers import Tokenizer
 
+from rerankd.modeling.causal import Prompt
+
 # Seconds a forward pass of (pairs, longest pair in tokens) takes on the device, as the backend measured it.
 PassSeconds = Callable[[int, int], float]
 
@@ -96,6 +98,7 @@ class RerankBackend(ABC):
 
     info: BackendInfo
     tokenizer: Tokenizer
+    prompt: Prompt | None = None  # an LLM reranker's: the texts its pairs are wrapped in
 
     @abstractmethod
     def relevance_logits(self, batch: Batch) -> list[float]:

@@ -4,6 +4,8 @@ CPU or CUDA, with the token type ids of each pair's segments where the network r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,28 +47,40 @@ def build_encoder_backend(
     apply_threads(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    try:
+    with transformers_load_errors(folder, family.architecture):
         model = load_encoder(folder, family, dtype, device)
         max_length = family.max_length(raw_config)
+    info = transformers_backend_info(folder, raw_config, family.name, device, dtype, max_length)
+    pad_id = raw_config.get("pad_token_id")
+    return EncoderBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
+
+
+@contextmanager
+def transformers_load_errors(folder: Path, architecture: str) -> Iterator[None]:
+    """Every way `transformers` reports a model it cannot load, as one ModelLoadError naming the folder."""
+    try:
+        yield
     except UnsupportedModelError as error:
         raise ModelLoadError(f"{folder}: {error}") from error
     except KeyError as error:
         raise ModelLoadError(f"{folder}: the model config lacks the required key {error}") from error
     # transformers reports a bad checkpoint (missing or misshapen tensors, unreadable files) as these.
     except (OSError, ValueError, RuntimeError) as error:
-        raise ModelLoadError(
-            f"{folder}: transformers could not load the {family.architecture}: {error}"
-        ) from error
+        raise ModelLoadError(f"{folder}: transformers could not load the {architecture}: {error}") from error
+
+
+def transformers_backend_info(
+    folder: Path, raw_config: dict, family: str, device: torch.device, dtype: torch.dtype, max_length: int
+) -> BackendInfo:
+    """A `transformers` network's info, warning when config.json marks its weights random."""
     untrained = bool(raw_config.get(UNTRAINED_KEY, False))
     if untrained:
         logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", folder)
-    info = BackendInfo(
+    return BackendInfo(
         backend="torch",
-        family=family.name,
+        family=family,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         max_length=max_length,
         untrained=untrained,
     )
-    pad_id = raw_config.get("pad_token_id")
-    return EncoderBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)

@@ -1,5 +1,6 @@
 """A Hugging Face-format folder (config.json, safetensors weights, tokenizer), served by the network that
-config.json's architecture names: DeBERTa-v2/v3 by the project's own, other encoders by `transformers`'."""
+config.json's architecture names: DeBERTa-v2/v3 by the project's own, other encoders and the LLM rerankers
+by `transformers`'."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rerankd.backends.base import ModelLoadError
+from rerankd.backends.causal_backend import build_causal_backend
 from rerankd.backends.deberta_backend import build_deberta_backend
 from rerankd.backends.encoder_backend import build_encoder_backend
 from rerankd.backends.torch_backend import TorchBackend
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
-from rerankd.formats.tokenizer import TokenizerLoadError, load_tokenizer
+from rerankd.formats.tokenizer import TokenizerLoadError, load_prompt_tokenizer, load_tokenizer
+from rerankd.modeling.causal import CAUSAL_FAMILIES, causal_family
 from rerankd.modeling.encoders import ENCODER_FAMILIES, encoder_family
 from rerankd.settings import RuntimeSettings
 
 DEBERTA_ARCHITECTURE = "DebertaV2ForSequenceClassification"
-SERVED_ARCHITECTURES = (DEBERTA_ARCHITECTURE, *ENCODER_FAMILIES)
+SERVED_ARCHITECTURES = (DEBERTA_ARCHITECTURE, *ENCODER_FAMILIES, *CAUSAL_FAMILIES)
 
 
 def load_safetensors_backend(
@@ -27,6 +30,9 @@ def load_safetensors_backend(
     try:
         raw_config = json.loads((folder / "config.json").read_text())
         architectures = raw_config.get("architectures") or [DEBERTA_ARCHITECTURE]
+        llm = causal_family(raw_config)
+        if llm is not None:
+            return build_causal_backend(folder, raw_config, llm, load_prompt_tokenizer(folder), settings)
         family = encoder_family(raw_config)
         if family is None and architectures[0] != DEBERTA_ARCHITECTURE:
             raise ModelLoadError(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rerankd.catalog import CATALOG, ENCODER_FAMILY_MODELS
+from rerankd.catalog import CATALOG, CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
 
 
 def add_parser(commands: Any) -> None:
@@ -16,10 +16,10 @@ def add_parser(commands: Any) -> None:
     random_model.add_argument("out", type=Path)
     random_model.add_argument(
         "--family",
-        choices=["deberta-v2", *ENCODER_FAMILY_MODELS],
+        choices=["deberta-v2", *ENCODER_FAMILY_MODELS, *CAUSAL_FAMILY_MODELS],
         default="deberta-v2",
-        help="the network: DeBERTa-v3 (mxbai-rerank-v1) at --geometry, or another encoder family, tiny or "
-        "at its published model's geometry (--geometry published)",
+        help="the network: DeBERTa-v3 (mxbai-rerank-v1) at --geometry, or another encoder family or an LLM "
+        "reranker, tiny or at its published model's geometry (--geometry published)",
     )
     random_model.add_argument("--geometry", choices=[*sorted(CATALOG), "tiny", "published"], default="base")
     random_model.add_argument(
@@ -43,6 +43,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from rerankd.devtools.random_causal import write_random_causal
     from rerankd.devtools.random_encoders import write_random_encoder
     from rerankd.devtools.random_model import write_random_model
 
@@ -50,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
         if args.geometry not in ("tiny", "published"):
             raise SystemExit(f"--family {args.family} takes --geometry tiny or published")
         published = args.geometry == "published"
-        out = write_random_encoder(
-            args.out, args.family, published, seed=args.seed, num_labels=args.num_labels
-        )
+        if args.family in CAUSAL_FAMILY_MODELS:
+            out = write_random_causal(args.out, args.family, published, seed=args.seed)
+        else:
+            out = write_random_encoder(
+                args.out, args.family, published, seed=args.seed, num_labels=args.num_labels
+            )
         print(f"wrote an untrained {args.geometry} {args.family} model to {out}")
         return 0
     if args.geometry not in CATALOG:

@@ -90,7 +90,7 @@ class RerankEngine:
         self.name = name
         self.backend = backend
         self.settings = settings
-        self.tokenizer = PairTokenizer(backend.tokenizer, self.max_length)
+        self.tokenizer = PairTokenizer(backend.tokenizer, self.max_length, backend.prompt)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tokenize-{name}")
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
         self.scheduler = BatchScheduler(

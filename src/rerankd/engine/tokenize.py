@@ -1,5 +1,6 @@
 """Pair building: the model's pair template (`[CLS] query [SEP] document [SEP]`, `<s> query </s></s> document
-</s>`, ...) around the query and each document, encoded on their own.
+</s>`, ...), or an LLM reranker's prompt (`modeling.causal.Prompt`), around the query and each document,
+encoded on their own.
 
 Encoding the texts separately and assembling the pairs here (instead of letting the tokenizer encode pairs)
 gives one tokenization per document whatever happens next: truncation exactly like the tokenizer's own
@@ -16,6 +17,7 @@ from typing import Literal
 from tokenizers import Encoding, Tokenizer
 
 from rerankd.backends.base import Batch, Pair
+from rerankd.modeling.causal import Prompt
 from rerankd.settings import DEFAULT_CHUNK_OVERLAP
 
 TruncationDirection = Literal["right", "left"]
@@ -31,6 +33,7 @@ class PairOptions:
     chunk: bool = False  # score windows of long documents, each document by its best window
     max_chunks_per_doc: int | None = None  # windows past this many are dropped
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    instruction: str | None = None  # an LLM reranker's task instruction (None: its prompt's default)
 
 
 DEFAULT_PAIR_OPTIONS = PairOptions()
@@ -96,6 +99,10 @@ def _window_span(document: Encoding, start: int, stop: int) -> tuple[int, int]:
     return first[0], last[1]
 
 
+class InstructionNotTakenError(ValueError):
+    """The request gives an instruction, and the model's input has no place for one."""
+
+
 class UnsupportedTemplateError(ValueError):
     """The tokenizer's pair template gives token types this module cannot reproduce."""
 
@@ -134,6 +141,15 @@ class PairTemplate:
         ids = pair.ids
         return cls(ids[:first_at], ids[first_end:second_at], ids[second_end:], part, offset)
 
+    @classmethod
+    def of_prompt(cls, tokenizer: Tokenizer, prompt: Prompt) -> PairTemplate:
+        """An LLM reranker's fixed texts, each encoded on its own as its reference does; one token type."""
+
+        def encoded(texts: Sequence[str]) -> list[int]:
+            return [token for text in texts for token in tokenizer.encode(text, add_special_tokens=False).ids]
+
+        return cls(encoded(prompt.prefix), encoded(prompt.middle), encoded(prompt.suffix), None, 0)
+
     @property
     def special_tokens(self) -> int:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
@@ -149,29 +165,68 @@ class PairTokenizer:
     """Builds model inputs for (query, document) pairs with the model's own tokenizer; thread-safe.
 
     Takes the tokenizer over (copying a large vocabulary costs a lot of memory) and turns its truncation and
-    padding off: every text is encoded whole, and the pairs are cut here.
+    padding off: every text is encoded whole, and the pairs are cut here. With a `prompt` (an LLM reranker),
+    the query text carries the instruction and the document text its label, and a long pair loses document
+    tokens first: the query keeps up to three quarters of the room (mxbai-rerank's rule; Qwen3-Reranker's
+    card cuts the end of the whole text, which is the same while the query fits), so the prompt and the
+    query are never truncated away.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_length: int, prompt: Prompt | None = None) -> None:
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self.max_length = max_length
-        self.template = PairTemplate.of(tokenizer)
+        self.prompt = prompt
+        if prompt is None:
+            self.template = PairTemplate.of(tokenizer)
+            self._query_tail: list[int] = []
+        else:
+            self.template = PairTemplate.of_prompt(tokenizer, prompt)
+            self._query_tail = self._ids(prompt.query_tail)
         self.budget = max_length - self.template.special_tokens
-        if self.budget < 2:
+        if self.budget < 2 or self.budget // 2 <= len(self._query_tail):
             raise ValueError(f"max length {max_length} leaves no room for a query and a document")
+
+    def _ids(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _query_ids(self, query: str, instruction: str | None) -> list[int]:
+        if self.prompt is None:
+            if instruction is not None:
+                raise InstructionNotTakenError("this model takes no instruction (only LLM rerankers do)")
+            return self._ids(query)
+        return self._ids(self.prompt.query_text(query, instruction))
+
+    def _kept_lengths(self, query: int, document: int) -> tuple[int, int]:
+        """Tokens kept of the query and the document when the pair must fit the budget."""
+        if self.prompt is None:
+            return longest_first(query, document, self.budget)
+        kept_query = min(query, self.budget * 3 // 4)
+        return kept_query, min(document, self.budget - kept_query)
+
+    def _cut_query(self, query: list[int], keep: int) -> list[int]:
+        """The query's first `keep` tokens; a prompt's query text keeps its tail (Qwen3's `<Document>:`)."""
+        if keep >= len(query):
+            return query
+        tail = self._query_tail
+        return [*query[: keep - len(tail)], *tail]
 
     def encode(
         self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
     ) -> EncodedRequest:
         """Every document's window(s) with the query, as `options` ask. Raises `InputTooLongError` when
         truncation is off and a pair does not fit."""
-        query_ids = self._tokenizer.encode(query, add_special_tokens=False).ids
+        query_ids = self._query_ids(query, options.instruction)
+        texts = (
+            list(documents)
+            if self.prompt is None
+            else [self.prompt.document_text(text) for text in documents]
+        )
         # Only chunk mode reports which characters a window covers. Without it, the variant that keeps no
         # offsets gives the same ids faster (docs/decisions.md).
         encode_batch = self._tokenizer.encode_batch if options.chunk else self._tokenizer.encode_batch_fast
-        encodings = encode_batch(list(documents), add_special_tokens=False)
+        encodings = encode_batch(texts, add_special_tokens=False)
         query_truncated = False
         encoded: list[EncodedDocument] = []
         for index, encoding in enumerate(encodings):
@@ -181,14 +236,15 @@ class PairTokenizer:
                 start, stop = self._cut(start, stop, options.max_tokens_per_doc, options.truncation_direction)
             if options.chunk:
                 kept_query = min(len(query_ids), self.budget // 2)
-                document = self._windows(query_ids[:kept_query], encoding, ids, start, stop, options)
+                query_kept = self._cut_query(query_ids, kept_query)
+                document = self._windows(query_kept, encoding, ids, start, stop, options)
             else:
                 if not options.truncate and len(query_ids) + stop - start > self.budget:
                     length = self.max_length - self.budget + len(query_ids) + stop - start
                     raise InputTooLongError(index, length, self.max_length)
-                kept_query, kept_document = longest_first(len(query_ids), stop - start, self.budget)
+                kept_query, kept_document = self._kept_lengths(len(query_ids), stop - start)
                 start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
-                pair = self.template.pair(query_ids[:kept_query], ids[start:stop])
+                pair = self.template.pair(self._cut_query(query_ids, kept_query), ids[start:stop])
                 window = Window(pair, None)
                 document = EncodedDocument([window], truncated=stop - start < len(ids))
             query_truncated |= kept_query < len(query_ids)
@@ -222,10 +278,19 @@ class PairTokenizer:
         for window_start in kept:
             window_stop = min(window_start + room, stop)
             pair = self.template.pair(query, ids[window_start:window_stop])
-            windows.append(Window(pair, _window_span(document, window_start, window_stop)))
+            windows.append(Window(pair, self._document_span(document, window_start, window_stop)))
         covered_stop = min(kept[-1] + room, stop)
         truncated = start > 0 or covered_stop < len(ids)
         return EncodedDocument(windows, truncated)
+
+    def _document_span(self, document: Encoding, start: int, stop: int) -> tuple[int, int]:
+        """The document's characters tokens start..stop cover (a prompt's document text puts its label
+        first)."""
+        first, last = _window_span(document, start, stop)
+        if self.prompt is None:
+            return first, last
+        offset = self.prompt.document_offset
+        return max(first - offset, 0), max(last - offset, 0)
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> Batch:
         """One truncated pair per document, as the reference builds them."""

@@ -69,6 +69,18 @@ def load_tokenizer(folder: Path, middle_separators: int = 1) -> Tokenizer:
     return tokenizer
 
 
+def load_prompt_tokenizer(folder: Path) -> Tokenizer:
+    """An LLM reranker's tokenizer.json, with no padding or truncation. Its pairs are the family's prompt,
+    built by the engine, so there is no pair template to verify."""
+    path = folder / TOKENIZER_JSON
+    if not path.is_file():
+        raise TokenizerLoadError(folder, f"found no {TOKENIZER_JSON}")
+    tokenizer = _read_tokenizer_json(folder, path)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def _read_json_object(folder: Path, name: str) -> dict[str, Any]:
     """An optional JSON file of the folder as a dict; absent means empty, unreadable is an error."""
     path = folder / name
