@@ -4,6 +4,7 @@ integration tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def run_cli(
         timeout=300,
         env={**os.environ, **(env or {})},
     )
+
+
+def rank_order(model: Path, query: str, documents: list[str], *flags: str) -> list[int]:
+    """The documents' indices as `rerankd rank --json` ranks them, best first, in float32."""
+    result = run_cli(
+        "rank", "--model", str(model), "--dtype", "float32", *flags, "--json", "--query", query, *documents
+    )
+    assert result.returncode == 0, result.stderr
+    return [item["index"] for item in json.loads(result.stdout)["results"]]
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 60, poll_seconds: float = 0.2) -> None:

@@ -29,7 +29,7 @@ from rerankd.engine.tokenize import InstructionNotTakenError, PairOptions
 from rerankd.modeling.causal import CAUSAL_FAMILIES, QWEN3_ASSISTANT, QWEN3_DEFAULT_INSTRUCTION, QWEN3_SYSTEM
 from rerankd.settings import RuntimeSettings
 
-from serving import run_cli, running_server
+from serving import rank_order, running_server
 
 MXBAI_PYTHON = Path(
     os.environ.get("MXBAI_REFERENCE_PYTHON", Path(__file__).parents[1] / ".venv-mxbai" / "bin" / "python")
@@ -251,20 +251,7 @@ def test_served_over_http_with_an_instruction(llm_server: str, family_dirs: dict
 @pytest.mark.parametrize("family", CAUSAL_FAMILY_MODELS)
 def test_rank_ranks_with_each_llm_reranker(family_dirs: dict[str, Path], family: str) -> None:
     _, truth = reference(family, family_dirs[family], QUERY, DOCUMENTS)
-    result = run_cli(
-        "rank",
-        "--model",
-        str(family_dirs[family]),
-        "--dtype",
-        "float32",
-        "--json",
-        "--query",
-        QUERY,
-        *DOCUMENTS,
-    )
-    assert result.returncode == 0, result.stderr
-    ranked = json.loads(result.stdout)["results"]
-    assert [item["index"] for item in ranked] == list(np.argsort(truth)[::-1])
+    assert rank_order(family_dirs[family], QUERY, DOCUMENTS) == list(np.argsort(truth)[::-1])
 
 
 def test_every_catalogued_llm_reranker_is_served_and_has_a_random_model() -> None:

@@ -28,7 +28,7 @@ from rerankd.modeling.encoders import ENCODER_FAMILIES
 from rerankd.settings import RuntimeSettings
 
 from conftest import load_backend_at
-from serving import run_cli, running_server
+from serving import rank_order, run_cli, running_server
 
 FAMILIES = tuple(ENCODER_FAMILY_MODELS)
 QUERY = "how are the arguments of a function call evaluated"
@@ -226,19 +226,5 @@ def test_random_model_writes_a_family_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rank_ranks_with_each_family(family_dirs: dict[str, Path], family: str) -> None:
     truth, _ = reference_logits(family_dirs[family], QUERY, DOCUMENTS, 512)
-    result = run_cli(
-        "rank",
-        "--model",
-        str(family_dirs[family]),
-        "--dtype",
-        "float32",
-        "--max-length",
-        "512",
-        "--json",
-        "--query",
-        QUERY,
-        *DOCUMENTS,
-    )
-    assert result.returncode == 0, result.stderr
-    ranked = json.loads(result.stdout)["results"]
-    assert [item["index"] for item in ranked] == list(np.argsort(truth[:, 0])[::-1])
+    ranked = rank_order(family_dirs[family], QUERY, DOCUMENTS, "--max-length", "512")
+    assert ranked == list(np.argsort(truth[:, 0])[::-1])
