@@ -9,13 +9,14 @@ import torch
 from tokenizers import Tokenizer
 
 from rerankd.backends.base import Batch, ModelLoadError
-from rerankd.backends.encoder_backend import transformers_backend_info, transformers_load_errors
+from rerankd.backends.encoder_backend import transformers_load_errors
 from rerankd.backends.torch_backend import (
     TorchBackend,
     apply_threads,
     padded_batch,
     resolve_device,
     resolve_dtype,
+    torch_backend_info,
 )
 from rerankd.modeling.causal import CausalFamily, CausalReranker, load_causal
 from rerankd.settings import RuntimeSettings
@@ -50,7 +51,7 @@ def build_causal_backend(
     with transformers_load_errors(folder, family.architecture):
         model = load_causal(folder, (yes, no), dtype, device)
         max_length = int(raw_config["max_position_embeddings"])
-    info = transformers_backend_info(folder, raw_config, family.name, device, dtype, max_length)
+    info = torch_backend_info(folder, raw_config, "torch", family.name, device, dtype, max_length)
     pad_id = raw_config.get("pad_token_id")
     backend = CausalBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
     backend.prompt = family.prompt

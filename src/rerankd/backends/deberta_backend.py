@@ -4,7 +4,6 @@ GGUF), with its tokens packed past padding, and CUDA graphs on a GPU."""
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,16 +20,14 @@ from rerankd.backends.torch_backend import (
     padded_batch,
     resolve_device,
     resolve_dtype,
+    torch_backend_info,
 )
-from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import DebertaReranker, TokenLayout
 from rerankd.modeling.onednn import bound_kernel_caches
 from rerankd.modeling.reference_rows import Float32Rows
 from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
 from rerankd.settings import RuntimeSettings
-
-logger = logging.getLogger(__name__)
 
 
 def reference_token_ids(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], pad_id: int) -> set[int]:
@@ -108,15 +105,7 @@ def build_deberta_backend(
         raise ModelLoadError(f"{source}: {error}") from error
     except KeyError as error:
         raise ModelLoadError(f"{source}: the model config lacks the required key {error}") from error
-    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
-    if untrained:
-        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", source)
-    info = BackendInfo(
-        backend=backend_name,
-        family="deberta-v2",
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        max_length=config.max_position_embeddings,
-        untrained=untrained,
+    info = torch_backend_info(
+        source, raw_config, backend_name, "deberta-v2", device, dtype, config.max_position_embeddings
     )
     return DebertaBackend(model, tokenizer, info, settings)

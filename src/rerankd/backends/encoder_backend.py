@@ -3,7 +3,6 @@ CPU or CUDA, with the token type ids of each pair's segments where the network r
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rerankd.backends.base import BackendInfo, Batch, ModelLoadError
+from rerankd.backends.base import Batch, ModelLoadError
 from rerankd.backends.torch_backend import (
     TorchBackend,
     apply_threads,
@@ -19,13 +18,11 @@ from rerankd.backends.torch_backend import (
     resolve_device,
     resolve_dtype,
     segment_ids,
+    torch_backend_info,
 )
-from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.config import UnsupportedModelError
 from rerankd.modeling.encoders import EncoderFamily, EncoderReranker, load_encoder
 from rerankd.settings import RuntimeSettings
-
-logger = logging.getLogger(__name__)
 
 
 class EncoderBackend(TorchBackend):
@@ -50,7 +47,7 @@ def build_encoder_backend(
     with transformers_load_errors(folder, family.architecture):
         model = load_encoder(folder, family, dtype, device)
         max_length = family.max_length(raw_config)
-    info = transformers_backend_info(folder, raw_config, family.name, device, dtype, max_length)
+    info = torch_backend_info(folder, raw_config, "torch", family.name, device, dtype, max_length)
     pad_id = raw_config.get("pad_token_id")
     return EncoderBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
 
@@ -67,20 +64,3 @@ def transformers_load_errors(folder: Path, architecture: str) -> Iterator[None]:
     # transformers reports a bad checkpoint (missing or misshapen tensors, unreadable files) as these.
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"{folder}: transformers could not load the {architecture}: {error}") from error
-
-
-def transformers_backend_info(
-    folder: Path, raw_config: dict, family: str, device: torch.device, dtype: torch.dtype, max_length: int
-) -> BackendInfo:
-    """A `transformers` network's info, warning when config.json marks its weights random."""
-    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
-    if untrained:
-        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", folder)
-    return BackendInfo(
-        backend="torch",
-        family=family,
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        max_length=max_length,
-        untrained=untrained,
-    )

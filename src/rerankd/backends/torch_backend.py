@@ -8,6 +8,7 @@ import logging
 import os
 from abc import abstractmethod
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from rerankd.backends.base import (
     RerankBackend,
 )
 from rerankd.backends.heap import HeapTrimmer
+from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.onednn import pack_dense_layers
 from rerankd.settings import RuntimeSettings
 
@@ -80,6 +82,29 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPES:
         raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
+
+
+def torch_backend_info(
+    source: Path,
+    raw_config: dict,
+    backend: str,
+    family: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_length: int,
+) -> BackendInfo:
+    """A torch network's info, warning when config.json marks its weights random."""
+    untrained = bool(raw_config.get(UNTRAINED_KEY, False))
+    if untrained:
+        logger.warning("%s holds RANDOM, UNTRAINED weights: its scores are meaningless", source)
+    return BackendInfo(
+        backend=backend,
+        family=family,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_length=max_length,
+        untrained=untrained,
+    )
 
 
 def padded_batch(
