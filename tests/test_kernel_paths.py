@@ -51,7 +51,23 @@ KERNEL_PATHS = {
     "AMX (Intel Sapphire Rapids)": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"},
 }
 PATHS_WITH_BF16_UNITS = {"AVX512-BF16 (AMD EPYC)", "AMX (Intel Sapphire Rapids)"}
-CPU_HAS_BF16_UNITS = bool({"avx512_bf16", "amx_tile"} & set(describe_machine()["cpu_features"]))
+CPU_FEATURES = set(describe_machine()["cpu_features"])
+CPU_HAS_BF16_UNITS = bool({"avx512_bf16", "amx_tile"} & CPU_FEATURES)
+# MKL and oneDNN take their setting as a ceiling, but torch runs the kernels ATEN_CPU_CAPABILITY names even
+# where the CPU lacks them (an illegal instruction on an AVX2-only EPYC): capped at what this CPU has.
+HIGHEST_ATEN_CAPABILITY = (
+    "avx512" if "avx512f" in CPU_FEATURES else "avx2" if "avx2" in CPU_FEATURES else "default"
+)
+ATEN_CAPABILITIES = ["default", "avx2", "avx512"]
+
+
+def runnable(path: dict[str, str]) -> dict[str, str]:
+    """A path's settings with torch's capability capped at this CPU's."""
+    wanted = path["ATEN_CPU_CAPABILITY"]
+    highest = ATEN_CAPABILITIES.index(HIGHEST_ATEN_CAPABILITY)
+    return {**path, "ATEN_CPU_CAPABILITY": ATEN_CAPABILITIES[min(ATEN_CAPABILITIES.index(wanted), highest)]}
+
+
 SETTINGS = {name for path in KERNEL_PATHS.values() for name in path} | {"DNNL_MAX_CPU_ISA"}
 
 
@@ -59,7 +75,7 @@ def measure(case: Path, path: str) -> dict:
     env = {name: value for name, value in os.environ.items() if name not in SETTINGS}
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "parity.py"), str(case)],
-        env={**env, **KERNEL_PATHS[path], "OMP_NUM_THREADS": "1"},
+        env={**env, **runnable(KERNEL_PATHS[path]), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
