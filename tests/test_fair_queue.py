@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rerankd.engine.fair_queue import FairQueue, deliver
+import pytest
+
+from rerankd.engine.fair_queue import FairQueue, admits, deliver
 
 
 def pairs_of(lengths: list[int]) -> list[list[int]]:
@@ -65,3 +67,22 @@ def test_an_empty_request_queues_nothing() -> None:
     queue = FairQueue()
     queue.add([])
     assert not queue and queue.queued_pairs == 0
+
+
+@pytest.mark.parametrize(
+    ("pairs", "queued", "waiting", "admitted"),
+    [
+        (5, 0, 0, True),  # fits
+        (50, 0, 0, True),  # larger than the limit, but the queue is idle
+        (3, 9, 1, True),  # fits beside what waits
+        (4, 9, 1, True),  # past the limit, within its share: 10 // 2
+        (6, 9, 1, False),  # past the limit and past its share
+        (1, 1000, 1, True),  # one huge request waits: a small one still gets in
+        (4, 1000, 2, False),  # 10 // 3 = 3 is the share of a third request
+        (3, 1000, 2, True),
+    ],
+)
+def test_a_request_is_admitted_when_it_fits_the_queue_is_idle_or_it_is_within_its_share(
+    pairs: int, queued: int, waiting: int, admitted: bool
+) -> None:
+    assert admits(pairs, queued, waiting, limit=10) is admitted

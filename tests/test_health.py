@@ -39,14 +39,14 @@ def test_ready_reports_a_model_whose_backend_is_unhealthy(xsmall_model_dir: Path
     settings = ServeSettings(device="cpu").for_device("cpu")
     engine = RerankEngine("xsmall", backend, settings)
     engine.warm_up()
-    assert backend.pass_threads == ["forward-xsmall_0"]  # the engine's forward thread, as every batch
+    assert set(backend.pass_threads) == {"forward-xsmall_0"}  # the engine's forward thread, as every batch
     with TestClient(create_app(ServedModels.of([engine]), settings)) as client:
         assert client.get("/ready").json()["status"] == "ready"
         backend.problem = "cuda:0: an illegal memory access was encountered"
         refused = client.get("/ready")
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert refused.json() == {
-            "status": "failed",
+        assert refused.json() == {  # a backend may recover: 503 with Retry-After, not a permanent failure
+            "status": "unhealthy",
             "ready": [],
             "pending": [],
             "failed": {"xsmall": f"unhealthy: {backend.problem}"},

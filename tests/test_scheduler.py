@@ -220,26 +220,33 @@ def test_a_scheduler_needs_settings_resolved_for_a_device() -> None:
         BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), RuntimeSettings())
 
 
-def test_admission_refuses_what_would_pass_max_queued_pairs(forward: RecordingForward) -> None:
+def test_admission_refuses_what_would_pass_max_queued_pairs_beyond_its_fair_share(
+    forward: RecordingForward,
+) -> None:
     scheduler, executor = make_scheduler(
         forward, max_batch_tokens=64, max_batch_pairs=1, batch_wait_ms=0, max_queued_pairs=5
     )
 
-    async def fill_then_overflow():
+    async def fill_then_overflow() -> list[list[float]]:
         forward.release.clear()
         first = asyncio.ensure_future(
             scheduler.submit(sequences(1, [4] * 20))
-        )  # an empty queue takes any size
+        )  # an idle queue takes any size
         await held_in_forward(forward)
         with pytest.raises(QueueFullError, match="max-queued-pairs"):
-            await scheduler.submit(sequences(2, [4]))
+            await scheduler.submit(sequences(2, [4] * 3))  # past the limit and past 5 // 2, its share
+        held = scheduler.admit(2)  # within its share: taken although the queue is past the limit
+        with pytest.raises(QueueFullError, match="fair share"):
+            scheduler.admit(2)  # a third request's share is 5 // 3 = 1
+        scheduler.release(held)
         forward.release.set()
         await first
-        return await scheduler.submit(sequences(3, [4] * 5))
+        return [await scheduler.submit(sequences(3, [4] * 5)), await scheduler.submit(sequences(4, [4]))]
 
-    assert len(run(fill_then_overflow())) == 5
+    assert [len(logits) for logits in run(fill_then_overflow())] == [5, 1]
     executor.shutdown()
     assert all(ids[0] != 2 for batch in forward.batches for ids in batch)
+    assert scheduler.queued_pairs == 0
 
 
 class GatedForward:

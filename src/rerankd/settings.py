@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -39,6 +40,7 @@ DEFAULT_CHUNK_OVERLAP = 64  # tokens shared by consecutive windows of a chunked 
 # requests gather on their own behind the running pass (measurements: docs/decisions.md).
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_BATCH_WAIT_MS = {"cpu": 2.0, "cuda": 0.0}
+DEFAULT_MAX_QUEUED_PAIRS = 4096
 
 
 def _split_commas(value: Any) -> Any:
@@ -57,7 +59,7 @@ StringList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 class RuntimeSettings(BaseSettings):
     """How models are found and run: shared by every command that loads a model."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", hide_input_in_errors=True)
 
     model_cache: Path = Field(Path("models"), description="where Hub downloads are kept")
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin (default: main)")
@@ -97,9 +99,10 @@ class RuntimeSettings(BaseSettings):
         "GGUF rerankers llama.cpp serves (BERT, XLM-RoBERTa, Jina-BERT, ModernBERT)",
     )
     max_queued_pairs: int | None = Field(
-        None,
+        DEFAULT_MAX_QUEUED_PAIRS,
         ge=1,
-        description="pairs waiting per model; a request that would pass it gets 429 (default: none)",
+        description="pairs waiting per model (queued or being tokenized); a request that would pass it gets "
+        "429 unless it is within its fair share of the queue, the limit over the requests waiting",
     )
 
     def for_device(self, device: str) -> Self:
@@ -146,8 +149,38 @@ class ServeSettings(RuntimeSettings):
     chunk_overlap: int = Field(
         DEFAULT_CHUNK_OVERLAP, ge=0, description="tokens shared by consecutive windows of a chunked document"
     )
+    max_request_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="(query, window) pairs one request may make, chunk mode's windows included (more: 413; "
+        "default: --max-documents)",
+    )
     request_timeout: float | None = Field(
-        None, gt=0, description="seconds a request may take; its queued work is then dropped (504)"
+        300.0,
+        gt=0,
+        description="seconds a request may take from its first byte, upload included; its queued work is "
+        "then dropped (504)",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send a request's headers (then closed)"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a request body may take to arrive (more: 408)"
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle keep-alive connection is kept open between requests"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open connections at most; past it a new connection gets 503 and is closed (default: the "
+        "open-files limit, raised to its hard limit, less a reserve for models and logs)",
+    )
+    max_body_bytes_in_flight: int | None = Field(
+        None,
+        ge=1024,
+        description="request-body bytes read or parsed at once across requests; a request that would pass it "
+        "gets 503 before its body is read (default: 4 x --max-request-bytes)",
     )
     api_key: StringList = Field(
         [], description="accepted API keys (repeatable; `Authorization: Bearer KEY`); none: no auth"
@@ -159,6 +192,27 @@ class ServeSettings(RuntimeSettings):
     )
     warmup: bool = Field(True, description="score a small request with each model before it is ready")
     log_format: Literal["json", "text"] = Field("json", description="request log lines as JSON or text")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _usable_api_keys(cls, value: Any) -> Any:
+        """Refuse, rather than strip, an empty key or one with whitespace at either end: an empty key would
+        let a request without a key through, and HTTP drops a header's surrounding whitespace, so no client
+        could send the other. Checked as written, before `_split_commas` strips the comma-separated form (in
+        which whitespace next to a comma only separates keys: `a, b`). Keys are compared as UTF-8, so an
+        environment variable's undecodable bytes are refused too. The messages never quote a key."""
+        comma_separated = isinstance(value, str) and not value.startswith("[")
+        written = re.split(r"\s*,\s*", value) if comma_separated else _split_commas(value)
+        for key in written if isinstance(written, list) else []:
+            if not isinstance(key, str):
+                continue  # the list's own validation refuses it
+            if not key:
+                raise ValueError("an API key is empty (leave the setting unset to serve without keys)")
+            if key != key.strip():
+                raise ValueError("an API key starts or ends with whitespace, which no client can send")
+            if any("\ud800" <= char <= "\udfff" for char in key):
+                raise ValueError("an API key is not valid UTF-8")
+        return value
 
     def served_models(self) -> list[tuple[str, str]]:
         """(served name, model reference) per model, first the default."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from rerankd import __version__
 from rerankd.api.dialects import antfly, cohere, mixedbread
 from rerankd.api.errors import install_error_handlers
+from rerankd.api.intake import RequestIntake
 from rerankd.api.observability import RequestObserver
 from rerankd.api.routes import router
 from rerankd.api.state import AppState, attach_state
@@ -34,6 +36,7 @@ def create_app(
     Engines are closed when the app shuts down. The HTTP limits, security and warm-up come from `settings`."""
     settings = settings or ServeSettings()
     metrics = metrics or ServerMetrics()
+    state = AppState(models, settings, metrics, started=int(time.time()))
 
     def load_models() -> None:
         assert loader is not None
@@ -43,6 +46,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.shutdown.bind(asyncio.get_running_loop())
         if loader is not None:
             threading.Thread(target=load_models, name="model-loader", daemon=True).start()
         yield
@@ -57,7 +61,7 @@ def create_app(
         "engine.",
         lifespan=lifespan,
     )
-    attach_state(app, AppState(models, settings, metrics, started=int(time.time())))
+    attach_state(app, state)
     install_error_handlers(app)
     for dialect_router in (router, cohere.v1_router, cohere.v2_router, mixedbread.router, antfly.router):
         app.include_router(dialect_router)
@@ -69,10 +73,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Total-Time", "X-Inference-Time", "X-Queue-Time"],
         )
-    app.add_middleware(
-        RequestObserver,
-        routes=app.router.routes,
-        metrics=metrics,
-        max_request_bytes=settings.max_request_bytes,
-    )
+    # Added last, runs first: the observer times and logs everything the intake refuses or lets through.
+    app.add_middleware(RequestIntake, routes=app.router.routes, settings=settings, shutdown=state.shutdown)
+    app.add_middleware(RequestObserver, routes=app.router.routes, metrics=metrics)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,14 +39,33 @@ def _check_object(value: Any, where: str, depth: int = 0) -> None:
             _check_object(item, where, depth + 1)
 
 
-def _field_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type: the message says what was sent without echoing a whole object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+def _field_text(document: dict[str, Any], field: str, where: str) -> str:
+    """A rank field's value, which must be a string: scoring `null`, `5` or `false` as the texts "null", "5"
+    or "false" would rank a document on text its sender never wrote."""
+    value = document[field]
+    if not isinstance(value, str):
+        param = f"{where}.{field}"
+        message = f"{param}: must be a string, not {_json_type(value)}"
+        raise APIError(422, message, ErrorType.INVALID_REQUEST, param)
+    return value
 
 
 def document_text(document: str | dict[str, Any], rank_fields: Sequence[str], where: str) -> str:
     """The text scored for one document. A string is itself. An object with one rank field is that field's
     value (so `{"text": x}` scores exactly like `x`); with several, `field: value` lines in the order given,
-    skipping fields the object lacks. An object with none of the fields is refused, naming it (`where`)."""
+    skipping fields the object lacks. An object with none of the fields, or with a rank field that is no
+    string, is refused, naming it (`where`)."""
     if isinstance(document, str):
         return document
     _check_object(document, where)
@@ -60,8 +78,8 @@ def document_text(document: str | dict[str, Any], rank_fields: Sequence[str], wh
             where,
         )
     if len(rank_fields) == 1:
-        return _field_text(document[present[0]])
-    return "\n".join(f"{field}: {_field_text(document[field])}" for field in present)
+        return _field_text(document, present[0], where)
+    return "\n".join(f"{field}: {_field_text(document, field, where)}" for field in present)
 
 
 def document_texts(

@@ -3,20 +3,23 @@
 A route's dialect decides the body (`ErrorShape`): rerankd's own is
 `{"error": {"message", "type", "param", "code"}}`; TEI clients read `{"error", "error_type"}`, Jina clients
 `detail`, Cohere clients `message`. Messages name the offending field; no traceback or internal path ever
-reaches a client. 429 and 503 carry `Retry-After`, which Cohere's and Mixedbread's clients honour.
+reaches a client. 429 and 503 carry `Retry-After`, which Cohere's and Mixedbread's clients honour, except
+for a model that failed to load, which no retry helps.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
 MAX_MESSAGE_CHARS = 1000
+INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop: a thread costs more
 # Tags of the request unions a route may take (see `rerankd.api.routes`): part of pydantic's error location,
 # never a field a client sent.
 UNION_TAGS = frozenset({"rerankd request", "tei request"})
@@ -70,7 +74,10 @@ class APIError(Exception):
         error_type: ErrorType,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retry: bool = True,
     ) -> None:
+        """`retry` False: a 503 that asking again will not change (a model that failed to load), answered
+        without `Retry-After`, which Cohere's and Mixedbread's clients would otherwise follow forever."""
         if len(message) > MAX_MESSAGE_CHARS:  # messages may quote client input: never echo megabytes back
             message = message[:MAX_MESSAGE_CHARS] + "… (cut)"
         super().__init__(message)
@@ -79,6 +86,7 @@ class APIError(Exception):
         self.error_type = error_type
         self.param = param
         self.headers = dict(headers or {})
+        self.retry = retry
 
 
 ErrorShape = Callable[[APIError], dict[str, Any]]
@@ -106,6 +114,45 @@ class DialectRoute(APIRoute):
     def error_shape_for_start(self, body_start: bytes) -> ErrorShape:
         """The shape for a request refused before its body was parsed (too large): from what was read."""
         return self.error_shape
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parse_then_handle(request: Request) -> Response:
+            await parse_json_body(request)
+            return await handler(request)
+
+        return parse_then_handle
+
+
+async def parse_json_body(request: Request) -> None:
+    """Parse a JSON body before FastAPI does, which then takes the result: a large body in a worker thread
+    (parsing 16 MB takes the event loop away from every other request for a second), and whatever the parser
+    refuses (invalid UTF-8, an integer of thousands of digits, nesting past the recursion limit) is the
+    invalid-JSON error naming the body, not a generic 400."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type and "json" not in content_type:
+        return  # FastAPI hands such a body to validation as bytes: a 422 naming the body
+    body = await request.body()
+    if not body:
+        return
+    try:
+        if len(body) > INLINE_PARSE_BYTES:
+            request._json = await run_in_threadpool(json.loads, body)
+        else:
+            request._json = json.loads(body)
+    except RecursionError as error:
+        raise _invalid_json("nested too deeply") from error
+    except UnicodeDecodeError as error:
+        raise _invalid_json("not UTF-8") from error
+    except json.JSONDecodeError as error:
+        raise _invalid_json(f"{error.msg} at character {error.pos}") from error
+    except ValueError as error:  # an integer past Python's digit limit
+        raise _invalid_json(str(error).split(";")[0]) from error
+
+
+def _invalid_json(reason: str) -> APIError:
+    return APIError(400, f"request body is not valid JSON ({reason})", ErrorType.INVALID_JSON, "body")
 
 
 def dialect_route(shape: ErrorShape) -> type[DialectRoute]:
@@ -144,13 +191,21 @@ def error_body_for(
     return native_error(error)
 
 
-def _respond(request: Request, error: APIError, body: Any = None) -> JSONResponse:
+def error_headers(error: APIError) -> dict[str, str]:
+    """The headers of an error's answer: its own, `Retry-After` on 429 and 503 (unless no retry helps), the
+    auth scheme on 401."""
     headers = dict(error.headers)
-    if error.status in (429, 503):
+    if error.status in (429, 503) and error.retry:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(status_code=error.status, content=_shape(request, body)(error), headers=headers)
+    return headers
+
+
+def _respond(request: Request, error: APIError, body: Any = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=error.status, content=_shape(request, body)(error), headers=error_headers(error)
+    )
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
@@ -178,9 +233,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = error.errors()
-        if any(item.get("type") == "json_invalid" for item in errors):
-            invalid = APIError(400, "request body is not valid JSON", ErrorType.INVALID_JSON, "body")
-            return _respond(request, invalid)
         first = (
             _validation_error(errors[0])
             if errors

@@ -4,7 +4,7 @@ and `/info`."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -22,7 +22,14 @@ from rerankd.api.dialects.tei import (
     starts_tei_body,
     tei_error,
 )
-from rerankd.api.errors import ERROR_RESPONSES, RETRY_AFTER_SECONDS, DialectRoute, ErrorShape, native_error
+from rerankd.api.errors import (
+    ERROR_RESPONSES,
+    RETRY_AFTER_SECONDS,
+    APIError,
+    DialectRoute,
+    ErrorShape,
+    native_error,
+)
 from rerankd.api.schemas import (
     ChunkInfo,
     DocumentText,
@@ -90,29 +97,41 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _holds_key(request: Request) -> bool:
+    """Whether the request may see what only key holders see (every request, when the server has no keys).
+    Read in the route, not as a dependency, so that `/ready` stays open to probes, and documented as open."""
+    try:
+        check_api_key(request, await bearer(request))
+    except APIError:
+        return False
+    return True
+
+
 @router.get(
     "/ready",
-    summary="Readiness: every model loaded and warmed up",
-    responses={503: {"model": Readiness, "description": "models still loading, or failed"}},
+    summary="Readiness: whether to send this server traffic",
+    description="200 when every model serves (`ready`), or when every model has finished loading and the "
+    "ones that failed to load, for good until a restart, are set aside (`degraded`). 503 with `Retry-After` "
+    "while a model loads or a loaded model's backend reports a problem; 503 without it when no model serves. "
+    "Without a key, on a server with keys, the answer holds `status` alone.",
+    responses={
+        200: {"model": Readiness, "description": "ready, or degraded"},
+        503: {"model": Readiness, "description": "models still loading, unhealthy, or none serving"},
+    },
 )
 async def ready(request: Request) -> JSONResponse:
-    slots = _served(request).slots()
-    pending = [slot.name for slot in slots if slot.state == "loading"]
-    failed = {slot.name: slot.error or "failed" for slot in slots if slot.state == "failed"}
-    serving = []
-    for slot in slots:
-        problem = slot.engine.health() if slot.engine is not None else None
-        if problem is not None:
-            failed[slot.name] = f"unhealthy: {problem}"
-        elif slot.state == "ready":
-            serving.append(slot.name)
-    status: Literal["ready", "loading", "failed"] = (
-        "ready" if not pending and not failed else "loading" if pending else "failed"
-    )
-    body = Readiness(status=status, ready=serving, pending=pending, failed=failed)
-    if status == "ready":
-        return JSONResponse(body.model_dump())
-    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    readiness = _served(request).readiness()
+    body = Readiness(status=readiness.status)
+    if await _holds_key(request):
+        body = Readiness(
+            status=readiness.status,
+            ready=readiness.serving,
+            pending=readiness.pending,
+            failed=readiness.failed,
+        )
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if readiness.may_change else None
+    status_code = 200 if readiness.takes_traffic else 503
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status_code, headers=headers)
 
 
 @router.get(

@@ -3,11 +3,13 @@ validation enforces."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from rerankd.engine.engine import DocumentScore
+from rerankd.engine.models import ServingStatus
 
 EXAMPLE_REQUEST: dict[str, Any] = {
     "model": "mixedbread-ai/mxbai-rerank-base-v1",
@@ -20,14 +22,27 @@ EXAMPLE_REQUEST: dict[str, Any] = {
 }
 
 
+# Characters that show nothing: controls, format characters (zero-width space and joiners, BOM, bidi marks)
+# and unassigned code points (noncharacters included); with whitespace, a query of only these is blank.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn"})
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` has no visible character: `str.strip` alone lets a query of zero-width spaces through,
+    and such a query gives the model nothing to match."""
+    return all(char.isspace() or unicodedata.category(char) in INVISIBLE_CATEGORIES for char in text)
+
+
 def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be blank")
+    if is_blank(text):
+        raise ValueError("must not be blank (it has no visible character)")
     return text
 
 
 QueryText = Annotated[
-    StrictStr, AfterValidator(_not_blank), Field(description="The search query (not blank).")
+    StrictStr,
+    AfterValidator(_not_blank),
+    Field(description="The search query (not blank: at least one visible character)."),
 ]
 ModelName = Annotated[
     StrictStr | None, Field(description="Served model name; the default model when omitted.")
@@ -156,11 +171,18 @@ class ModelList(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "failed"]
-    ready: list[str]
-    pending: list[str] = Field(description="models still loading")
-    failed: dict[str, str] = Field(
-        description="models that failed to load, or whose backend is unhealthy, and why"
+    """`/ready`'s answer. When the server has keys, a request without one gets `status` alone: model names and
+    load errors (which may name server paths) are for key holders."""
+
+    status: ServingStatus = Field(
+        description="ready: every model serves; degraded: every model finished loading, some failed for "
+        "good and the rest serve; loading; unhealthy: a loaded model's backend reports a problem; failed: no "
+        "model serves"
+    )
+    ready: list[str] | None = Field(None, description="models that serve")
+    pending: list[str] | None = Field(None, description="models still loading")
+    failed: dict[str, str] | None = Field(
+        None, description="models that failed to load, or whose backend is unhealthy, and why"
     )
 
 

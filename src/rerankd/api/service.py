@@ -7,6 +7,7 @@ response, so every route scores the same pairs the same way.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from fastapi import Request
 
 from rerankd.api.documents import is_valid_text
 from rerankd.api.errors import APIError, ErrorType
-from rerankd.api.state import app_state, record_of
-from rerankd.engine.engine import ScoredDocuments
+from rerankd.api.state import RequestRecord, app_state, record_of
+from rerankd.engine.engine import NonFiniteScoresError, ScoredDocuments, TooManyPairsError
 from rerankd.engine.models import ModelNotReadyError, UnknownModelError
 from rerankd.engine.postprocess import RankedDocument, rank
 from rerankd.engine.scheduler import QueueFullError
@@ -116,6 +117,14 @@ async def _unless_disconnected(request: Request, scoring: Awaitable[ScoredDocume
     return task.result()
 
 
+def _seconds_left(record: RequestRecord | None, settings: ServeSettings) -> float | None:
+    """What is left of `--request-timeout`, counted from the request's first byte (the upload's time
+    included) where the middleware set its deadline."""
+    if record is None or record.deadline is None:
+        return settings.request_timeout
+    return max(record.deadline - time.perf_counter(), 0.0)
+
+
 async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
     models = app_state(request).models
     settings = settings_of(request)
@@ -125,11 +134,15 @@ async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
     except UnknownModelError as error:
         raise APIError(404, str(error), ErrorType.MODEL_NOT_FOUND, "model") from error
     except ModelNotReadyError as error:
-        raise APIError(503, str(error), ErrorType.UNAVAILABLE, "model") from error
+        raise APIError(503, str(error), ErrorType.UNAVAILABLE, "model", retry=not error.permanent) from error
     where = call.documents_field
+    record = record_of(request)
     try:
-        scoring = engine.score(call.query, call.texts, call.options)
-        scored = await asyncio.wait_for(_unless_disconnected(request, scoring), settings.request_timeout)
+        max_pairs = settings.max_request_pairs or settings.max_documents
+        scoring = engine.score(call.query, call.texts, call.options, max_pairs)
+        scored = await asyncio.wait_for(
+            _unless_disconnected(request, scoring), _seconds_left(record, settings)
+        )
     except TimeoutError as error:
         message = (
             f"the request took longer than {settings.request_timeout:g} s (--request-timeout); "
@@ -139,12 +152,15 @@ async def run_rerank(request: Request, call: RerankCall) -> RerankOutcome:
     except InputTooLongError as error:
         param = f"{where}.{error.index}"
         raise APIError(413, f"{param}: {error}", ErrorType.INPUT_TOO_LONG, param) from error
+    except TooManyPairsError as error:
+        raise APIError(413, f"{where}: {error}", ErrorType.TOO_MANY_DOCUMENTS, where) from error
     except InstructionNotTakenError as error:
         message = f"instruction: model {engine.name!r} ({engine.info.family}): {error}"
         raise APIError(422, message, ErrorType.INVALID_REQUEST, "instruction") from error
     except QueueFullError as error:
         raise APIError(429, str(error), ErrorType.OVERLOADED) from error
-    record = record_of(request)
+    except NonFiniteScoresError as error:
+        raise APIError(500, str(error), ErrorType.INTERNAL_ERROR) from error
     if record is not None:
         record.model, record.scored = engine.name, scored
     request_id = record.request_id if record is not None else uuid.uuid4().hex

@@ -14,6 +14,7 @@ from rerankd.backends.base import ModelLoadError
 from rerankd.backends.deberta_backend import DebertaBackend, build_deberta_backend
 from rerankd.formats.gguf_file import GGUFModelError, find_gguf_variants
 from rerankd.formats.gguf_reader import open_deberta_gguf
+from rerankd.modeling.config import UnsupportedModelError, check_config_sizes
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ def load_gguf_backend(
 ) -> DebertaBackend:
     try:
         model = open_deberta_gguf(path)
+        check_config_sizes(model.config, model.tensors.shapes().values())
     except GGUFModelError as error:
         raise ModelLoadError(str(error)) from error
+    except UnsupportedModelError as error:  # a sidecar config.json's sizes, or the metadata's
+        raise ModelLoadError(f"{path}: {error}") from error
     logger.info("%s: %s GGUF, tensor types %s", path.name, model.file_type, model.type_summary())
     return build_deberta_backend(
         "gguf", model.config, model.tensors, model.tokenizer(), settings, path, reference_pairs

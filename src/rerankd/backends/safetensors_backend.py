@@ -16,6 +16,7 @@ from rerankd.backends.torch_backend import TorchBackend
 from rerankd.formats.safetensors import SafetensorsCheckpoint, SafetensorsCheckpointError
 from rerankd.formats.tokenizer import TokenizerLoadError, load_prompt_tokenizer, load_tokenizer
 from rerankd.modeling.causal import CAUSAL_FAMILIES, causal_family
+from rerankd.modeling.config import UnsupportedModelError, check_config_sizes
 from rerankd.modeling.encoders import ENCODER_FAMILIES, encoder_family
 from rerankd.settings import RuntimeSettings
 
@@ -26,9 +27,12 @@ SERVED_ARCHITECTURES = (DEBERTA_ARCHITECTURE, *ENCODER_FAMILIES, *CAUSAL_FAMILIE
 def load_safetensors_backend(
     folder: Path, settings: RuntimeSettings, reference_pairs: Sequence[tuple[str, str]] = ()
 ) -> TorchBackend:
-    """The folder's model on the torch backend (`reference_pairs`: see `registry.load_backend`)."""
+    """The folder's model on the torch backend (`reference_pairs`: see `registry.load_backend`). A config
+    whose sizes the checkpoint cannot back is refused first, before any family allocates from it."""
     try:
         raw_config = json.loads((folder / "config.json").read_text())
+        reader = SafetensorsCheckpoint(folder)
+        check_config_sizes(raw_config, reader.shapes().values())
         architectures = raw_config.get("architectures") or [DEBERTA_ARCHITECTURE]
         llm = causal_family(raw_config)
         if llm is not None:
@@ -43,11 +47,10 @@ def load_safetensors_backend(
         tokenizer = load_tokenizer(folder, middle_separators)
         if family is not None:
             return build_encoder_backend(folder, raw_config, family, tokenizer, settings)
-        reader = SafetensorsCheckpoint(folder)
     except FileNotFoundError as error:
         raise ModelLoadError(f"{folder}: {error.filename} is missing") from error
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({error})") from error
-    except (SafetensorsCheckpointError, TokenizerLoadError) as error:
+    except (SafetensorsCheckpointError, TokenizerLoadError, UnsupportedModelError) as error:
         raise ModelLoadError(f"{folder}: {error}") from error
     return build_deberta_backend("torch", raw_config, reader, tokenizer, settings, folder, reference_pairs)

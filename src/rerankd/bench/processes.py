@@ -72,9 +72,14 @@ def running_process(
                 time.sleep(0.2)
             yield ServerProcess(base_url, process)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], seconds: float = 20) -> None:
+    """Terminate `process`, and kill it if it has not exited within `seconds`."""
+    process.terminate()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

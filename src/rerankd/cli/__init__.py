@@ -30,12 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from rerankd.backends.base import ModelLoadError
-    from rerankd.formats.gguf_writer import GGUFExportError
-    from rerankd.hub import ModelSourceError
-
     try:
         return int(args.run(args))
-    except (ModelSourceError, ModelLoadError, GGUFExportError) as error:
+    except Exception as error:
+        # Imported only now: they load torch, which takes seconds that `serve` must not spend before it
+        # catches its stop signals.
+        from rerankd.backends.base import ModelLoadError
+        from rerankd.formats.gguf_writer import GGUFExportError
+        from rerankd.hub import ModelSourceError
+
+        if not isinstance(error, ModelSourceError | ModelLoadError | GGUFExportError):
+            raise
         print(f"rerankd: {error}", file=sys.stderr)
         return 1

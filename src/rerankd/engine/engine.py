@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,11 +12,20 @@ from dataclasses import dataclass
 
 from rerankd.backends.base import BackendInfo, RerankBackend
 from rerankd.engine.scheduler import BatchObserver, BatchScheduler, RequestTiming
-from rerankd.engine.tokenize import DEFAULT_PAIR_OPTIONS, EncodedDocument, PairOptions, PairTokenizer
+from rerankd.engine.tokenize import (
+    DEFAULT_PAIR_OPTIONS,
+    EncodedDocument,
+    EncodedRequest,
+    PairOptions,
+    PairTokenizer,
+)
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
+# Documents tokenized per turn of the tokenizer pool: small enough that cancelling a request, or a small
+# request arriving behind a large one, waits for little; large enough that the turns cost little (~50 us).
+TOKENIZE_SLICE = 64
 WARMUP_QUERY = "rerankd warm-up"
 WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
@@ -27,6 +37,25 @@ def max_pair_length(settings: RuntimeSettings, info: BackendInfo) -> int:
     if settings.max_length is None:
         return min(info.max_length, settings.batch_tokens)
     return min(settings.max_length, info.max_length)
+
+
+class TooManyPairsError(ValueError):
+    """A request makes more (query, window) pairs than one request may."""
+
+    def __init__(self, pairs: int, limit: int, documents: int) -> None:
+        super().__init__(
+            f"the request makes more than {limit} (query, window) pairs ({pairs} from its first {documents} "
+            "documents; --max-request-pairs): send fewer documents, or fewer windows per document"
+        )
+
+
+class NonFiniteScoresError(RuntimeError):
+    """The model's logits are NaN or infinite: its weights are broken, and none of its scores means much."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} produced non-finite scores (NaN or infinity): its weights are broken"
+        )
 
 
 @dataclass(frozen=True)
@@ -106,19 +135,28 @@ class RerankEngine:
         return self.backend.info
 
     async def score(
-        self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
+        self,
+        query: str,
+        documents: Sequence[str],
+        options: PairOptions = DEFAULT_PAIR_OPTIONS,
+        max_pairs: int | None = None,
     ) -> ScoredDocuments:
-        """Relevance of every document to the query, in input order. Raises `InputTooLongError` when
-        `options` forbid truncation and a pair does not fit."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        encoded = await loop.run_in_executor(
-            self._tokenize_pool, self.tokenizer.encode, query, documents, options
-        )
-        tokenized = time.perf_counter()
-        pairs = encoded.pairs
-        timing = RequestTiming()
-        logits = await self.scheduler.submit(pairs, timing)
+        """Relevance of every document to the query, in input order. The request is admitted to the queue
+        before any work is spent on it (`QueueFullError` if not), then tokenized a slice at a time, so that
+        cancelling it stops its tokenization too. Raises `TooManyPairsError` past `max_pairs` (query, window)
+        pairs, `InputTooLongError` when `options` forbid truncation and a pair does not fit, and
+        `NonFiniteScoresError` when the model's logits are not numbers."""
+        admission = self.scheduler.admit(len(documents))
+        try:
+            started = time.perf_counter()
+            encoded = await self._encode(query, documents, options, max_pairs)
+            tokenized = time.perf_counter()
+            pairs = encoded.pairs
+            timing = RequestTiming()
+            logits = await self.scheduler.submit(pairs, timing, admission)
+        finally:
+            self.scheduler.release(admission)
+        self._check_finite(logits)
         scores = []
         position = 0
         for document in encoded.documents:
@@ -135,10 +173,44 @@ class RerankEngine:
             inference_seconds=timing.inference_seconds,
         )
 
+    async def _encode(
+        self, query: str, documents: Sequence[str], options: PairOptions, max_pairs: int | None
+    ) -> EncodedRequest:
+        """The request's pairs, encoded in the tokenizer pool a slice of documents at a time: the event loop
+        stops handing out slices once the request is cancelled (a client gone, a timeout) or has passed
+        `max_pairs`, and other requests' slices take turns with its own."""
+        loop = asyncio.get_running_loop()
+        pool = self._tokenize_pool
+        query_ids = await loop.run_in_executor(pool, self.tokenizer.encode_query, query, options.instruction)
+        parts: list[EncodedRequest] = []
+        pairs = 0
+        for first in range(0, len(documents), TOKENIZE_SLICE):
+            part = await loop.run_in_executor(
+                pool,
+                self.tokenizer.encode_documents,
+                query_ids,
+                documents[first : first + TOKENIZE_SLICE],
+                options,
+                first,
+            )
+            pairs += len(part.pairs)
+            if max_pairs is not None and pairs > max_pairs:
+                raise TooManyPairsError(pairs, max_pairs, first + len(part.documents))
+            parts.append(part)
+        return EncodedRequest.joined(parts)
+
     def warm_up(self) -> None:
-        """Score a small request once, on the forward thread (where every pass runs), before serving."""
+        """Run the backend's warm-up pass, then score the warm-up pairs as requests are scored (`launch`), on
+        the forward thread where every pass runs. Logits that are not numbers raise `NonFiniteScoresError`:
+        a model with broken (NaN) weights then fails its load, instead of serving null scores."""
         batch = self.tokenizer.encode_pairs(WARMUP_QUERY, WARMUP_DOCUMENTS)
         self._forward_thread.submit(self.backend.warm_up, batch).result()
+        logits = self._forward_thread.submit(lambda: self.backend.launch(batch).result()).result()
+        self._check_finite(logits)
+
+    def _check_finite(self, logits: Sequence[float]) -> None:
+        if not all(math.isfinite(logit) for logit in logits):
+            raise NonFiniteScoresError(self.name)
 
     def health(self) -> str | None:
         """None while the model can serve; else the backend's reason."""

@@ -68,6 +68,10 @@ class FairQueue(Generic[P]):
     def queued_pairs(self) -> int:
         return sum(len(request.pending) for request in self._requests)
 
+    @property
+    def waiting_requests(self) -> int:
+        return len(self._requests)
+
     def __bool__(self) -> bool:
         return bool(self._requests)
 
@@ -135,6 +139,15 @@ class FairQueue(Generic[P]):
         self._clock += sum(clock_steps)
         self._requests = [request for request in self._requests if request.pending]
         return batch
+
+
+def admits(pairs: int, queued: int, waiting: int, limit: int) -> bool:
+    """Whether a request of `pairs` joins a queue holding `queued` pairs of `waiting` requests under `limit`:
+    when it fits, when the queue is idle (so a request larger than the limit is not refused forever), or when
+    it is within its fair share of the limit, the limit over the requests waiting with it. The last keeps one
+    huge request from getting every small one that arrives behind it refused; the queue may then pass the
+    limit, by at most a share per request."""
+    return queued + pairs <= limit or waiting == 0 or pairs <= limit // (waiting + 1)
 
 
 def deliver(batch: QueuedBatch[P], logits: Sequence[float]) -> list[QueuedRequest[P]]:

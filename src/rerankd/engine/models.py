@@ -2,7 +2,7 @@
 
 A server starts listening before its models are loaded (so `/health` and `/ready` can answer while a large
 model downloads); `load_all` loads and warms them one after another in a background thread. A model that
-fails to load keeps its reason and the others still serve.
+fails to load keeps its reason, stays failed until the server restarts, and the others still serve.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from rerankd.engine.engine import RerankEngine
 logger = logging.getLogger(__name__)
 
 ModelState = Literal["loading", "ready", "failed"]
+# What `/ready` says of the server as a whole (see `ServedModels.readiness`).
+ServingStatus = Literal["ready", "degraded", "loading", "unhealthy", "failed"]
 EngineLoader = Callable[[str, str], RerankEngine]  # (served name, model reference) -> engine
 
 
@@ -31,13 +33,51 @@ class UnknownModelError(LookupError):
 
 
 class ModelNotReadyError(LookupError):
-    """The model is still loading (retry later) or failed to load."""
+    """The model is still loading (retry later) or failed to load (`permanent`: no retry helps)."""
 
     def __init__(self, name: str, state: ModelState) -> None:
-        # The reason (which may name server paths) goes to /ready and the log, not to every client.
-        detail = "is still loading; retry shortly" if state == "loading" else "failed to load (see /ready)"
+        # The reason (which may name server paths) goes to the log and keyed /ready, not to every client.
+        detail = (
+            "is still loading; retry shortly"
+            if state == "loading"
+            else "failed to load; it will not become available until the server restarts (the reason is in "
+            "the server's log and /ready)"
+        )
         super().__init__(f"model {name!r} {detail}")
         self.state = state
+
+    @property
+    def permanent(self) -> bool:
+        return self.state == "failed"
+
+
+@dataclass(frozen=True)
+class ServerReadiness:
+    """Whether the server should get traffic, and each model's part in it (see `ServedModels.readiness`)."""
+
+    serving: list[str]
+    pending: list[str]  # still loading
+    failed: dict[str, str]  # failed to load, or loaded and unhealthy: why
+    unhealthy: bool  # a loaded model's backend reports a problem
+
+    @property
+    def status(self) -> ServingStatus:
+        if self.pending:
+            return "loading"
+        if self.unhealthy:
+            return "unhealthy"
+        if not self.serving:
+            return "failed"
+        return "degraded" if self.failed else "ready"
+
+    @property
+    def takes_traffic(self) -> bool:
+        return self.status in ("ready", "degraded")
+
+    @property
+    def may_change(self) -> bool:
+        """Whether asking again may give another answer: a model still loading, a backend that may recover."""
+        return self.status in ("loading", "unhealthy")
 
 
 @dataclass
@@ -84,9 +124,25 @@ class ServedModels:
         """The engines of the models that are ready."""
         return [slot.engine for slot in self._slots.values() if slot.engine is not None]
 
-    @property
-    def ready(self) -> bool:
-        return all(slot.state == "ready" for slot in self._slots.values())
+    def readiness(self) -> ServerReadiness:
+        """`ready` when every model serves; `degraded` when every model has finished loading, some failed
+        (for good, until a restart) and the rest serve: the server takes traffic for those, as a Kubernetes
+        pod whose other models still answer should. `loading` while a model loads and `unhealthy` while a
+        loaded model's backend reports a problem: both may change. `failed` when no model serves."""
+        serving: list[str] = []
+        pending: list[str] = []
+        failed: dict[str, str] = {}
+        unhealthy = False
+        for slot in self._slots.values():
+            if slot.state == "loading":
+                pending.append(slot.name)
+            elif slot.engine is None:
+                failed[slot.name] = slot.error or "failed to load"
+            elif (problem := slot.engine.health()) is not None:
+                failed[slot.name], unhealthy = f"unhealthy: {problem}", True
+            else:
+                serving.append(slot.name)
+        return ServerReadiness(serving, pending, failed, unhealthy)
 
     def _slot(self, requested: str | None) -> ModelSlot:
         if requested is None:
@@ -112,9 +168,7 @@ class ServedModels:
                 continue
             started = time.perf_counter()
             try:
-                engine = load(slot.name, slot.reference)
-                if warmup:
-                    engine.warm_up()
+                engine = _loaded(load, slot, warmup)
             except Exception as error:  # any failure is this model's, reported by /ready and its requests
                 slot.state, slot.error = "failed", str(error) or type(error).__name__
                 logger.error("model %s (%s) failed to load: %s", slot.name, slot.reference, slot.error)
@@ -130,3 +184,16 @@ class ServedModels:
         for slot in self._slots.values():
             if slot.engine is not None:
                 slot.engine.close()
+
+
+def _loaded(load: EngineLoader, slot: ModelSlot, warmup: bool) -> RerankEngine:
+    """The slot's engine, warmed up; one that fails its warm-up (broken weights) is closed, its threads and
+    weights freed, since it will never serve."""
+    engine = load(slot.name, slot.reference)
+    if warmup:
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()
+            raise
+    return engine

@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from rerankd.backends.base import Batch, Pair, PassSeconds, PendingLogits
-from rerankd.engine.fair_queue import FairQueue, QueuedBatch, QueuedRequest, deliver
+from rerankd.engine.fair_queue import FairQueue, QueuedBatch, QueuedRequest, admits, deliver
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,19 @@ class RequestTiming:
 class QueueFullError(RuntimeError):
     """The queue cannot take a request's pairs now; the client should retry shortly."""
 
-    def __init__(self, pairs: int, queued: int, limit: int) -> None:
+    def __init__(self, pairs: int, queued: int, waiting: int, limit: int) -> None:
         super().__init__(
-            f"server busy: {queued} pairs queued, and {pairs} more would pass the limit of {limit} "
-            "(--max-queued-pairs); retry shortly"
+            f"server busy: {queued} pairs of {waiting} requests queued, and {pairs} more would pass the "
+            f"limit of {limit} (--max-queued-pairs) and this request's fair share of it; retry shortly"
         )
+
+
+@dataclass(eq=False)
+class Admission:
+    """A request's place in the queue, held from admission (before tokenizing) until its pairs are queued:
+    its pairs count against `--max-queued-pairs` meanwhile."""
+
+    pairs: int
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class BatchScheduler:
         self._max_pairs = settings.max_batch_pairs
         self._max_queued = settings.max_queued_pairs
         self._queue: FairQueue[Pair] = FairQueue()
+        self._admitted: set[Admission] = set()
         self._waiters: dict[QueuedRequest[Pair], _Waiter] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -110,18 +119,38 @@ class BatchScheduler:
 
     @property
     def queued_pairs(self) -> int:
-        return self._queue.queued_pairs
+        """Pairs waiting for a batch, and those of admitted requests still being tokenized."""
+        return self._queue.queued_pairs + sum(admission.pairs for admission in self._admitted)
 
-    async def submit(self, pairs: Sequence[Pair], timing: RequestTiming | None = None) -> list[float]:
+    def admit(self, pairs: int) -> Admission:
+        """Hold a place for a request of `pairs` before any work is spent on it; raises `QueueFullError`
+        unless the queue admits it (`fair_queue.admits`). `release` it if the request goes no further."""
+        if self._max_queued is not None:
+            queued = self.queued_pairs
+            waiting = self._queue.waiting_requests + len(self._admitted)
+            if not admits(pairs, queued, waiting, self._max_queued):
+                raise QueueFullError(pairs, queued, waiting, self._max_queued)
+        admission = Admission(pairs)
+        self._admitted.add(admission)
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        self._admitted.discard(admission)
+
+    async def submit(
+        self, pairs: Sequence[Pair], timing: RequestTiming | None = None, admission: Admission | None = None
+    ) -> list[float]:
         """Logits for every pair, in input order; `timing`, when given, is filled in. Cancelling the
-        caller drops its queued pairs. Raises `QueueFullError` when taking them would pass
-        `max_queued_pairs` (an empty queue takes any request, so a request larger than the limit is not
-        refused forever)."""
+        caller drops its queued pairs. The request takes its `admission`'s place, which must hold at least
+        its pairs (else it is admitted again for all of them); without one it is admitted here. Raises
+        `QueueFullError` when it is not admitted."""
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
-        queued = self.queued_pairs
-        if self._max_queued is not None and queued and queued + len(pairs) > self._max_queued:
-            raise QueueFullError(len(pairs), queued, self._max_queued)
+        if admission is None or len(pairs) > admission.pairs:
+            if admission is not None:
+                self.release(admission)
+            admission = self.admit(len(pairs))
+        self.release(admission)
         timing = timing or RequestTiming()
         timing.submitted = time.perf_counter()
         if not pairs:

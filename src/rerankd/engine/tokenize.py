@@ -6,10 +6,16 @@ Encoding the texts separately and assembling the pairs here (instead of letting 
 gives one tokenization per document whatever happens next: truncation exactly like the tokenizer's own
 `longest_first` (the reference's), truncation from either end, a per-document token cap, or cutting a long
 document into overlapping windows that are each scored with the query (`chunk` mode).
+
+A text is tokenized only as far as its pairs can use: a document of 100,000 characters that yields a 512-token
+pair is cut, at a whitespace, to a few thousand characters first (`TextBudget`), and cut less only when that
+part yields too few tokens. A character can expand to many tokens (U+FDFA is 18 characters after NFKC), and
+the whole text of such a document cost seconds to tokenize for 512 tokens used.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -64,11 +70,56 @@ class EncodedRequest:
         """Every window's pair, documents in order."""
         return [window.pair for document in self.documents for window in document.windows]
 
+    @classmethod
+    def joined(cls, parts: Sequence[EncodedRequest]) -> EncodedRequest:
+        """One request of the parts' documents, in order (a request is encoded a slice at a time)."""
+        documents = [document for part in parts for document in part.documents]
+        return cls(documents, any(part.query_truncated for part in parts))
+
+
+# A first guess of the characters a needed token takes; a text cut there that yields too few tokens gets
+# GROWTH times more characters, until it is whole. English takes about 4 characters a token.
+CHARS_PER_TOKEN = 6
+GROWTH = 4
+# Tokens past the needed ones that the cut part must still yield: room for a word cut where a text has no
+# whitespace, and for an LLM reranker's document label.
+TOKEN_MARGIN = 16
+WHITESPACE = re.compile(r"\s")
+THROUGH_LAST_WHITESPACE = re.compile(r".*\s", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """The part of a text that is tokenized: where it starts in the text, and whether the rest was cut."""
+
+    text: str
+    offset: int
+    cut: bool
+
+
+def text_part(text: str, chars: int | None, direction: TruncationDirection) -> TextPart:
+    """`text`, or about `chars` characters of it from the end kept by `direction`, cut at a whitespace so
+    that no word is split (a word-local tokenizer then gives the same tokens for the part as the whole text
+    gives there): the start ends before a whitespace; the end begins at one, so its first word keeps the
+    leading space its tokens carry in the whole text. A text without whitespace there is cut at `chars`."""
+    if chars is None or len(text) <= chars:
+        return TextPart(text, 0, cut=False)
+    if direction == "right":
+        through = THROUGH_LAST_WHITESPACE.match(text, 0, chars)
+        stop = through.end() - 1 if through is not None and through.end() > 1 else chars
+        return TextPart(text[:stop], 0, cut=True)
+    start = len(text) - chars
+    space = WHITESPACE.search(text, start)
+    if space is not None and space.start() < len(text) - 1:
+        start = space.start()
+    return TextPart(text[start:], start, cut=True)
+
 
 class InputTooLongError(ValueError):
-    def __init__(self, index: int, length: int, max_length: int) -> None:
+    def __init__(self, index: int, length: int, max_length: int, at_least: bool = False) -> None:
+        tokens = f"at least {length}" if at_least else str(length)
         super().__init__(
-            f"the (query, document) pair has {length} tokens, more than the model's {max_length} "
+            f"the (query, document) pair has {tokens} tokens, more than the model's {max_length} "
             "(allow truncation, or shorten the document)"
         )
         self.index = index
@@ -191,7 +242,9 @@ class PairTokenizer:
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _query_ids(self, query: str, instruction: str | None) -> list[int]:
+    def encode_query(self, query: str, instruction: str | None = None) -> list[int]:
+        """The query's tokens (an LLM reranker's: the query text with its instruction). Raises
+        `InstructionNotTakenError` for an instruction the model has no place for."""
         if self.prompt is None:
             if instruction is not None:
                 raise InstructionNotTakenError("this model takes no instruction (only LLM rerankers do)")
@@ -212,24 +265,69 @@ class PairTokenizer:
         tail = self._query_tail
         return [*query[: keep - len(tail)], *tail]
 
+    def needed_tokens(self, options: PairOptions, query_tokens: int) -> int | None:
+        """A document's tokens that decide its pairs, as `options` ask (None: all of them). Without chunks,
+        one past the most a pair takes tells a pair over the limit, and one past the query's length tells
+        which of the two `longest_first` cuts first."""
+        if options.chunk:
+            if options.max_chunks_per_doc is None:
+                return None
+            return options.max_chunks_per_doc * self.budget
+        needed = max(self.budget, query_tokens) + 1
+        if options.max_tokens_per_doc is not None:
+            needed = min(needed, options.max_tokens_per_doc)
+        return needed
+
+    def _encode_parts(
+        self, documents: Sequence[str], options: PairOptions, query_tokens: int
+    ) -> list[tuple[Encoding, TextPart]]:
+        """Each document's tokens, of only as much of it as its pairs can use (`text_part`): a part that
+        yields too few tokens grows until it does, or is the whole document."""
+        # Only chunk mode reports which characters a window covers. Without it, the variant that keeps no
+        # offsets gives the same ids faster (docs/decisions.md).
+        encode_batch = self._tokenizer.encode_batch if options.chunk else self._tokenizer.encode_batch_fast
+        needed = self.needed_tokens(options, query_tokens)
+        chars = None if needed is None else (needed + TOKEN_MARGIN) * CHARS_PER_TOKEN
+        encoded: dict[int, tuple[Encoding, TextPart]] = {}
+        pending = list(range(len(documents)))
+        while pending:
+            parts = [text_part(documents[index], chars, options.truncation_direction) for index in pending]
+            texts = [
+                part.text if self.prompt is None else self.prompt.document_text(part.text) for part in parts
+            ]
+            short = []
+            for index, part, encoding in zip(
+                pending, parts, encode_batch(texts, add_special_tokens=False), strict=True
+            ):
+                if part.cut and needed is not None and len(encoding.ids) < needed + TOKEN_MARGIN:
+                    short.append(index)
+                else:
+                    encoded[index] = (encoding, part)
+            pending = short
+            chars = None if chars is None else chars * GROWTH
+        return [encoded[index] for index in range(len(documents))]
+
     def encode(
         self, query: str, documents: Sequence[str], options: PairOptions = DEFAULT_PAIR_OPTIONS
     ) -> EncodedRequest:
         """Every document's window(s) with the query, as `options` ask. Raises `InputTooLongError` when
         truncation is off and a pair does not fit."""
-        query_ids = self._query_ids(query, options.instruction)
-        texts = (
-            list(documents)
-            if self.prompt is None
-            else [self.prompt.document_text(text) for text in documents]
-        )
-        # Only chunk mode reports which characters a window covers. Without it, the variant that keeps no
-        # offsets gives the same ids faster (docs/decisions.md).
-        encode_batch = self._tokenizer.encode_batch if options.chunk else self._tokenizer.encode_batch_fast
-        encodings = encode_batch(texts, add_special_tokens=False)
+        return self.encode_documents(self.encode_query(query, options.instruction), documents, options)
+
+    def encode_documents(
+        self,
+        query_ids: list[int],
+        documents: Sequence[str],
+        options: PairOptions = DEFAULT_PAIR_OPTIONS,
+        first_index: int = 0,
+    ) -> EncodedRequest:
+        """`encode` for the query's tokens and a slice of the request's documents, the first of which is
+        the request's `first_index`-th (errors name the document by its place in the request)."""
         query_truncated = False
         encoded: list[EncodedDocument] = []
-        for index, encoding in enumerate(encodings):
+        for index, (encoding, part) in enumerate(
+            self._encode_parts(documents, options, len(query_ids)), start=first_index
+        ):
             ids = encoding.ids  # each read of `ids` builds a new list
             start, stop = 0, len(ids)
             if options.max_tokens_per_doc is not None and stop > options.max_tokens_per_doc:
@@ -237,16 +335,16 @@ class PairTokenizer:
             if options.chunk:
                 kept_query = min(len(query_ids), self.budget // 2)
                 query_kept = self._cut_query(query_ids, kept_query)
-                document = self._windows(query_kept, encoding, ids, start, stop, options)
+                document = self._windows(query_kept, encoding, part, ids, start, stop, options)
             else:
                 if not options.truncate and len(query_ids) + stop - start > self.budget:
                     length = self.max_length - self.budget + len(query_ids) + stop - start
-                    raise InputTooLongError(index, length, self.max_length)
+                    raise InputTooLongError(index, length, self.max_length, at_least=part.cut)
                 kept_query, kept_document = self._kept_lengths(len(query_ids), stop - start)
                 start, stop = self._cut(start, stop, kept_document, options.truncation_direction)
                 pair = self.template.pair(self._cut_query(query_ids, kept_query), ids[start:stop])
                 window = Window(pair, None)
-                document = EncodedDocument([window], truncated=stop - start < len(ids))
+                document = EncodedDocument([window], truncated=part.cut or stop - start < len(ids))
             query_truncated |= kept_query < len(query_ids)
             encoded.append(document)
         return EncodedRequest(encoded, query_truncated)
@@ -261,6 +359,7 @@ class PairTokenizer:
         self,
         query: list[int],
         document: Encoding,
+        part: TextPart,
         ids: list[int],
         start: int,
         stop: int,
@@ -278,19 +377,20 @@ class PairTokenizer:
         for window_start in kept:
             window_stop = min(window_start + room, stop)
             pair = self.template.pair(query, ids[window_start:window_stop])
-            windows.append(Window(pair, self._document_span(document, window_start, window_stop)))
+            span = self._document_span(document, part, window_start, window_stop)
+            windows.append(Window(pair, span))
         covered_stop = min(kept[-1] + room, stop)
-        truncated = start > 0 or covered_stop < len(ids)
+        truncated = part.cut or start > 0 or covered_stop < len(ids)
         return EncodedDocument(windows, truncated)
 
-    def _document_span(self, document: Encoding, start: int, stop: int) -> tuple[int, int]:
+    def _document_span(self, document: Encoding, part: TextPart, start: int, stop: int) -> tuple[int, int]:
         """The document's characters tokens start..stop cover (a prompt's document text puts its label
-        first)."""
+        first; a part cut from a document's end starts `part.offset` characters in)."""
         first, last = _window_span(document, start, stop)
-        if self.prompt is None:
-            return first, last
-        offset = self.prompt.document_offset
-        return max(first - offset, 0), max(last - offset, 0)
+        if self.prompt is not None:
+            offset = self.prompt.document_offset
+            first, last = max(first - offset, 0), max(last - offset, 0)
+        return first + part.offset, last + part.offset
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> Batch:
         """One truncated pair per document, as the reference builds them."""

@@ -92,6 +92,10 @@ class SafetensorsCheckpoint:
     def names(self) -> Iterable[str]:
         return self._shard_of.keys()
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape, from the headers alone (as `GGUFTensors.shapes`): no tensor is read."""
+        return {name: tuple(self._layouts[shard][name]["shape"]) for name, shard in self._shard_of.items()}
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor in its stored dtype, read with plain file reads into memory of its own.
 

@@ -1,21 +1,66 @@
 """DeBERTa-v2/v3 configuration: what the checkpoint's config.json says, checked against what we can run.
 
 Everything the network cannot compute faithfully is refused here, at load, with a message that names the
-key, so a model never serves wrong scores silently.
+key, so a model never serves wrong scores silently. `check_config_sizes` holds every family's config (and a
+GGUF's) to the sizes its checkpoint can back, before any of them allocates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "silu", "swish")
 SUPPORTED_POSITION_ATTENTION = ("c2p", "p2c")
+# Config keys (of every family rerankd serves) that size a tensor: each is a dimension of some tensor the
+# checkpoint holds, so a value past the checkpoint's largest dimension describes weights that are not there.
+TENSOR_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "embedding_size",
+    "pooler_hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "attention_head_size",
+    "type_vocab_size",
+    "position_buckets",
+)
+# Positions have no tensor in relative-position and rotary models, yet DeBERTa builds its relative-index table
+# over all of them (about 100 bytes a position while it is built); the longest context published (1,010,000
+# positions, Qwen2.5-1M) fits under this bound.
+POSITION_KEYS = ("max_position_embeddings", "max_relative_positions")
+MAX_POSITIONS = 1 << 20
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint asks for something this network does not implement."""
+
+
+def check_config_sizes(raw: Mapping[str, Any], shapes: Collection[Sequence[int]]) -> None:
+    """Refuse a model config whose sizes its checkpoint (the tensors' `shapes`, read from the file headers)
+    cannot back, before anything is allocated from them: a config.json with 1e8 positions cost a DeBERTa
+    load 10.9 GB and 75 s, and 1e5 layers kept the loader building a network for minutes."""
+    largest = max((size for shape in shapes for size in shape), default=0)
+    for key in TENSOR_SIZE_KEYS:
+        _refuse_past(raw, key, largest, f"larger than any dimension of the checkpoint's tensors ({largest})")
+    for key in POSITION_KEYS:
+        _refuse_past(raw, key, MAX_POSITIONS, f"more than the {MAX_POSITIONS} positions rerankd allows")
+    tensors = len(shapes)
+    _refuse_past(raw, "num_hidden_layers", tensors, f"more layers than the checkpoint's {tensors} tensors")
+
+
+def _refuse_past(raw: Mapping[str, Any], key: str, bound: int, why: str) -> None:
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return  # absent, or not a number: the family's own config reading refuses what it cannot use
+    if not value <= bound:  # NaN too
+        raise UnsupportedModelError(
+            f"the model config's {key} is {value}, {why}: the config is broken; refused before allocating "
+            "for it"
+        )
 
 
 @dataclass(frozen=True)

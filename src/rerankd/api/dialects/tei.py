@@ -10,7 +10,17 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from rerankd.api.errors import APIError, ErrorType
 from rerankd.api.schemas import ModelName, QueryText, RawScores
@@ -66,6 +76,20 @@ class TEIRerankRequest(BaseModel):
         "right", description="Which end of a long text is cut: right keeps its start, left its end."
     )
     model: ModelName = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_documents_beside_texts(cls, body: Any) -> Any:
+        """A body with `texts` is TEI's, which has no `documents`: ignoring them would score other documents
+        than the client meant. Raised as a ValidationError so that the error's location is `documents`."""
+        if isinstance(body, dict) and "documents" in body:
+            problem = PydanticCustomError(
+                "documents_beside_texts",
+                "TEI's request (with `texts`) takes no `documents`; send `texts` or `documents`, not both",
+            )
+            error = InitErrorDetails(type=problem, loc=("documents",), input=body["documents"])
+            raise ValidationError.from_exception_data(cls.__name__, [error])
+        return body
 
 
 class TEIRankResult(BaseModel):
