@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rerankd.backends.base import Batch, Pair, PassSeconds, PendingLogits, ReadyLogits
+from rerankd.backends.base import Batch, BetweenSteps, Pair, PassSeconds, PendingLogits, ReadyLogits
 from rerankd.engine.passes import cheapest_first_pass
 from rerankd.engine.scheduler import BatchScheduler, QueueFullError, RequestTiming
 from rerankd.settings import RuntimeSettings
@@ -29,9 +29,13 @@ class RecordingForward:
         self.entered = threading.Event()  # set once a batch has reached the forward function
         self.fail_when = lambda batch: False
 
-    def __call__(self, batch: Batch) -> PendingLogits:
+    def __call__(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
+        """A pass of one layer: released, then `between_steps`, then the batch is recorded (so a batch run
+        between its layers is recorded before it)."""
         self.entered.set()
         assert self.release.wait(timeout=10), "the test never released the forward pass"
+        if between_steps is not None:
+            between_steps()
         self.batches.append(batch.input_ids)
         if self.fail_when(batch.input_ids):
             raise RuntimeError("injected forward failure")
@@ -46,6 +50,13 @@ def sequences(tag: int, lengths: Sequence[int]) -> list[Pair]:
 def id_sums(pairs: Sequence[Pair]) -> list[float]:
     """The logits the recording launch functions give: each pair's sum of ids."""
     return [float(sum(pair.ids)) for pair in pairs]
+
+
+class WholePassForward(RecordingForward):
+    """Runs every pass whole, as llama.cpp does: never calls `between_steps`."""
+
+    def __call__(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
+        return super().__call__(batch)
 
 
 @pytest.fixture
@@ -148,31 +159,95 @@ def small_beside_huge(
     return run(huge_then_small())
 
 
-def test_a_small_request_is_not_starved_by_a_huge_one(forward: RecordingForward) -> None:
+def test_a_short_request_runs_between_the_layers_of_a_running_pass(forward: RecordingForward) -> None:
+    """The small request arrives while the huge one's first batch runs; fair queueing puts it first, and it
+    fits one batch: it is handed to the running pass, which runs it whole between two layers, then goes on."""
     scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
     small_logits = small_beside_huge(scheduler, forward, [100] * 400)
     executor.shutdown()
-    assert len(small_logits) == 6
-    # The held batch, then the very next one carries all of the small request (more than half of the batch:
-    # it does not alternate pair by pair with the huge one), topped up by the huge one. (Counting batches when
-    # the small request returns would race with the worker thread already starting the next batch.)
-    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 6
-    assert len(forward.batches[1]) == 8
-    assert len(forward.batches) == 2 + (400 - 8 - 2 + 7) // 8
+    assert small_logits == id_sums(sequences(9, [30, 40, 50, 60, 70, 90]))
+    assert [ids[0] for ids in forward.batches[0]] == [9] * 6  # alone: not topped up by the huge request
+    assert [ids[0] for ids in forward.batches[1]] == [7] * 8  # the held pass, finished after it
+    assert len(forward.batches) == 1 + 400 // 8
+    assert scheduler.queued_pairs == 0
 
 
-def test_a_small_request_near_a_huge_ones_end_is_not_spread_over_its_batches(
-    forward: RecordingForward,
-) -> None:
+def test_a_pass_run_whole_takes_the_short_request_next_and_alone() -> None:
+    """A backend that runs passes whole (llama.cpp) never calls `between_steps`: the handed-over request is
+    its very next pass, not topped up with the huge one's pairs."""
+    forward = WholePassForward()
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+    assert len(small_beside_huge(scheduler, forward, [100] * 40)) == 6
+    executor.shutdown()
+    assert [[ids[0] for ids in batch] for batch in forward.batches[:3]] == [[7] * 8, [9] * 6, [7] * 8]
+
+
+def test_what_is_not_handed_over_waits_for_the_running_pass(forward: RecordingForward) -> None:
+    """A request larger than one batch, and one that fair queueing puts after the running batch's requests
+    (an equal one that came later), wait in the queue as before."""
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+
+    async def newcomers_during_a_pass() -> None:
+        forward.release.clear()
+        first = asyncio.ensure_future(scheduler.submit(sequences(1, [100] * 4)))
+        await held_in_forward(forward)
+        larger = asyncio.ensure_future(scheduler.submit(sequences(2, [10] * 9)))  # past 8 pairs a batch
+        equal = asyncio.ensure_future(scheduler.submit(sequences(3, [100] * 4)))  # tag 4 + 4 > 4
+        await until_queued(scheduler, 13)
+        forward.release.set()
+        await asyncio.gather(first, larger, equal)
+
+    run(newcomers_during_a_pass())
+    executor.shutdown()
+    assert [ids[0] for ids in forward.batches[0]] == [1] * 4  # nothing ran between its layers
+
+
+def test_a_failing_handed_over_pass_fails_only_its_request(forward: RecordingForward) -> None:
+    scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=8, batch_wait_ms=0)
+    forward.fail_when = lambda batch: any(ids[0] == 66 for ids in batch)
+
+    async def failing_short_request_during_a_pass() -> list[float]:
+        forward.release.clear()
+        long_request = asyncio.ensure_future(scheduler.submit(sequences(1, [100] * 20)))
+        await held_in_forward(forward)
+        doomed = asyncio.ensure_future(scheduler.submit(sequences(66, [10, 10])))
+        await until_queued(scheduler, 12 + 2)
+        forward.release.set()
+        with pytest.raises(RuntimeError, match="injected"):
+            await doomed
+        return await long_request
+
+    assert run(failing_short_request_during_a_pass()) == id_sums(sequences(1, [100] * 20))
+    executor.shutdown()
+
+
+def test_a_small_request_near_a_huge_ones_end_is_not_spread_over_its_batches() -> None:
     """Within one batch of the small request's finish tag means the pairs that fit the token budget, not the
     pair cap: a huge request 23 pairs behind (within the cap of 64, past the 11 of the small one's 90-token
     pairs that fit 1,024 tokens) is not mixed with it by length, which would push its longest pair a batch
-    later."""
+    later. (Passes run whole here; the small request, queued while none runs, is not handed over.)"""
+    forward = WholePassForward()
     scheduler, executor = make_scheduler(forward, max_batch_tokens=1024, max_batch_pairs=64, batch_wait_ms=0)
-    assert len(small_beside_huge(scheduler, forward, [20] * 60 + [100] * 20)) == 6
+
+    async def small_queued_between_passes() -> list[float]:
+        forward.release.clear()
+        huge = asyncio.ensure_future(scheduler.submit(sequences(7, [20] * 60 + [100] * 20)))
+        await held_in_forward(forward)
+        filler = asyncio.ensure_future(
+            scheduler.submit(sequences(8, [1000]))
+        )  # handed over: the slot is taken
+        await until_queued(scheduler, 29 + 1)
+        small = asyncio.ensure_future(scheduler.submit(sequences(9, [30, 40, 50, 60, 70, 90])))
+        await until_queued(scheduler, 29 + 1 + 6)
+        forward.release.set()
+        await asyncio.gather(huge, filler)
+        return await small
+
+    assert len(run(small_queued_between_passes())) == 6
     executor.shutdown()
     assert len(forward.batches[0]) == 51  # the held batch: 51 of the huge request's 60 20-token pairs
-    assert sum(ids[0] == 9 for ids in forward.batches[1]) == 6
+    assert [ids[0] for ids in forward.batches[1]] == [8]
+    assert sum(ids[0] == 9 for ids in forward.batches[2]) == 6
 
 
 def test_cancelled_request_drops_its_queued_pairs(forward: RecordingForward) -> None:
@@ -217,7 +292,7 @@ def test_empty_submission_returns_at_once(forward: RecordingForward) -> None:
 
 def test_a_scheduler_needs_settings_resolved_for_a_device() -> None:
     with pytest.raises(ValueError, match="resolve the settings for a device first"):
-        BatchScheduler(lambda ids: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), RuntimeSettings())
+        BatchScheduler(lambda ids, _: ReadyLogits([0.0] * len(ids)), ThreadPoolExecutor(1), RuntimeSettings())
 
 
 def test_admission_refuses_what_would_pass_max_queued_pairs_beyond_its_fair_share(
@@ -257,7 +332,7 @@ class GatedForward:
         self._gate = threading.Semaphore(0)
         self._entered = threading.Semaphore(0)
 
-    def __call__(self, batch: Batch) -> PendingLogits:
+    def __call__(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
         self.batches.append(batch.input_ids)
         self._entered.release()
         self._gate.acquire(timeout=10)
@@ -309,7 +384,7 @@ class QueuedDevice:
         self.events: list[tuple[str, int]] = []
         self.fail_when = lambda batch: False
 
-    def __call__(self, batch: Batch) -> PendingLogits:
+    def __call__(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
         launched = sum(event == "launch" for event, _ in self.events)
         self.events.append(("launch", launched))
         return QueuedLogits(self, launched, batch.input_ids)

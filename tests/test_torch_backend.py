@@ -1,12 +1,19 @@
-"""The torch backend's host side: how a batch is padded, and the bucketed shapes its CUDA graphs are for."""
+"""The torch backend's host side: how a batch is padded, the bucketed shapes its CUDA graphs are for, and
+where a CPU pass makes way for another."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+from transformers import BertConfig, BertForSequenceClassification
 
 from rerankd.backends.base import Batch, Pair
 from rerankd.backends.cuda_graphs import bucketed_shape
-from rerankd.backends.torch_backend import padded_batch
+from rerankd.backends.torch_backend import layer_stack, padded_batch
+
+from conftest import load_backend_at
 
 
 def _batch(*sequences: list[int]) -> Batch:
@@ -47,3 +54,35 @@ def test_a_bucket_never_passes_the_model_limit() -> None:
     """Lengths round up to a multiple of 16, but not past the model's limit when that is not one."""
     assert bucketed_shape(2, 505, max_length=510) == (2, 510)
     assert bucketed_shape(2, 100, max_length=510) == (2, 112)
+
+
+def test_a_cpu_pass_makes_way_between_its_steps_for_another(xsmall_model_dir: Path) -> None:
+    """Once prepared for serving, a CPU pass calls `between_steps` after each step of each layer and after
+    the layer; a whole pass run from there (the scheduler's handover of a short request) changes neither
+    its own scores nor the interrupted pass's."""
+    backend = load_backend_at(xsmall_model_dir, device="cpu", dtype="float32")
+    backend.prepare_for_serving()
+    long_batch = _batch(*([1, *range(100, 100 + length), 2] for length in (60, 40, 50)))
+    short_batch = _batch([1, 300, 301, 2], [1, 400, 2])
+    long_alone, short_alone = backend.relevance_logits(long_batch), backend.relevance_logits(short_batch)
+    layers_done: list[int] = []
+    short_between: list[float] = []
+
+    def between_steps() -> None:
+        layers_done.append(len(layers_done) + 1)
+        if len(layers_done) == 3:
+            short_between.extend(backend.launch(short_batch).result())
+
+    long_interrupted = backend.launch(long_batch, between_steps).result()
+    layers = json.loads((xsmall_model_dir / "config.json").read_text())["num_hidden_layers"]
+    steps = sum(len([*layer.children()]) + 1 for layer in layer_stack(backend.model))
+    assert steps >= 6 * layers
+    assert len(layers_done) >= steps  # every step at least once (DeBERTa's step boundary twice a layer)
+    assert long_interrupted == pytest.approx(long_alone, abs=1e-5)
+    assert short_between == pytest.approx(short_alone, abs=1e-5)
+
+
+def test_the_layer_stack_of_a_transformers_encoder() -> None:
+    config = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = BertForSequenceClassification(config)
+    assert layer_stack(model) is model.bert.encoder.layer

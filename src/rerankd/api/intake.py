@@ -1,7 +1,7 @@
 """A request's way in, before any route runs: what can be refused without reading the body is refused first
 (a `Content-Length` past `--max-request-bytes`, a missing or wrong API key, more body bytes in flight than
-the server takes), then the body is read within its time limits, and the route runs until the shutdown grace
-runs out.
+the server takes once it has waited a few seconds for room), then the body is read within its time limits,
+and the route runs until the shutdown grace runs out.
 
 A plain ASGI middleware (not `BaseHTTPMiddleware`), so the route still sees the client's disconnect. Refusing
 before reading also answers `Expect: 100-continue` uploads before the client sends them: the server only says
@@ -33,6 +33,10 @@ from rerankd.settings import ServeSettings
 SMALL_BODY_BYTES = 64 * 1024
 # How long a body refused from its Content-Length is waited for, to tell its dialect by its first bytes.
 FIRST_CHUNK_SECONDS = 1.0
+# How long a body waits for room in the bytes in flight before a 503. It is not read meanwhile, so TCP holds
+# its client back at no cost; answered at once, clients that resend at once keep the event loop busy with
+# refusals (ten of them sending 15 MB bodies made ~115 refusals a second).
+ROOM_WAIT_SECONDS = 5.0
 # After a body this large is done with, the freed heap goes back to the OS (glibc keeps it otherwise).
 LARGE_BODY_BYTES = 1024 * 1024
 
@@ -49,6 +53,13 @@ def _content_length(scope: Scope) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
+
+
+def _has_body(scope: Scope, announced: int | None) -> bool:
+    """Whether the client sends a body after the headers. One refused unread is not drained (reading and
+    discarding 16 MB bodies as fast as clients resend them would take the event loop): the connection is
+    closed after the answer, as nginx does past its lingering time."""
+    return bool(announced) or _header(scope, b"transfer-encoding") is not None
 
 
 def _needs_key(route: BaseRoute) -> bool:
@@ -73,11 +84,24 @@ class BodyBudget:
         self.limit = limit
         self.in_flight = 0
         self._trimmer = HeapTrimmer()
+        self._freed = asyncio.Event()  # set, and replaced, whenever bytes are released
 
     def admit(self, size: int) -> bool:
         if size > SMALL_BODY_BYTES and self.in_flight and self.in_flight + size > self.limit:
             return False
         self.in_flight += size
+        return True
+
+    async def reserve(self, size: int, wait: float) -> bool:
+        """`admit`, waiting up to `wait` seconds for other bodies to make room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self.admit(size):
+            if loop.time() >= deadline:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._freed.wait()
         return True
 
     def grow(self, size: int) -> None:
@@ -86,6 +110,8 @@ class BodyBudget:
 
     def release(self, size: int) -> None:
         self.in_flight -= size
+        self._freed.set()
+        self._freed = asyncio.Event()
         if size >= LARGE_BODY_BYTES and self.in_flight == 0:
             self._trimmer.trim()
 
@@ -120,13 +146,14 @@ class RequestIntake:
         if record is not None:
             record.deadline = deadline
         announced = _content_length(scope)
-        refusal = self._refusal_before_body(scope, announced)
+        refusal = self._refusal_before_body(scope, announced) or await self._room_for(announced)
         if refusal is not None:
-            await self._reply(scope, refusal, await self._body_start(scope, receive, refusal), send)
+            body_start = await self._body_start(scope, receive, refusal)
+            await self._reply(scope, refusal, body_start, send, close=_has_body(scope, announced))
             return
         reserved = announced or 0
         try:
-            body = await self._read_body(receive, started, deadline, announced)
+            body = await self._read_body(receive, time.perf_counter(), deadline, announced)
             reserved = max(reserved, len(body.data))
             if body.disconnected:
                 if record is not None:
@@ -140,8 +167,7 @@ class RequestIntake:
             self.budget.release(reserved)
 
     def _refusal_before_body(self, scope: Scope, announced: int | None) -> APIError | None:
-        """413 for an announced body past the limit, 401 for a keyed route without a valid key, 503 when the
-        body would pass the bytes in flight; None to go on (the announced bytes then count as in flight)."""
+        """413 for an announced body past the limit, 401 for a keyed route without a valid key."""
         limit = self.settings.max_request_bytes
         if announced is not None and announced > limit:
             return _too_large(limit)
@@ -152,13 +178,17 @@ class RequestIntake:
                 check_api_key(Request(scope), _credentials(scope))
             except APIError as error:
                 return error
-        if not self.budget.admit(announced or 0):
-            message = (
-                f"server busy: {self.budget.in_flight} bytes of request bodies in flight, and {announced} "
-                f"more would pass the limit of {self.budget.limit} (--max-body-bytes-in-flight); retry soon"
-            )
-            return APIError(503, message, ErrorType.OVERLOADED, "body")
         return None
+
+    async def _room_for(self, announced: int | None) -> APIError | None:
+        """None once the announced bytes count as in flight; 503 when no room is made for them in time."""
+        if await self.budget.reserve(announced or 0, min(ROOM_WAIT_SECONDS, self.settings.body_timeout)):
+            return None
+        message = (
+            f"server busy: {self.budget.in_flight} bytes of request bodies in flight, and {announced} more "
+            f"would pass the limit of {self.budget.limit} (--max-body-bytes-in-flight); retry soon"
+        )
+        return APIError(503, message, ErrorType.OVERLOADED, "body")
 
     async def _body_start(self, scope: Scope, receive: Receive, refusal: APIError) -> bytes:
         """For a body refused as too large that the client is already sending, its first chunk: enough to
@@ -176,8 +206,9 @@ class RequestIntake:
     async def _read_body(
         self, receive: Receive, started: float, deadline: float, announced: int | None
     ) -> _Body:
-        """The whole body, read within `--body-timeout` and the request's deadline; a body past the limit is
-        refused once it passes it (the rest is not read); a disconnect leaves nothing to answer."""
+        """The whole body, read within `--body-timeout` from `started` (once room was made for it) and the
+        request's deadline; a body past the limit is refused once it passes it (the rest is not read); a
+        disconnect leaves nothing to answer."""
         chunks: list[bytes] = []
         size = 0
         body_deadline = started + self.settings.body_timeout

@@ -14,6 +14,10 @@ from rerankd.modeling.causal import Prompt
 # Seconds a forward pass of (pairs, longest pair in tokens) takes on the device, as the backend measured it.
 PassSeconds = Callable[[int, int], float]
 
+# Called by a running pass after each step of its layers, on the forward thread: there the scheduler may run
+# a short request's whole pass before the long one goes on (scheduler.py).
+BetweenSteps = Callable[[], None]
+
 
 class ModelLoadError(Exception):
     """A model could not be loaded; the message names the model and the problem (shown to the user as is)."""
@@ -104,10 +108,12 @@ class RerankBackend(ABC):
     def relevance_logits(self, batch: Batch) -> list[float]:
         """Score a batch of pairs; sigmoid of each logit is the relevance."""
 
-    def launch(self, batch: Batch) -> PendingLogits:
+    def launch(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
         """Start scoring a batch. A backend on an asynchronous device (CUDA) returns once the work is queued,
         before the logits exist, so that the host prepares the next batch while the device runs this one;
-        the rest compute the logits here."""
+        the rest compute the logits here. One that computes layer by layer on the host calls
+        `between_steps` after each step of each layer (the torch backends on a CPU); the others run the pass
+        whole."""
         return ReadyLogits(self.relevance_logits(batch))
 
     def warm_up(self, batch: Batch) -> None:

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from rerankd.backends.base import (
     BackendInfo,
     Batch,
+    BetweenSteps,
     ModelLoadError,
     PendingLogits,
     ReadyLogits,
@@ -107,6 +108,13 @@ def torch_backend_info(
     )
 
 
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The network's repeated layers (its longest `ModuleList`: DeBERTa's and Qwen's `layers`, BERT's
+    `encoder.layer`), within which a pass can make way for another."""
+    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    return max(stacks, key=len, default=torch.nn.ModuleList())
+
+
 def padded_batch(
     batch: Batch, shape: tuple[int, int], pad_id: int, pin: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,23 +190,33 @@ class TorchBackend(RerankBackend):
         if self._heap is not None:  # what the load freed (read buffers, unfused projections) goes back
             self._heap.trim()
         self._settings = settings
+        self._between_steps: BetweenSteps | None = None  # the running CPU pass's
 
     def relevance_logits(self, batch: Batch) -> list[float]:
         return self.launch(batch).result()
 
-    def launch(self, batch: Batch) -> PendingLogits:
-        """On a CPU the logits are computed here; on a GPU this returns as soon as the pass is queued (no call
-        in it waits for the device), and `result` waits for the logits' copy back."""
+    def launch(self, batch: Batch, between_steps: BetweenSteps | None = None) -> PendingLogits:
+        """On a CPU the logits are computed here, calling `between_steps` after each step of each layer (a
+        pass run from there has its own, or none); on a GPU this returns as soon as the pass is queued (no
+        call in it waits for the device), and `result` waits for the logits' copy back."""
         # Page-locked host buffers make the copies to a GPU asynchronous (pinning needs a CUDA runtime).
         on_gpu = self._device.type == "cuda"
-        with torch.inference_mode():
-            logits = self._pass(batch, self._shape(batch), pin=on_gpu)[: len(batch)]
-            if on_gpu:
-                return DeviceLogits.copied_from(logits)
+        outer, self._between_steps = self._between_steps, between_steps
+        try:
+            with torch.inference_mode():
+                logits = self._pass(batch, self._shape(batch), pin=on_gpu)[: len(batch)]
+                if on_gpu:
+                    return DeviceLogits.copied_from(logits)
+        finally:
+            self._between_steps = outer
         scores = logits.tolist()
         if self._heap is not None:
             self._heap.batch_done()
         return ReadyLogits(scores)
+
+    def _after_step(self, *_: object) -> None:
+        if self._between_steps is not None:
+            self._between_steps()
 
     def _shape(self, batch: Batch) -> tuple[int, int]:
         """The padded shape a batch runs as: (pairs, longest pair)."""
@@ -233,5 +251,14 @@ class TorchBackend(RerankBackend):
         self.info = replace(self.info, dtype=dtype)
 
     def prepare_for_serving(self) -> None:
-        if self._device.type == "cpu" and pack_dense_layers(self.model, self._settings.batch_tokens):
+        """On a CPU: the dense layers packed for oneDNN, then `between_steps` hooked after each step of
+        every layer (its direct children: projections, norms, the attention and the MLP) and after the
+        layer, so that a pass makes way for another within a few milliseconds; hooked last, since packing
+        replaces modules."""
+        if self._device.type != "cpu":
+            return
+        if pack_dense_layers(self.model, self._settings.batch_tokens):
             logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
+        for layer in layer_stack(self.model):
+            for step in (*layer.children(), layer):
+                step.register_forward_hook(self._after_step)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from rerankd.bench.machine import describe_machine
 from rerankd.bench.processes import free_port, running_process
 
 QUERY = "Who wrote To Kill a Mockingbird?"
@@ -32,8 +33,11 @@ Attack = Callable[[str, threading.Event], None]
 
 
 def _p95(url: str, count: int) -> float:
+    """Of `count` requests in a row, after 5 untimed ones (the first after an attack meet its leftovers)."""
     with httpx.Client(timeout=120) as client:
         seconds = []
+        for _ in range(5):
+            assert client.post(f"{url}/rerank", json=NORMAL).status_code == 200
         for _ in range(count):
             started = time.perf_counter()
             assert client.post(f"{url}/rerank", json=NORMAL).status_code == 200
@@ -142,17 +146,25 @@ def _running(attack: Attack, url: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a model folder (e.g. a random xsmall)")
-    parser.add_argument("--requests", type=int, default=40, help="normal requests timed per measurement")
+    parser.add_argument("--requests", type=int, default=60, help="normal requests timed per measurement")
     parser.add_argument("--log", type=Path, default=Path("hostile-server.log"))
+    parser.add_argument("--only", default="", help="run only the attacks whose name contains this")
+    parser.add_argument("serve_args", nargs="*", help="more `rerankd serve` flags (after --)")
     args = parser.parse_args(argv)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "rerankd", "serve", "--model", str(args.model), "--port", str(port)]
+    command += args.serve_args
     with running_process(command, url, args.log, ready_path="/ready"):
         alone = _p95(url, args.requests)
+        machine = describe_machine()
+        features = ", ".join(str(flag) for flag in machine["cpu_features"])  # type: ignore[attr-defined]
+        print(f"{machine['cpu']} ({features}), {machine['cores']} cores; {args.model}\n")
         print("| attack | normal request p95 (ms) | × alone |\n|---|---|---|")
         print(f"| none | {alone * 1000:.0f} | 1.00 |")
         for name, attack in ATTACKS.items():
+            if args.only not in name:
+                continue
             with _running(attack, url):
                 during = _p95(url, args.requests)
             print(f"| {name} | {during * 1000:.0f} | {during / alone:.2f} |", flush=True)

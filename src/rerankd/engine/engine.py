@@ -6,9 +6,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from rerankd.backends.base import BackendInfo, RerankBackend
 from rerankd.engine.scheduler import BatchObserver, BatchScheduler, RequestTiming
@@ -22,10 +23,13 @@ from rerankd.engine.tokenize import (
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Documents tokenized per turn of the tokenizer pool: small enough that cancelling a request, or a small
 # request arriving behind a large one, waits for little; large enough that the turns cost little (~50 us).
 TOKENIZE_SLICE = 64
+# A request of at most this many characters is tokenized on the event loop (at most ~2 ms of it).
+INLINE_TOKENIZE_CHARS = 8192
 WARMUP_QUERY = "rerankd warm-up"
 WARMUP_DOCUMENTS = ["A short document to warm the model up.", ""]
 
@@ -178,21 +182,23 @@ class RerankEngine:
     ) -> EncodedRequest:
         """The request's pairs, encoded in the tokenizer pool a slice of documents at a time: the event loop
         stops handing out slices once the request is cancelled (a client gone, a timeout) or has passed
-        `max_pairs`, and other requests' slices take turns with its own."""
+        `max_pairs`, and other requests' slices take turns with its own. A request of a few KB is encoded
+        on the event loop instead: in less time than a hop to the pool, and never queued behind a large
+        request's slices."""
         loop = asyncio.get_running_loop()
-        pool = self._tokenize_pool
-        query_ids = await loop.run_in_executor(pool, self.tokenizer.encode_query, query, options.instruction)
+        inline = len(query) + sum(len(document) for document in documents) <= INLINE_TOKENIZE_CHARS
+
+        async def encoded(function: Callable[..., T], *args: Any) -> T:
+            if inline:
+                return function(*args)
+            return await loop.run_in_executor(self._tokenize_pool, function, *args)
+
+        query_ids = await encoded(self.tokenizer.encode_query, query, options.instruction)
         parts: list[EncodedRequest] = []
         pairs = 0
         for first in range(0, len(documents), TOKENIZE_SLICE):
-            part = await loop.run_in_executor(
-                pool,
-                self.tokenizer.encode_documents,
-                query_ids,
-                documents[first : first + TOKENIZE_SLICE],
-                options,
-                first,
-            )
+            slice_ = documents[first : first + TOKENIZE_SLICE]
+            part = await encoded(self.tokenizer.encode_documents, query_ids, slice_, options, first)
             pairs += len(part.pairs)
             if max_pairs is not None and pairs > max_pairs:
                 raise TooManyPairsError(pairs, max_pairs, first + len(part.documents))

@@ -90,6 +90,15 @@ class FairQueue(Generic[P]):
         self._requests.remove(request)
         return True
 
+    def take(self, request: QueuedRequest[P]) -> QueuedBatch[P]:
+        """All of a waiting request's pairs as one batch, shortest first, out of turn (the scheduler's
+        handover: the caller has checked they fit one); the clock advances as if it had served them."""
+        self._clock += len(request.pending) / len(self._requests)
+        batch = [(request, index) for index in request.pending]
+        request.pending = []
+        self._requests.remove(request)
+        return batch
+
     def clear(self) -> list[QueuedRequest[P]]:
         """Empty the queue, returning what waited."""
         requests, self._requests = self._requests, []

@@ -6,24 +6,34 @@ passes run in one worker thread: the event loop never blocks on the model. On a 
 asynchronously, the next batch is formed and queued behind the running one before the running one's logits
 are collected, so the device does not sit idle while the host pads, lays out and queues a batch (TEI's router
 works the same way); a CPU computes a pass at launch, and each batch is delivered before the next is formed.
+
+A CPU pass of a full batch takes long (a third of a second for 1,024 tokens of xsmall on two AVX2 cores), and
+a short request arriving just after it starts would wait for all of it. So a request that fits one batch and
+that fair queueing puts before every request in the running batch (a lower finish tag) is taken out of the
+queue and handed to the running pass, which runs it whole at its next step boundary (`BetweenSteps`: the
+torch backends call it after each projection, norm, attention product and layer) and then goes on: the short
+request waits for one step instead of a pass, and no long request loses its place or its work. A backend that
+runs passes whole (llama.cpp) gets the handed-over batch as its very next pass, alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from rerankd.backends.base import Batch, Pair, PassSeconds, PendingLogits
+from rerankd.backends.base import Batch, BetweenSteps, Pair, PassSeconds, PendingLogits
 from rerankd.engine.fair_queue import FairQueue, QueuedBatch, QueuedRequest, admits, deliver
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
-LaunchFn = Callable[[Batch], PendingLogits]
+LaunchFn = Callable[[Batch, BetweenSteps | None], PendingLogits]
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,22 @@ class _Waiter:
     timing: RequestTiming
 
 
+@dataclass(eq=False)
+class _Handover:
+    """A short request's pairs, taken from the queue for the running pass to run at a step boundary; whoever
+    claims it first (that pass's thread, or the event loop once the pass is over) runs it."""
+
+    batch: QueuedBatch[Pair]
+    pairs: Batch
+    claimed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        with self._lock:
+            claimed, self.claimed = self.claimed, True
+            return not claimed
+
+
 @dataclass(frozen=True)
 class _LaunchedBatch:
     batch: QueuedBatch[Pair]
@@ -116,11 +142,15 @@ class BatchScheduler:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: QueuedBatch[Pair] | None = None  # the batch whose launch runs on the forward thread
+        self._handover: _Handover | None = None
 
     @property
     def queued_pairs(self) -> int:
-        """Pairs waiting for a batch, and those of admitted requests still being tokenized."""
-        return self._queue.queued_pairs + sum(admission.pairs for admission in self._admitted)
+        """Pairs waiting for a batch (a handed-over one included), and those of admitted requests still being
+        tokenized."""
+        handed_over = 0 if self._handover is None else len(self._handover.batch)
+        return self._queue.queued_pairs + handed_over + sum(admission.pairs for admission in self._admitted)
 
     def admit(self, pairs: int) -> Admission:
         """Hold a place for a request of `pairs` before any work is spent on it; raises `QueueFullError`
@@ -158,12 +188,57 @@ class BatchScheduler:
         request = self._queue.add(pairs)
         waiter = _Waiter(loop.create_future(), timing)
         self._waiters[request] = waiter
+        self._hand_over_if_short(request)
         self._wakeup.set()
         try:
             return await asyncio.shield(waiter.done)
         except asyncio.CancelledError:
             self._withdraw(request)
             raise
+
+    def _hand_over_if_short(self, request: QueuedRequest[Pair]) -> None:
+        """Hand `request` to the running pass when it fits one batch and goes before every request in that
+        pass by fair queueing (one handover at a time)."""
+        running = self._running
+        if running is None or self._handover is not None:
+            return
+        if len(request.pending) > request.pairs_per_batch(self._budget, self._max_pairs):
+            return
+        if request.finish >= min(queued.finish for queued, _ in running):
+            return
+        batch = self._queue.take(request)
+        self._handover = _Handover(batch, Batch([request.pairs[index] for _, index in batch]))
+
+    def _between_steps(self) -> None:
+        """Run by the running pass after each step, on the forward thread: runs a handed-over batch (its own
+        pass, which nothing interrupts) and posts its logits, or its error, to the event loop."""
+        handover, loop = self._handover, self._loop
+        if handover is None or loop is None or not handover.claim():
+            return
+        started = time.perf_counter()
+        try:
+            outcome: list[float] | Exception = self._launch_fn(handover.pairs, None).result()
+        except Exception as error:  # fails only the handed-over requests, as a failed batch would
+            outcome = error
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for these logits
+            loop.call_soon_threadsafe(self._handed_over, handover, started, outcome)
+
+    def _handed_over(self, handover: _Handover, started: float, outcome: list[float] | Exception) -> None:
+        if self._handover is handover:
+            self._handover = None
+        self._mark_started(handover.batch, started)
+        if isinstance(outcome, Exception):
+            self._fail_batch(handover.batch, outcome)
+        else:
+            self._deliver(handover.batch, started, handover.pairs.lengths, outcome)
+
+    def _next_batch(self) -> QueuedBatch[Pair]:
+        """A handover no pass has run yet, else the queue's next batch."""
+        handover = self._handover
+        if handover is not None and handover.claim():
+            self._handover = None
+            return handover.batch
+        return self._queue.next_batch(self._budget, self._max_pairs, self._pass_seconds)
 
     def _ensure_running(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the batching loop on the caller's event loop (again, if a previous loop has ended)."""
@@ -173,6 +248,7 @@ class BatchScheduler:
             self._queue.clear()
             self._waiters = {}
             self._loop_task = None
+            self._handover = None
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._run(), name="batch-scheduler")
 
@@ -181,6 +257,7 @@ class BatchScheduler:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._queue.clear()
+        self._handover = None
         for waiter in self._waiters.values():
             waiter.done.cancel()
         self._waiters = {}
@@ -196,7 +273,7 @@ class BatchScheduler:
         waits for the host between batches; it is then collected before anything else is launched."""
         in_flight: _LaunchedBatch | None = None
         while True:
-            if not self._queue:
+            if not self._queue and (self._handover is None or self._handover.claimed):
                 if in_flight is not None:
                     await self._collect(in_flight)
                     in_flight = None
@@ -205,7 +282,7 @@ class BatchScheduler:
                 await self._wakeup.wait()
                 if self._wait_seconds:
                     await asyncio.sleep(self._wait_seconds)
-            batch = self._queue.next_batch(self._budget, self._max_pairs, self._pass_seconds)
+            batch = self._next_batch()
             if not batch:
                 continue
             launched = await self._launch(batch)
@@ -221,17 +298,23 @@ class BatchScheduler:
         """Start the batch's forward pass; None (its requests failed) when that raises."""
         pairs = Batch([request.pairs[index] for request, index in batch])
         started = time.perf_counter()
+        self._mark_started(batch, started)
+        loop = asyncio.get_running_loop()
+        self._running = batch
+        try:
+            logits = await loop.run_in_executor(self._executor, self._launch_fn, pairs, self._between_steps)
+        except Exception as error:  # a failed forward fails only the requests in this batch
+            self._fail_batch(batch, error)
+            return None
+        finally:
+            self._running = None
+        return _LaunchedBatch(batch, started, logits, pairs.lengths)
+
+    def _mark_started(self, batch: QueuedBatch[Pair], started: float) -> None:
         for request, _ in batch:
             waiter = self._waiters.get(request)
             if waiter is not None:
                 waiter.timing.first_batch = waiter.timing.first_batch or started
-        loop = asyncio.get_running_loop()
-        try:
-            logits = await loop.run_in_executor(self._executor, self._launch_fn, pairs)
-        except Exception as error:  # a failed forward fails only the requests in this batch
-            self._fail_batch(batch, error)
-            return None
-        return _LaunchedBatch(batch, started, logits, pairs.lengths)
 
     async def _collect(self, launched: _LaunchedBatch) -> None:
         """Wait for a launched batch's logits (off the event loop when the device still runs) and deliver."""
@@ -244,12 +327,17 @@ class BatchScheduler:
         except Exception as error:  # an asynchronous device reports a failed pass when it is collected
             self._fail_batch(launched.batch, error)
             return
-        if self._on_batch is not None:
-            lengths = launched.lengths
-            seconds = time.perf_counter() - launched.started
-            self._on_batch(BatchStats(len(lengths), sum(lengths), len(lengths) * max(lengths), seconds))
+        self._deliver(launched.batch, launched.started, launched.lengths, logits)
+
+    def _deliver(
+        self, batch: QueuedBatch[Pair], started: float, lengths: list[int], logits: list[float]
+    ) -> None:
+        """Record a pass (`started` at its launch, of pairs of `lengths`); complete the requests it ends."""
         finished = time.perf_counter()
-        for request in deliver(launched.batch, logits):
+        if self._on_batch is not None:
+            padded = len(lengths) * max(lengths)
+            self._on_batch(BatchStats(len(lengths), sum(lengths), padded, finished - started))
+        for request in deliver(batch, logits):
             waiter = self._waiters.pop(request, None)
             if waiter is not None and not waiter.done.done():
                 waiter.timing.finished = finished

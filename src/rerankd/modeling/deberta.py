@@ -204,6 +204,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
     return torch.bmm(torch.softmax(scores, dim=-1), value.view(keys)).view(heads, batch, queries, size)
 
 
+class StepBoundary(nn.Identity):
+    """A point inside a layer where a pass may pause: it computes nothing, and a serving backend hooks it
+    (with the layer's other children) to run a short pass there. Marks the attention's long stretches, which
+    hold no module of their own."""
+
+
 class DebertaLayer(nn.Module):
     """One transformer block: disentangled self-attention then the feed-forward network, both post-norm.
 
@@ -229,6 +235,7 @@ class DebertaLayer(nn.Module):
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.scale = 1.0 / math.sqrt(self.head_size * config.attention_scale_factor)
+        self.step_boundary = StepBoundary()
         # Per-head relative projections, filled at load by `set_relative_projections`.
         # c2p uses the keys of the relative table, p2c its queries (pre-multiplied by `scale`).
         self.register_buffer("relative_keys", None, persistent=False)
@@ -273,9 +280,9 @@ class DebertaLayer(nn.Module):
 
         bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
         if index is not None and self.relative_keys is not None:
-            bias = bias + index.c2p(self.relative_keys, query)
+            bias = self.step_boundary(bias + index.c2p(self.relative_keys, query))
         if index is not None and self.relative_queries is not None:
-            bias = bias + index.p2c(self.relative_queries, key)
+            bias = self.step_boundary(bias + index.p2c(self.relative_queries, key))
         context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
         if not self.first_token_only:
             context = layout.packed(context)
