@@ -92,15 +92,23 @@ class _Waiter:
     timing: RequestTiming
 
 
+def _pairs_of(batch: QueuedBatch[Pair]) -> Batch:
+    """The pairs a formed batch runs, in its order."""
+    return Batch([request.pairs[index] for request, index in batch])
+
+
 @dataclass(eq=False)
 class _Handover:
     """A short request's pairs, taken from the queue for the running pass to run at a step boundary; whoever
     claims it first (that pass's thread, or the event loop once the pass is over) runs it."""
 
     batch: QueuedBatch[Pair]
-    pairs: Batch
+    pairs: Batch = field(init=False)
     claimed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.pairs = _pairs_of(self.batch)
 
     def claim(self) -> bool:
         with self._lock:
@@ -206,8 +214,7 @@ class BatchScheduler:
             return
         if request.finish >= min(queued.finish for queued, _ in running):
             return
-        batch = self._queue.take(request)
-        self._handover = _Handover(batch, Batch([request.pairs[index] for _, index in batch]))
+        self._handover = _Handover(self._queue.take(request))
 
     def _between_steps(self) -> None:
         """Run by the running pass after each step, on the forward thread: runs a handed-over batch (its own
@@ -296,7 +303,7 @@ class BatchScheduler:
 
     async def _launch(self, batch: QueuedBatch[Pair]) -> _LaunchedBatch | None:
         """Start the batch's forward pass; None (its requests failed) when that raises."""
-        pairs = Batch([request.pairs[index] for request, index in batch])
+        pairs = _pairs_of(batch)
         started = time.perf_counter()
         self._mark_started(batch, started)
         loop = asyncio.get_running_loop()
