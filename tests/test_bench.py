@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -12,17 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_causal_rerankers import MXBAI_PYTHON
 from torch.utils.flop_counter import FlopCounterMode
 
-from rerankd.bench.flops import EncoderShape, pair_flops
+from rerankd.bench.flops import CountedFlops, EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
 from rerankd.bench.report import render_markdown, shown
 from rerankd.bench.results import BenchResult, Fairness, GeometryResult
 from rerankd.bench.settings import BenchSettings
 from rerankd.bench.targets import targets_for
-from rerankd.bench.workloads import Workload, make_workloads
+from rerankd.bench.workloads import Workload, make_workloads, served_pair_tokenizer
+from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
+from rerankd.devtools.random_causal import write_random_causal
+from rerankd.devtools.random_encoders import write_random_encoder
+from rerankd.engine.loader import load_engine
 from rerankd.quality.beir import load_beir
+from rerankd.settings import RuntimeSettings
 
 from conftest import load_backend_at
 
@@ -56,26 +63,37 @@ def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int
     assert flops.dense - skipped_dense + attention + relative == counter.get_total_flops()
 
 
-@pytest.mark.parametrize("length", [1, 9, 200])
-def test_bert_pair_flops_equal_torch_flop_counter(length: int) -> None:
-    """The llama.cpp contender's BERT: every product counted, attention included (eager attention is
-    visible to torch's counter)."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _tiny_family_model(family: str, folder: Path) -> Path:
+    if family in CAUSAL_FAMILY_MODELS:
+        return write_random_causal(folder, family)
+    return write_random_encoder(folder, family)
 
-    config = BertConfig(
-        vocab_size=300,
-        hidden_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=160,
-        num_labels=1,
-        attn_implementation="eager",
-    )
-    model = BertForSequenceClassification(config).eval()
-    ids = torch.randint(5, 300, (1, length))
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(input_ids=ids)
-    assert EncoderShape.of_bert(config.to_dict()).pair_flops(length).total == counter.get_total_flops()
+
+@pytest.mark.parametrize("family", [*ENCODER_FAMILY_MODELS, *CAUSAL_FAMILY_MODELS])
+def test_counted_flops_equal_a_real_forward(family: str, tmp_path: Path) -> None:
+    """Counted on the meta device, a family's FLOPs are what torch's counter sees in a real forward of the
+    same network: eager attention, an LLM reranker's decoder without its vocabulary head."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    folder = _tiny_family_model(family, tmp_path / family)
+    network = AutoModel if family in CAUSAL_FAMILY_MODELS else AutoModelForSequenceClassification
+    model = network.from_pretrained(folder, attn_implementation="eager").eval()
+    counted = CountedFlops(folder)
+    for length in (3, 40):
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(input_ids=torch.randint(5, 100, (1, length)))
+        assert counted(length) == counter.get_total_flops()
+    assert counted(40) > 10 * counted(3) > 0
+
+
+@pytest.mark.parametrize("length", [1, 9, 200])
+def test_bert_counted_flops_equal_the_analytic_count(length: int, tmp_path: Path) -> None:
+    """BERT is DeBERTa's analytic count without the relative-position products: the two ways agree."""
+    folder = write_random_encoder(tmp_path / "bert", "bert")
+    config = json.loads((folder / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    shape = EncoderShape(hidden, hidden, config["intermediate_size"], layers, hidden, hidden, 1)
+    assert CountedFlops(folder)(length) == shape.pair_flops(length).total
 
 
 @pytest.mark.parametrize(
@@ -109,14 +127,33 @@ def test_beir_reader_skips_headers_and_unknown_ids(tmp_path: Path) -> None:
 
 
 def test_workloads_on_msmarco(xsmall_model_dir: Path, msmarco_dir: Path) -> None:
-    passages, long_documents = make_workloads(msmarco_dir, xsmall_model_dir, passages=64, long_documents=3)
     dataset = load_beir(msmarco_dir)
+    tokenizer = served_pair_tokenizer(xsmall_model_dir)
+    passages, long_documents = make_workloads(dataset, tokenizer, passages=64, long_documents=3)
     judged = dataset.judgments[dataset.judged_query_ids()[0]]
     assert len(passages.documents) == len(set(passages.documents)) == 64
     assert passages.documents[0] == dataset.passages[next(iter(judged))]  # judged passages lead
     assert 60 < passages.mean_tokens < 120
     assert len(long_documents.documents) == 3
     assert all(480 <= length <= 512 for length in long_documents.pair_lengths)
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "qwen3-reranker"])
+def test_workload_pairs_are_as_long_as_the_server_makes_them(
+    family: str, msmarco_dir: Path, tmp_path: Path
+) -> None:
+    """A workload's token counts (what its FLOPs are counted from) are the engine's own: the family's pair
+    template, an LLM reranker's prompt included."""
+    folder = _tiny_family_model(family, tmp_path / family)
+    workloads = make_workloads(load_beir(msmarco_dir), served_pair_tokenizer(folder), 5, 1)
+    engine = load_engine(str(folder), RuntimeSettings(device="cpu", dtype="float32"))
+    try:
+        for workload in workloads:
+            scored = asyncio.run(engine.score(workload.query, workload.documents))
+            assert scored.token_count == sum(workload.pair_lengths)
+    finally:
+        engine.close()
+    assert workloads[1].mean_tokens >= 480
 
 
 @pytest.mark.slow
@@ -129,8 +166,9 @@ def test_bench_end_to_end_writes_benchmarks_md(
     (models / "random-xsmall").symlink_to(xsmall_model_dir)
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     command = [
-        sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--data", str(msmarco_dir),
-        "--models-dir", str(models), "--contenders", "rerankd", "st-fp32", "--passages", "6",
+        sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--family", "none",
+        "--data", str(msmarco_dir), "--models-dir", str(models), "--contenders", "rerankd", "st-fp32",
+        "--passages", "6",
         "--long-documents", "1", "--max-requests", "2", "--clients", "2", "--big-request", "24",
         "--out", str(out), "--json", str(raw),
     ]  # fmt: skip
@@ -158,7 +196,8 @@ def test_bench_end_to_end_writes_benchmarks_md(
             assert server_ms == {}
     assert geometry["fairness"]["during_count"] >= 1
     assert geometry["bf16_peak_rss"] > 100 * 2**20
-    assert geometry["score_drift"]["float32"] < 1e-5  # the same model in both: the same scores
+    # The same model in both: the same scores.
+    assert geometry["score_drift"]["sentence-transformers float32"] < 1e-5
     assert result["ceiling_shape"] == [1024, 768, 3072]  # the CPU's default token budget through base's FFN
     assert set(result["ceilings"]) == {"float32", "bfloat16"}
     report = out.read_text()
@@ -172,33 +211,74 @@ def test_bench_end_to_end_writes_benchmarks_md(
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_bench_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
-    """A BERT reranker served as a GGUF through the llama.cpp backend, next to sentence-transformers on the
-    same weights: measured, and scoring alike."""
+def test_bench_bert_section_with_the_llamacpp_contender(msmarco_dir: Path, tmp_path: Path) -> None:
+    """The BERT section at MiniLM-L6's geometry: the same weights on rerankd's llama.cpp backend (as a GGUF)
+    and in sentence-transformers, measured from one client, scoring alike."""
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     command = [
-        sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--data", str(msmarco_dir),
-        "--models-dir", str(tmp_path / "models"), "--contenders", "llamacpp", "--passages", "6",
-        "--long-documents", "1", "--max-requests", "1", "--clients", "2",
+        sys.executable, "-m", "rerankd", "bench", "--geometry", "none", "--family", "bert",
+        "--data", str(msmarco_dir), "--models-dir", str(tmp_path / "models"), "--contenders", "llamacpp",
+        "st-fp32", "--family-passages", "6", "--family-long-documents", "1", "--max-requests", "1",
         "--out", str(out), "--json", str(raw),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    [section] = json.loads(raw.read_text())["geometries"]  # no DeBERTa section without its contenders
+    [section] = json.loads(raw.read_text())["geometries"]
     seen = {(m["contender"], m["dtype"], m["workload"], m["clients"]) for m in section["measurements"]}
     assert seen == {
         ("rerankd (llama.cpp)", "float32", "6 passages", 1),
         ("rerankd (llama.cpp)", "float32", "1 long documents", 1),
-        ("rerankd (llama.cpp)", "float32", "6 passages", 2),
         ("sentence-transformers float32", "float32", "6 passages", 1),
         ("sentence-transformers float32", "float32", "1 long documents", 1),
     }
-    assert section["config"] == {"hidden": 384, "layers": 6, "heads": 12}
-    assert 0 < section["score_drift"]["float32"] < 1e-3
+    assert section["family"] == "bert" and section["config"] == {"hidden": 384, "layers": 6, "heads": 12}
+    assert 0 < section["score_drift"]["sentence-transformers float32"] < 1e-3
     assert all(m["mean_flops"] > 1e9 and m["peak_rss"] > 50 * 2**20 for m in section["measurements"])
     report = out.read_text()
-    assert "## BERT MiniLM-L6 geometry" in report and "| rerankd (llama.cpp) | float32 | 1 |" in report
+    assert "## bert: cross-encoder/ms-marco-MiniLM-L6-v2 geometry" in report
+    assert "| rerankd (llama.cpp) | float32 | 1 |" in report
     assert "sentence-transformers float32 is within" in report
+
+
+@pytest.mark.slow
+def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_path: Path) -> None:
+    """A section per other family, each against its reference on the same weights: sentence-transformers for
+    the encoders, the model card's code for Qwen3-Reranker, the mxbai-rerank package (in its own
+    environment) for mxbai-rerank-v2. Tiny models stand in for the published geometries here."""
+    if not MXBAI_PYTHON.is_file():
+        pytest.skip(f"no {MXBAI_PYTHON}: make install-test builds the mxbai-rerank reference environment")
+    families = ("electra", "xlm-roberta", "modernbert", *CAUSAL_FAMILY_MODELS)
+    models = tmp_path / "models"
+    for family in families:
+        _tiny_family_model(family, models / f"random-{family}")
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "rerankd", "bench", "--geometry", "none",
+        *[argument for family in families for argument in ("--family", family)],
+        "--data", str(msmarco_dir), "--models-dir", str(models), "--mxbai-python", str(MXBAI_PYTHON),
+        "--contenders", "rerankd", "st-fp32", "qwen3-card", "mxbai-rerank", "--family-passages", "4",
+        "--family-long-documents", "1", "--max-requests", "1", "--out", str(out), "--json", str(raw),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    sections = {section["family"]: section for section in json.loads(raw.read_text())["geometries"]}
+    assert list(sections) == list(families)
+    references = {"qwen3-reranker": "qwen3-card float32", "mxbai-rerank-v2": "mxbai-rerank float32"}
+    report = out.read_text()
+    for family, section in sections.items():
+        reference = references.get(family, "sentence-transformers float32")
+        seen = {(m["contender"], m["workload"], m["clients"]) for m in section["measurements"]}
+        assert seen == {
+            (contender, workload, 1)
+            for contender in ("rerankd", reference)
+            for workload in ("4 passages", "1 long documents")
+        }
+        assert section["baseline"] == reference and section["served"] == "rerankd"
+        # The same weights in float32 on both sides: the same scores, token types and prompts included.
+        assert section["score_drift"][reference] < 1e-5
+        assert all(m["mean_flops"] > 1e6 for m in section["measurements"])
+        assert f"## {family}: " in report
+    assert "Pairs/s are compared with mxbai-rerank float32 (×)." in report
 
 
 @pytest.mark.slow
@@ -250,7 +330,9 @@ def _base_run(*measurements: Measurement, geometry: str = "base") -> GeometryRes
     workloads: list[dict[str, float | str]] = [
         {"name": "64 passages", "mean_tokens": 87.0, "gflops_per_pair": 15.8}
     ]
-    return GeometryResult(geometry, {"layers": 12, "hidden": 768}, workloads, list(measurements))
+    return GeometryResult(
+        "deberta-v2", geometry, {"layers": 12, "hidden": 768}, workloads, list(measurements)
+    )
 
 
 def test_cpu_targets_say_which_are_met_and_by_how_much_the_others_are_missed() -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from rerankd.bench.peers import Qwen3Card
 from rerankd.catalog import CAUSAL_FAMILY_MODELS
 from rerankd.devtools.random_causal import write_random_causal
 from rerankd.devtools.random_encoders import write_random_encoder
@@ -26,7 +27,7 @@ from rerankd.engine.engine import RerankEngine
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import InstructionNotTakenError, PairOptions
-from rerankd.modeling.causal import CAUSAL_FAMILIES, QWEN3_ASSISTANT, QWEN3_DEFAULT_INSTRUCTION, QWEN3_SYSTEM
+from rerankd.modeling.causal import CAUSAL_FAMILIES, QWEN3_DEFAULT_INSTRUCTION
 from rerankd.settings import RuntimeSettings
 
 from serving import rank_order, running_server
@@ -67,28 +68,8 @@ def engine_for(folder: Path, **settings) -> RerankEngine:
 
 def qwen3_card(folder: Path, query: str, documents: list[str], instruction: str | None = None):
     """Qwen3-Reranker's model card code, in float64: the pairs it builds and its P(yes) per pair."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    prefix = tokenizer.encode(QWEN3_SYSTEM, add_special_tokens=False)
-    suffix = tokenizer.encode(QWEN3_ASSISTANT, add_special_tokens=False)
-    task = QWEN3_DEFAULT_INSTRUCTION if instruction is None else instruction
-    texts = [f"<Instruct>: {task}\n<Query>: {query}\n<Document>: {document}" for document in documents]
-    inputs = tokenizer(
-        texts,
-        padding=False,
-        truncation="longest_first",
-        return_attention_mask=False,
-        max_length=8192 - len(prefix) - len(suffix),
-    )
-    inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
-    batch = tokenizer.pad(inputs, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**batch).logits[:, -1, :]
-    p_yes = torch.stack([logits[:, no], logits[:, yes]], dim=1).log_softmax(dim=1)[:, 1].exp()
-    return inputs["input_ids"], p_yes.numpy()
+    card = Qwen3Card(str(folder), torch.float64)
+    return card.encode(query, documents, instruction), card.score(query, documents, instruction).numpy()
 
 
 def mxbai_package(folder: Path, query: str, documents: list[str], instruction: str | None = None):

@@ -1,5 +1,6 @@
-"""How each contender is started and measured: rerankd's server (on DeBERTa, or on a GGUF through llama.cpp),
-sentence-transformers `CrossEncoder.rank` in a worker process, and Infinity.
+"""How each contender is started and measured: rerankd's server (on the torch backend, or on a GGUF through
+llama.cpp), the in-process peers (`rerankd.bench.peers`: sentence-transformers, Qwen3-Reranker's card code,
+mxbai-rerank) in a worker process each, and Infinity.
 
 Every one gets a random-weight model at a real geometry with a real tokenizer, a warm-up (one short call on a
 CPU, each workload once on a GPU), then timed calls; each driver also records its process's peak RSS.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import httpx
 
-from rerankd.bench.flops import EncoderShape, pair_flops
+import rerankd
+from rerankd.bench.flops import CountedFlops, pair_flops
 from rerankd.bench.measure import Measurement, mean
 from rerankd.bench.processes import free_port, running_process
-from rerankd.bench.results import Fairness
+from rerankd.bench.results import LLAMACPP_CONTENDER, Fairness
 from rerankd.bench.served import http_measure, measure_fairness, served_scores, warm_up
-from rerankd.bench.settings import BenchSettings
+from rerankd.bench.settings import BenchSettings, Peer
 from rerankd.bench.workloads import Workload, short_warm_up
 from rerankd.modeling.config import DebertaConfig
 
@@ -38,19 +41,21 @@ GGUF_COMPUTE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 @dataclass(frozen=True)
 class BenchModel:
     """A model every contender of one section runs: its transformers folder (tokenizer for the workloads;
-    what sentence-transformers and Infinity load) and what `rerankd serve --model` gets."""
+    what the peers and Infinity load) and, per rerankd contender, what `rerankd serve --model` gets with
+    which flags."""
 
+    family: str  # as `/info` names it
     title: str
     folder: Path
     shape: dict[str, int]
     flops: Callable[[int], int]  # per pair of this many tokens
-    served: Path
-    serve_flags: tuple[str, ...] = ()
+    servings: dict[str, tuple[Path, tuple[str, ...]]]
 
     @classmethod
     def deberta(cls, geometry: str, folder: Path) -> BenchModel:
         config = DebertaConfig.from_dict(json.loads((folder / "config.json").read_text()))
         return cls(
+            "deberta-v2",
             geometry,
             folder,
             {
@@ -59,20 +64,28 @@ class BenchModel:
                 "heads": config.num_attention_heads,
             },
             lambda length: pair_flops(config, length).total,
-            folder,
+            {"rerankd": (folder, ())},
         )
 
     @classmethod
-    def llamacpp(cls, title: str, folder: Path, gguf_path: Path) -> BenchModel:
+    def transformers(cls, family: str, title: str, folder: Path, gguf_path: Path | None = None) -> BenchModel:
+        """A model `transformers` runs, on rerankd's torch backend and, with `gguf_path`, the same weights
+        on its llama.cpp backend."""
         config = json.loads((folder / "config.json").read_text())
-        shape = EncoderShape.of_bert(config)
+        servings: dict[str, tuple[Path, tuple[str, ...]]] = {"rerankd": (folder, ())}
+        if gguf_path is not None:
+            servings[LLAMACPP_CONTENDER] = (gguf_path, ("--backend", "llamacpp"))
         return cls(
+            family,
             title,
             folder,
-            {"hidden": shape.hidden, "layers": shape.layers, "heads": int(config["num_attention_heads"])},
-            lambda length: shape.pair_flops(length).total,
-            gguf_path,
-            ("--backend", "llamacpp"),
+            {
+                "hidden": int(config["hidden_size"]),
+                "layers": int(config["num_hidden_layers"]),
+                "heads": int(config["num_attention_heads"]),
+            },
+            CountedFlops(folder),
+            servings,
         )
 
     def mean_flops(self, workload: Workload) -> float:
@@ -88,10 +101,14 @@ def _measure_server(
     model: BenchModel,
     workloads: list[Workload],
     served_name: str | None = None,
+    concurrent: bool = True,
 ) -> list[Measurement]:
-    """Warm up, then every workload from one client and the first from `settings.clients` at once."""
+    """Warm up, then every workload from one client and, if `concurrent`, the first from `settings.clients`
+    at once."""
     warm_up(url, settings.warm_ups(workloads), served_name)
-    runs = [(workload, 1) for workload in workloads] + [(workloads[0], settings.clients)]
+    runs = [(workload, 1) for workload in workloads]
+    if concurrent:
+        runs.append((workloads[0], settings.clients))
     return [
         http_measure(
             settings, contender, dtype, url, workload, clients, served_name, model.mean_flops(workload)
@@ -101,12 +118,16 @@ def _measure_server(
 
 
 def _log(settings: BenchSettings, contender: str, model: BenchModel) -> Path:
-    return settings.log_dir / f"{contender}-{model.served.stem}.log"
+    name = "".join(c if c.isalnum() or c in "-." else "-" for c in f"{contender}-{model.title}")
+    return settings.log_dir / f"{name}.log"
 
 
-def _serve_command(settings: BenchSettings, model: BenchModel, port: int, *flags: str) -> list[str]:
-    command = [sys.executable, "-m", "rerankd", "serve", "--model", str(model.served), "--port", str(port)]
-    return [*command, "--device", settings.device, *model.serve_flags, *flags]
+def _serve_command(
+    settings: BenchSettings, model: BenchModel, contender: str, port: int, *flags: str
+) -> list[str]:
+    served, serve_flags = model.servings[contender]
+    command = [sys.executable, "-m", "rerankd", "serve", "--model", str(served), "--port", str(port)]
+    return [*command, "--device", settings.device, *serve_flags, *flags]
 
 
 @dataclass
@@ -122,19 +143,22 @@ def bench_rerankd(
     contender: str,
     workloads: list[Workload],
     big: Workload | None = None,
+    concurrent: bool = True,
 ) -> ServedRun:
-    """rerankd over HTTP; with `big`, also the fairness of small requests next to it."""
+    """rerankd as `contender` over HTTP; with `big`, also the fairness of small requests next to it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = _serve_command(
-        settings, model, port, "--max-documents", str(max(settings.big_request, settings.passages))
+        settings, model, contender, port, "--max-documents", str(max(settings.big_request, settings.passages))
     )
-    log = _log(settings, "rerankd", model)
+    log = _log(settings, contender, model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         info = httpx.get(f"{url}/info").json()["models"][0]
         dtype = GGUF_COMPUTE_DTYPES.get(info["dtype"], info["dtype"])
         run = ServedRun(
-            _measure_server(settings, contender, dtype, f"{url}/rerank", model, workloads),
+            _measure_server(
+                settings, contender, dtype, f"{url}/rerank", model, workloads, concurrent=concurrent
+            ),
             served_scores(f"{url}/rerank", workloads[0]),
         )
         if big is not None:
@@ -155,7 +179,7 @@ def rerankd_bf16_peak_rss(settings: BenchSettings, model: BenchModel, workload: 
     """Peak RSS of `rerankd serve --dtype bfloat16` after loading and scoring 8 of the workload's texts."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = _serve_command(settings, model, port, "--dtype", "bfloat16")
+    command = _serve_command(settings, model, "rerankd", port, "--dtype", "bfloat16")
     log = _log(settings, "rerankd-bf16", model)
     with running_process(command, url, log, env={"HF_HUB_OFFLINE": "1"}, ready_path="/ready") as server:
         warm_up(f"{url}/rerank", [short_warm_up(workload)], None)
@@ -199,40 +223,53 @@ def bench_infinity(
     return measurements
 
 
-def bench_crossencoder(
-    settings: BenchSettings, model: BenchModel, workloads: list[Workload], dtype: str
+def _peer_python(settings: BenchSettings, peer: Peer) -> tuple[str, dict[str, str]]:
+    """The Python a peer runs in and its environment: rerankd's own, or the peer's virtual environment with
+    rerankd's source on its path (the worker and the scorers import nothing else of rerankd)."""
+    python = settings.peer_pythons.get(peer.scorer)
+    if python is None:
+        return sys.executable, dict(os.environ)
+    source = str(Path(rerankd.__file__).parents[1])
+    return str(python), {**os.environ, "PYTHONPATH": source, "HF_HUB_OFFLINE": "1"}
+
+
+def bench_peer(
+    settings: BenchSettings, model: BenchModel, workloads: list[Workload], peer: Peer
 ) -> tuple[list[Measurement], list[float]]:
-    """sentence-transformers in a process of its own; also its scores for the first workload."""
+    """A peer in a process of its own; also its scores for the first workload."""
     spec = {
+        "scorer": peer.scorer,
         "model": str(model.folder),
-        "dtype": dtype,
+        "dtype": peer.dtype,
         "device": settings.device,
         "max_requests": settings.requests_per_client(1),
         "max_seconds": settings.max_seconds,
         "warm_ups": [{"query": w.query, "documents": w.documents} for w in settings.warm_ups(workloads)],
         "workloads": [{"name": w.name, "query": w.query, "documents": w.documents} for w in workloads],
     }
+    python, env = _peer_python(settings, peer)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
         json.dump(spec, spec_file)
         spec_file.flush()
-        log = _log(settings, f"crossencoder-{dtype}", model)
+        log = _log(settings, peer.contender, model)
         with log.open("w") as log_file:
             completed = subprocess.run(
-                [sys.executable, "-m", "rerankd.bench.crossencoder_worker", spec_file.name],
+                [python, "-m", "rerankd.bench.peer_worker", spec_file.name],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,
                 check=False,
+                env=env,
             )
     if completed.returncode != 0:
-        raise RuntimeError(f"CrossEncoder worker failed ({completed.returncode}); see {log}")
+        raise RuntimeError(f"{peer.contender} worker failed ({completed.returncode}); see {log}")
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     measurements = []
     for workload, run in zip(workloads, report["runs"], strict=True):
         measurements.append(
             Measurement(
-                f"sentence-transformers {dtype}",
-                dtype,
+                peer.contender,
+                peer.dtype,
                 workload.name,
                 1,
                 run["latencies"],
@@ -242,7 +279,5 @@ def bench_crossencoder(
                 model.mean_flops(workload),
             )
         )
-        logger.info(
-            "CrossEncoder %s %s: %.2f pairs/s", dtype, workload.name, measurements[-1].pairs_per_second
-        )
+        logger.info("%s %s: %.2f pairs/s", peer.contender, workload.name, measurements[-1].pairs_per_second)
     return measurements, report["scores"]

@@ -1,16 +1,21 @@
 """Floating-point operations a network spends on one (query, document) pair: speed vs the hardware.
 
-Counted like `torch.utils.flop_counter` (2·M·N·K per matrix product; element-wise work ignored):
-dense layers, attention itself (QKᵀ and the weighted sum of V, 4·L²·inner per layer) and, for DeBERTa, the
-c2p/p2c products over the relative slots a pair of length L reaches. A BERT encoder is the same without them.
+Counted like `torch.utils.flop_counter` (2·M·N·K per matrix product; element-wise work ignored). DeBERTa
+analytically: dense layers, attention itself (QKᵀ and the weighted sum of V, 4·L²·inner per layer) and the
+c2p/p2c products over the relative slots a pair of length L reaches. The families `transformers` runs are
+counted by torch's counter itself, on the meta device: their network as written, without weights or compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rerankd.modeling.causal import causal_family
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.deberta import relative_slot_table
 
@@ -50,20 +55,6 @@ class EncoderShape:
             config.num_labels,
         )
 
-    @classmethod
-    def of_bert(cls, config: Mapping[str, Any]) -> EncoderShape:
-        """From a BERT-family `config.json` (the llama.cpp benchmark's model)."""
-        hidden = int(config["hidden_size"])
-        return cls(
-            hidden,
-            hidden,
-            int(config["intermediate_size"]),
-            int(config["num_hidden_layers"]),
-            hidden,
-            hidden,
-            len(config.get("id2label") or {0: "LABEL_0"}),
-        )
-
     def pair_flops(self, length: int) -> PairFlops:
         per_token_layer = self.hidden * 3 * self.inner + self.inner * self.hidden
         per_token_layer += 2 * self.hidden * self.intermediate
@@ -96,3 +87,29 @@ def pair_flops(config: DebertaConfig, length: int) -> PairFlops:
             * config.num_hidden_layers
         )
     return PairFlops(encoder.dense, relative, encoder.attention)
+
+
+class CountedFlops:
+    """Model FLOPs per pair length of a folder's `transformers` network, as torch's counter sees them, with
+    eager attention (every product spelled out). An LLM reranker counts its decoder alone: its head reads two
+    answer rows at the last position, nothing beside the layers (the full-vocabulary head the model card
+    computes at every position is that code's extra work, not the model's)."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        raw = json.loads((folder / "config.json").read_text())
+        config = AutoConfig.from_pretrained(folder, attn_implementation="eager")
+        network = AutoModel if causal_family(raw) is not None else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            self.model = network.from_config(config, attn_implementation="eager").eval()
+        self.counted: dict[int, int] = {}
+
+    def __call__(self, length: int) -> int:
+        if length not in self.counted:
+            # No attention mask: building one reads a meta tensor's values; one unpadded pair needs none.
+            ids = torch.zeros((1, length), dtype=torch.long, device="meta")
+            with FlopCounterMode(display=False) as counter, torch.inference_mode():
+                self.model(input_ids=ids)
+            self.counted[length] = counter.get_total_flops()
+        return self.counted[length]

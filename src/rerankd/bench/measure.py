@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from rerankd.bench.timing import timed_requests
+
 
 @dataclass
 class Measurement:
@@ -48,19 +50,6 @@ def percentile(values: list[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def timed_requests(
-    send: Callable[[], None], max_requests: int, max_seconds: float, start: float | None = None
-) -> list[float]:
-    """Call `send` until `max_requests` are done or `max_seconds` have passed since `start` (at least one)."""
-    start = time.perf_counter() if start is None else start
-    latencies: list[float] = []
-    while len(latencies) < max_requests and (not latencies or time.perf_counter() - start < max_seconds):
-        began = time.perf_counter()
-        send()
-        latencies.append(time.perf_counter() - began)
-    return latencies
 
 
 # Where a request's time went inside rerankd, in ms, by its response headers (TEI's names).

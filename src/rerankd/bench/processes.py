@@ -13,22 +13,13 @@ from pathlib import Path
 
 import httpx
 
+from rerankd.bench.timing import peak_rss_bytes
+
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def peak_rss_bytes(pid: int) -> int | None:
-    """The process's high-water resident set (VmHWM): unlike ru_maxrss, its own and not its parent's."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @dataclass

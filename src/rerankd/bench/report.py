@@ -9,8 +9,6 @@ from rerankd.bench.measure import Measurement
 from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult
 from rerankd.bench.targets import Target, targets_for
 
-BASELINE = "sentence-transformers float32"
-
 
 def _megabytes(value: int | None) -> str:
     return f"{value / 2**20:,.0f} MB" if value else "–"
@@ -40,14 +38,16 @@ def _server_time_line(measurement: Measurement) -> str:
 def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> list[str]:
     config = result.config
     lines = [f"## {result.geometry} ({config['layers']} layers, hidden {config['hidden']})", ""]
+    if result.baseline:
+        lines += [f"Pairs/s are compared with {result.baseline} (×).", ""]
     for workload in result.workloads:
         name = str(workload["name"])
-        baseline = result.measurement(BASELINE, name)
+        baseline = result.measurement(result.baseline, name) if result.baseline else None
         lines += [
             f"### {name}: {float(workload['mean_tokens']):.0f} tokens per pair on average, "
             f"{float(workload['gflops_per_pair']):.1f} GFLOP per pair",
             "",
-            "| contender | dtype | clients | pairs/s | vs ST fp32 | p50 s | p95 s | peak RSS | GFLOP/s | "
+            "| contender | dtype | clients | pairs/s | × | p50 s | p95 s | peak RSS | GFLOP/s | "
             "of matmul ceiling |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -78,11 +78,12 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             f"({fair.big_seconds:.0f} s) {fair.during_p95:.2f} s over {fair.during_count} requests: "
             f"{fair.ratio:.2f}× alone."
         )
-    served_dtype = f" ({single.dtype})" if single else ""
-    for dtype, drift in result.score_drift.items():
+    served = result.measurement(result.served, str(result.workloads[0]["name"])) if result.served else None
+    for peer, drift in result.score_drift.items():
         lines.append(
-            f"- Same model, same scores: sentence-transformers {dtype} is within {drift:.1e} of rerankd's"
-            f"{served_dtype} scores on the {result.workloads[0]['name']} (max |Δscore|)."
+            f"- Same model, same scores: {peer} is within {drift:.1e} of {result.served}'s"
+            f"{f' ({served.dtype})' if served else ''} scores on the {result.workloads[0]['name']} "
+            "(max |Δscore|)."
         )
     if result.bf16_peak_rss:
         lines.append(
@@ -135,16 +136,26 @@ def render_markdown(result: BenchResult) -> str:
         "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "
         "(speed does not depend on the weights' values). Workloads: the first judged MS MARCO DL19 query "
         "with its passages, and long documents of consecutive passages near the 512-token limit.",
-        "- rerankd and Infinity are measured over HTTP on loopback (latency = one request); "
-        "sentence-transformers `CrossEncoder.rank` in its own process (latency = one `rank` call). "
-        "Peak RSS is each process's VmHWM.",
+        "- rerankd and Infinity are measured over HTTP on loopback (latency = one request); the in-process "
+        "peers (sentence-transformers `CrossEncoder.rank`, Qwen3-Reranker's model card code, the "
+        "`mxbai-rerank` package's `rank`) each in a process of its own (latency = one call). Peak RSS is "
+        "each process's VmHWM. Model FLOPs: DeBERTa's counted analytically, the other families' by torch's "
+        "FLOP counter on their `transformers` network (an LLM reranker's decoder, without the vocabulary "
+        "head).",
         "",
     ]
-    if any(m.contender == LLAMACPP_CONTENDER for g in result.geometries for m in g.measurements):
+    families = [g for g in result.geometries if g.family != "deberta-v2"]
+    if families:
         lines[-1:-1] = [
-            f"- {LLAMACPP_CONTENDER}: a random-weight BERT at cross-encoder/ms-marco-MiniLM-L6-v2's shape "
-            "with an uncased WordPiece tokenizer trained on the corpus, served as an F32 GGUF by rerankd's "
-            "llama.cpp backend; sentence-transformers runs the same weights from the transformers folder."
+            "- Other families: one section each, at the published model's geometry with random weights and a "
+            "tokenizer of the family's kind trained offline (pairs are longer than the real tokenizer's; "
+            "the tables say how long), on smaller workloads, from one client."
+        ]
+    if any(m.contender == LLAMACPP_CONTENDER for g in families for m in g.measurements):
+        lines[-1:-1] = [
+            f"- {LLAMACPP_CONTENDER}: the BERT section's model (an uncased WordPiece tokenizer trained on "
+            "the corpus) is also served as an F32 GGUF by rerankd's llama.cpp backend; the peers run the "
+            "same weights from the transformers folder."
         ]
     for geometry in result.geometries:
         lines += _geometry_section(geometry, result.ceilings)

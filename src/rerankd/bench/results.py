@@ -26,14 +26,17 @@ class Fairness:
 
 @dataclass
 class GeometryResult:
+    family: str  # deberta-v2, or the other family the section measures
     geometry: str
     config: dict[str, int]
     workloads: list[dict[str, float | str]]
     measurements: list[Measurement] = field(default_factory=list)
     fairness: Fairness | None = None
     bf16_peak_rss: int | None = None  # rerankd serving the model in bfloat16: load plus one small request
-    # Max |Δscore| of each sentence-transformers dtype against rerankd on the first workload's documents.
+    # Max |Δscore| of each peer (by contender name) against `served` on the first workload's documents.
     score_drift: dict[str, float] = field(default_factory=dict)
+    served: str | None = None  # the rerankd contender whose scores the peers are compared with
+    baseline: str | None = None  # the peer every contender's pairs/s is a ratio of
 
     def measurement(self, contender: str, workload: str, clients: int = 1) -> Measurement | None:
         """The run of `contender` on `workload` with `clients` clients, if it was measured."""

@@ -1,9 +1,11 @@
 """`rerankd bench`'s run: rerankd and its peers on the same model and workloads, in one run, on one machine.
 
 One section per DeBERTa geometry (rerankd over HTTP from 1 and N clients, sentence-transformers in fp32 and a
-half precision, Infinity) and one for a BERT GGUF on rerankd's llama.cpp backend against sentence-transformers
-on the same weights; the matmul ceilings they are measured against, at the start and at the end; and the
-scores of rerankd and sentence-transformers on the same model compared. How each contender is driven is in
+half precision, Infinity), and one per other family at its published model's geometry: rerankd (and its
+llama.cpp backend on the same weights as a GGUF, where it serves them) against the family's reference,
+sentence-transformers for the encoders, the model card's code for Qwen3-Reranker and the mxbai-rerank
+package for mxbai-rerank-v2; the matmul ceilings they are measured against, at the start and at the end;
+and the scores of rerankd and each peer on the same model compared. How each contender is driven is in
 `rerankd.bench.contenders`.
 """
 
@@ -11,22 +13,22 @@ from __future__ import annotations
 
 import datetime
 import logging
+from pathlib import Path
 
 import torch
 
 from rerankd.bench.contenders import (
     BenchModel,
-    bench_crossencoder,
     bench_infinity,
+    bench_peer,
     bench_rerankd,
     rerankd_bf16_peak_rss,
 )
 from rerankd.bench.machine import describe_machine, matmul_gflops
-from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult
-from rerankd.bench.settings import CROSSENCODER_DTYPES, DEBERTA_CONTENDERS, BenchSettings
-from rerankd.bench.workloads import make_workloads, passages_workload
-from rerankd.engine.tokenize import PairTokenizer
-from rerankd.formats.tokenizer import load_tokenizer
+from rerankd.bench.results import BenchResult, GeometryResult
+from rerankd.bench.settings import BenchSettings, Peer
+from rerankd.bench.workloads import make_workloads, passages_workload, served_pair_tokenizer
+from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
 from rerankd.quality.beir import load_beir
 from rerankd.settings import DEFAULT_BATCH_TOKENS
 
@@ -42,43 +44,64 @@ def _max_difference(left: list[float], right: list[float]) -> float:
     return max(abs(a - b) for a, b in zip(left, right, strict=True))
 
 
+# Each LLM reranker's reference, by family; the encoders' is sentence-transformers.
+LLM_REFERENCES = {"qwen3-reranker": "qwen3-card", "mxbai-rerank-v2": "mxbai-rerank"}
+
+
 def bench_model(
-    settings: BenchSettings,
-    model: BenchModel,
-    contender: str | None,
-    crossencoders: dict[str, str],
-    peers: bool,
+    settings: BenchSettings, model: BenchModel, peers: list[Peer], deberta: bool
 ) -> GeometryResult:
-    """One section: rerankd as `contender` (None: not measured), sentence-transformers in `crossencoders`'
-    dtypes and, with `peers`, the fairness run, the bf16 footprint and Infinity."""
-    workloads = make_workloads(settings.data, model.folder, settings.passages, settings.long_documents)
+    """One section: each rerankd contender the run asked for that serves `model`, then `peers`. A DeBERTa
+    section takes the full workloads and also measures concurrency, fairness, the bf16 footprint and
+    Infinity; the other families' take the smaller ones, from one client."""
+    counts = (
+        (settings.passages, settings.long_documents)
+        if deberta
+        else (settings.family_passages, settings.family_long_documents)
+    )
+    tokenizer = served_pair_tokenizer(model.folder, settings.device)
+    dataset = load_beir(settings.data)
+    workloads = make_workloads(dataset, tokenizer, *counts)
     result = GeometryResult(
+        model.family,
         model.title,
         model.shape,
         [
             {"name": w.name, "mean_tokens": w.mean_tokens, "gflops_per_pair": model.mean_flops(w) / 1e9}
             for w in workloads
         ],
+        baseline=peers[0].contender if peers else None,
     )
     served_scores = None
-    if contender is not None:
-        big = None
-        if peers:
-            tokenizer = PairTokenizer(load_tokenizer(model.folder), 512)
-            big = passages_workload(load_beir(settings.data), tokenizer, settings.big_request)
-        run = bench_rerankd(settings, model, contender, workloads, big)
+    big = passages_workload(dataset, tokenizer, settings.big_request) if deberta else None
+    for contender in model.servings:
+        if contender not in settings.rerankd_contenders():
+            continue
+        run = bench_rerankd(settings, model, contender, workloads, big, concurrent=deberta)
         result.measurements += run.measurements
-        result.fairness, served_scores = run.fairness, run.scores
-        if peers:
+        result.fairness = result.fairness or run.fairness
+        if served_scores is None:
+            result.served, served_scores = contender, run.scores
+        if deberta:
             result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, model, workloads[0])
-    for dtype in crossencoders.values():
-        measured, scores = bench_crossencoder(settings, model, workloads, dtype)
+    for peer in peers:
+        measured, scores = bench_peer(settings, model, workloads, peer)
         result.measurements += measured
         if served_scores is not None:
-            result.score_drift[dtype] = _max_difference(served_scores, scores)
-    if peers and "infinity" in settings.contenders and settings.infinity is not None:
+            result.score_drift[peer.contender] = _max_difference(served_scores, scores)
+    if deberta and "infinity" in settings.contenders and settings.infinity is not None:
         result.measurements += bench_infinity(settings, model, workloads)
     return result
+
+
+def bench_family(
+    settings: BenchSettings, family: str, folder: Path, gguf_path: Path | None
+) -> GeometryResult:
+    hub_id = {**ENCODER_FAMILY_MODELS, **CAUSAL_FAMILY_MODELS}[family]
+    model = BenchModel.transformers(family, f"{family}: {hub_id} geometry", folder, gguf_path)
+    reference = LLM_REFERENCES.get(family)
+    peers = settings.crossencoder_peers() if reference is None else settings.llm_peer(reference)
+    return bench_model(settings, model, peers, deberta=False)
 
 
 def ceiling_shape(device: str) -> tuple[int, int, int]:
@@ -100,24 +123,16 @@ def measure_ceilings(device: str) -> dict[str, float]:
 def run_bench(settings: BenchSettings, command: str) -> BenchResult:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     ceilings = measure_ceilings(settings.device)
-    crossencoders = {
-        name: dtype for name, dtype in CROSSENCODER_DTYPES.items() if name in settings.contenders
-    }
     results = [
         bench_model(
-            settings,
-            BenchModel.deberta(geometry, folder),
-            "rerankd" if "rerankd" in settings.contenders else None,
-            crossencoders,
-            peers=True,
+            settings, BenchModel.deberta(geometry, folder), settings.crossencoder_peers(), deberta=True
         )
         for geometry, folder in settings.models.items()
-        if set(settings.contenders) & set(DEBERTA_CONTENDERS)
     ]
-    if "llamacpp" in settings.contenders and settings.llamacpp is not None:
-        folder, gguf_path = settings.llamacpp
-        model = BenchModel.llamacpp("BERT MiniLM-L6 geometry, F32 GGUF on llama.cpp", folder, gguf_path)
-        results.append(bench_model(settings, model, LLAMACPP_CONTENDER, {"st-fp32": "float32"}, peers=False))
+    results += [
+        bench_family(settings, family, folder, gguf_path)
+        for family, (folder, gguf_path) in settings.families.items()
+    ]
     # A busy neighbour can depress one measurement; the ceiling is the best the machine showed in the run.
     ceilings = {
         dtype: max(gflops, ceilings[dtype]) for dtype, gflops in measure_ceilings(settings.device).items()

@@ -8,9 +8,10 @@ import time
 
 import httpx
 
-from rerankd.bench.measure import Measurement, http_load, percentile, rerank_sender, timed_requests
+from rerankd.bench.measure import Measurement, http_load, percentile, rerank_sender
 from rerankd.bench.results import Fairness
 from rerankd.bench.settings import BenchSettings
+from rerankd.bench.timing import timed_requests
 from rerankd.bench.workloads import Workload
 
 logger = logging.getLogger(__name__)

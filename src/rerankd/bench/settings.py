@@ -6,20 +6,35 @@ drivers need not import the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from rerankd.bench.results import LLAMACPP_CONTENDER
 from rerankd.bench.workloads import Workload, short_warm_up
 
 CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "float16"}
-DEBERTA_CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity")
-CONTENDERS = (*DEBERTA_CONTENDERS, "llamacpp")
+# The LLM rerankers' references, named as their scorers in `rerankd.bench.peers`.
+LLM_PEERS = ("qwen3-card", "mxbai-rerank")
+CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity", "llamacpp", *LLM_PEERS)
 # Each device's peers in the half precision they run fastest in there (bf16 on a CPU with bf16 units, fp16 on
 # a GPU); no llama.cpp on a GPU by default (its pip build is CPU-only).
 DEFAULT_CONTENDERS = {
-    "cpu": ("rerankd", "st-fp32", "st-bf16", "infinity", "llamacpp"),
-    "cuda": ("rerankd", "st-fp32", "st-fp16", "infinity"),
+    "cpu": ("rerankd", "st-fp32", "st-bf16", "infinity", "llamacpp", *LLM_PEERS),
+    "cuda": ("rerankd", "st-fp32", "st-fp16", "infinity", *LLM_PEERS),
 }
+# What the LLM rerankers' references compute in: float32 on a CPU (as a user without bf16 units must),
+# float16 on a GPU.
+LLM_PEER_DTYPES = {"cpu": "float32", "cuda": "float16"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An in-process contender: its name in the report, its scorer in `rerankd.bench.peers`, its dtype."""
+
+    contender: str
+    scorer: str
+    dtype: str
+
 
 # Timed requests per measurement unless asked. A CPU takes seconds over a 64-passage request, so three
 # suffice; a GPU answers one in tens of milliseconds, where three would time mostly noise.
@@ -32,9 +47,16 @@ class BenchSettings:
     models: dict[str, Path]  # geometry -> random-weight model folder
     contenders: tuple[str, ...] = CONTENDERS
     infinity: Path | None = None  # the `infinity_emb` executable (its own virtual environment)
-    llamacpp: tuple[Path, Path] | None = None  # a BERT reranker: (transformers folder, the same as GGUF)
+    # One section per other family: its random-weight folder at the published geometry, and the same weights
+    # as a GGUF where the llama.cpp backend serves them.
+    families: dict[str, tuple[Path, Path | None]] = field(default_factory=dict)
+    # Peers that run in a Python of their own (mxbai-rerank needs transformers 4.x), by scorer.
+    peer_pythons: dict[str, Path] = field(default_factory=dict)
     passages: int = 64
     long_documents: int = 16
+    # The other families' workloads are smaller: on 2 cores an LLM reranker takes seconds per pair.
+    family_passages: int = 16
+    family_long_documents: int = 4
     max_requests: int | None = None  # timed requests per measurement; None: DEFAULT_MAX_REQUESTS[device]
     max_seconds: float = 60.0
     clients: int = 8
@@ -43,6 +65,26 @@ class BenchSettings:
     small_requests: int = 10
     log_dir: Path = Path("bench-logs")
     device: str = "cpu"  # where every contender runs: cpu or cuda
+
+    def rerankd_contenders(self) -> list[str]:
+        """rerankd's contenders in the run, by their names in the report."""
+        names = {"rerankd": "rerankd", "llamacpp": LLAMACPP_CONTENDER}
+        return [names[contender] for contender in self.contenders if contender in names]
+
+    def crossencoder_peers(self) -> list[Peer]:
+        """sentence-transformers in each dtype the run was asked for."""
+        return [
+            Peer(f"sentence-transformers {dtype}", "sentence-transformers", dtype)
+            for name, dtype in CROSSENCODER_DTYPES.items()
+            if name in self.contenders
+        ]
+
+    def llm_peer(self, name: str) -> list[Peer]:
+        """The LLM reranker reference `name`, if the run was asked for it."""
+        if name not in self.contenders:
+            return []
+        dtype = LLM_PEER_DTYPES[self.device]
+        return [Peer(f"{name} {dtype}", name, dtype)]
 
     def requests_per_client(self, clients: int) -> int:
         """The measurement's timed requests split among its clients, at least one each."""

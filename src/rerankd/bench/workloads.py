@@ -1,13 +1,21 @@
-"""The benchmark's workloads: a query with MS MARCO passages, and long documents near the 512-token limit."""
+"""The benchmark's workloads: a query with MS MARCO passages, and long documents near the 512-token limit,
+measured in the tokens each model's pairs have as rerankd serves them."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rerankd.engine.tokenize import PairTokenizer
-from rerankd.formats.tokenizer import load_tokenizer
-from rerankd.quality.beir import BeirDataset, load_beir, query_with_passages
+from rerankd.formats.tokenizer import load_prompt_tokenizer, load_tokenizer
+from rerankd.modeling.causal import causal_family
+from rerankd.modeling.encoders import encoder_family
+from rerankd.quality.beir import BeirDataset, query_with_passages
+from rerankd.settings import DEFAULT_BATCH_TOKENS
+
+# DeBERTa-v3's positions: the mxbai-rerank-v1 models' limit.
+DEBERTA_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,25 @@ def long_documents_workload(
     return _measured(f"{count} long documents", query, documents, tokenizer)
 
 
+def served_pair_tokenizer(folder: Path, device: str = "cpu") -> PairTokenizer:
+    """The folder's pairs as `rerankd serve` builds them by default: its family's template (an LLM reranker's
+    prompt), truncated to the model's limit or the device's batch token budget, whichever is shorter."""
+    config = json.loads((folder / "config.json").read_text())
+    budget = DEFAULT_BATCH_TOKENS[device]
+    llm = causal_family(config)
+    if llm is not None:
+        limit = int(config["max_position_embeddings"])
+        return PairTokenizer(load_prompt_tokenizer(folder), min(limit, budget), llm.prompt)
+    family = encoder_family(config)
+    if family is None:
+        return PairTokenizer(load_tokenizer(folder), min(DEBERTA_MAX_LENGTH, budget))
+    tokenizer = load_tokenizer(folder, family.middle_separators)
+    return PairTokenizer(tokenizer, min(family.max_length(config), budget))
+
+
 def make_workloads(
-    data: Path, model_dir: Path, passages: int, long_documents: int, max_length: int = 512
+    dataset: BeirDataset, tokenizer: PairTokenizer, passages: int, long_documents: int
 ) -> list[Workload]:
-    dataset = load_beir(data)
-    tokenizer = PairTokenizer(load_tokenizer(model_dir), max_length)
     return [
         passages_workload(dataset, tokenizer, passages),
         long_documents_workload(dataset, tokenizer, long_documents),

@@ -9,20 +9,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rerankd.catalog import CATALOG
+from rerankd.catalog import CATALOG, CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
 from rerankd.cli.flags import positive
+
+FAMILIES = (*ENCODER_FAMILY_MODELS, *CAUSAL_FAMILY_MODELS)
+DEFAULT_GEOMETRIES = ("base", "xsmall")
 
 
 def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmark rerankd against sentence-transformers and Infinity; write BENCHMARKS.md"
+        "bench",
+        help="benchmark rerankd against sentence-transformers, Infinity and each family's reference; "
+        "write BENCHMARKS.md",
     )
     bench.add_argument(
         "--geometry",
         action="append",
-        choices=sorted(CATALOG),
+        choices=[*sorted(CATALOG), "none"],
         default=None,
-        help="(default: base and xsmall)",
+        help="a DeBERTa (mxbai-rerank-v1) section; none: no DeBERTa section (default: base and xsmall)",
+    )
+    bench.add_argument(
+        "--family",
+        action="append",
+        choices=[*FAMILIES, "none"],
+        default=None,
+        help="a section for another family at its published model's geometry; none: no such section "
+        "(default: every family)",
     )
     bench.add_argument(
         "--data", type=Path, default=Path("../shared/data/msmarco-dl19-subset"), help="a BEIR folder"
@@ -40,8 +53,9 @@ def add_parser(commands: Any) -> None:
         "--contenders",
         nargs="+",
         default=None,
-        help="subset of: rerankd st-fp32 st-bf16 st-fp16 infinity llamacpp (a BERT GGUF on the llama.cpp "
-        "backend); default: all but st-fp16 on a CPU, all but st-bf16 and llamacpp on CUDA",
+        help="subset of: rerankd st-fp32 st-bf16 st-fp16 infinity llamacpp (the BERT section's GGUF on the "
+        "llama.cpp backend) qwen3-card mxbai-rerank (the LLM rerankers' references); default: all but "
+        "st-fp16 on a CPU, all but st-bf16 and llamacpp on CUDA",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where every contender runs (default: cpu)"
@@ -49,8 +63,27 @@ def add_parser(commands: Any) -> None:
     bench.add_argument(
         "--infinity", type=Path, default=None, help="the infinity_emb executable (its own venv)"
     )
+    bench.add_argument(
+        "--mxbai-python",
+        type=Path,
+        default=Path(".venv-mxbai/bin/python"),
+        help="a Python with the mxbai-rerank package (it needs transformers 4.x; `make install-test` builds "
+        "one)",
+    )
     bench.add_argument("--passages", type=positive, default=64, help="documents in the passages workload")
     bench.add_argument("--long-documents", type=positive, default=16, help="documents in the long workload")
+    bench.add_argument(
+        "--family-passages",
+        type=positive,
+        default=16,
+        help="documents in the other families' passages workload",
+    )
+    bench.add_argument(
+        "--family-long-documents",
+        type=positive,
+        default=4,
+        help="documents in the other families' long workload",
+    )
     bench.add_argument(
         "--max-requests",
         type=positive,
@@ -75,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     from rerankd.bench.report import render_json, render_markdown
     from rerankd.bench.run import run_bench
     from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, BenchSettings
-    from rerankd.devtools.random_model import write_random_model
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -95,20 +127,24 @@ def run(args: argparse.Namespace) -> int:
     if "llamacpp" in contenders and importlib.util.find_spec("llama_cpp") is None:
         print("rerankd bench: skipping llamacpp: pip install 'rerankd[llamacpp]'", file=sys.stderr)
         contenders = tuple(contender for contender in contenders if contender != "llamacpp")
-    models = {}
-    for geometry in args.geometry or ["base", "xsmall"]:
-        folder = args.models_dir / f"random-{geometry}"
-        if not (folder / "config.json").is_file():
-            write_random_model(folder, geometry=geometry, tokenizer_dir=args.tokenizer)
-        models[geometry] = folder
+    families = _chosen(args.family, FAMILIES)
+    if "mxbai-rerank-v2" in families and "mxbai-rerank" in contenders and not args.mxbai_python.is_file():
+        print(f"rerankd bench: skipping mxbai-rerank: no {args.mxbai_python}", file=sys.stderr)
+        contenders = tuple(contender for contender in contenders if contender != "mxbai-rerank")
     settings = BenchSettings(
         data=args.data,
-        models=models,
+        models={
+            geometry: _deberta_model(args.models_dir, geometry, args.tokenizer)
+            for geometry in _chosen(args.geometry, DEFAULT_GEOMETRIES)
+        },
         contenders=contenders,
         infinity=args.infinity,
-        llamacpp=_bench_bert_reranker(args.models_dir, args.data) if "llamacpp" in contenders else None,
+        families={family: _family_model(args.models_dir, family, args.data) for family in families},
+        peer_pythons={"mxbai-rerank": args.mxbai_python},
         passages=args.passages,
         long_documents=args.long_documents,
+        family_passages=args.family_passages,
+        family_long_documents=args.family_long_documents,
         max_requests=args.max_requests,
         max_seconds=args.max_seconds,
         clients=args.clients,
@@ -124,12 +160,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_bert_reranker(models_dir: Path, data: Path) -> tuple[Path, Path]:
-    """The llama.cpp contender's model (transformers folder, GGUF), made once and kept in `models_dir`."""
+def _chosen(asked: list[str] | None, default: tuple[str, ...]) -> list[str]:
+    """The sections a repeatable flag asked for, its default when not given, none for `none`."""
+    return [name for name in asked or default if name != "none"]
+
+
+def _deberta_model(models_dir: Path, geometry: str, tokenizer: Path) -> Path:
+    """A random-weight mxbai-rerank-v1 at `geometry` with the real tokenizer, made once in `models_dir`."""
+    from rerankd.devtools.random_model import write_random_model
+
+    folder = models_dir / f"random-{geometry}"
+    if not (folder / "config.json").is_file():
+        write_random_model(folder, geometry=geometry, tokenizer_dir=tokenizer)
+    return folder
+
+
+def _family_model(models_dir: Path, family: str, data: Path) -> tuple[Path, Path | None]:
+    """A family's random-weight model at its published geometry, made once in `models_dir`: its transformers
+    folder and, for BERT, the same weights as the GGUF the llama.cpp backend serves (its WordPiece trained on
+    the corpus, as a real BERT's vocabulary would split it)."""
+    from rerankd.devtools.random_causal import write_random_causal
+    from rerankd.devtools.random_encoders import write_random_encoder
+
+    folder = models_dir / f"random-{family}"
+    if family == "bert":
+        return _bench_bert_reranker(folder, data)
+    if not (folder / "config.json").is_file():
+        write = write_random_causal if family in CAUSAL_FAMILY_MODELS else write_random_encoder
+        write(folder, family, published=True)
+    return folder, None
+
+
+def _bench_bert_reranker(folder: Path, data: Path) -> tuple[Path, Path]:
+    """The BERT section's model (transformers folder, the same as GGUF), made once in `folder`."""
     from rerankd.devtools.random_bert_gguf import bert_reranker_paths, write_bert_reranker
     from rerankd.quality.beir import load_beir
 
-    folder = models_dir / "random-bert-minilm-l6"
     paths = bert_reranker_paths(folder)
     if not paths[1].is_file():
         dataset = load_beir(data)

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.devtools.train_tokenizer import training_sentences
-from rerankd.modeling.encoders import ENCODER_FAMILIES
+from rerankd.modeling.encoders import ENCODER_FAMILIES, reads_token_types
 
 # hidden 64, 2 layers: seconds to build and score, enough to exercise every part of a network.
 TINY_GEOMETRY = {
@@ -237,6 +237,11 @@ def write_random_encoder(
         "unk_token": kind.unk,
         "mask_token": kind.mask,
         "model_max_length": ENCODER_FAMILIES[spec.architecture].max_length(raw),
+        # As the published tokenizers (BertTokenizer, ElectraTokenizer) do: transformers' generic fast
+        # tokenizer leaves out the segment ids a model with token types reads, unless told to give them.
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]
+        if reads_token_types(raw)
+        else ["input_ids", "attention_mask"],
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
