@@ -101,8 +101,10 @@ random-model: install
 	$(PY) -m rerankd random-model $(RANDOM_MODEL) --geometry $(GEOMETRY) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
 
 # `make bench`: rerankd against sentence-transformers (in .venv) and Infinity (its pins clash with ours:
-# numpy<2, transformers<5, so it gets .venv-infinity) on the same random-weight models, and rerankd's llama.cpp
-# backend on a BERT GGUF against sentence-transformers on the same weights; writes BENCHMARKS.md.
+# numpy<2, transformers<5, so it gets .venv-infinity) on the same random-weight models; then a section per
+# other family against its reference (sentence-transformers, the Qwen3-Reranker card code, the mxbai-rerank
+# package from .venv-mxbai), with rerankd's llama.cpp backend on the same weights as a GGUF for BERT and
+# ModernBERT; writes BENCHMARKS.md.
 INFINITY_VENV ?= .venv-infinity
 INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 BENCH_DATA ?= ../shared/data/msmarco-dl19-subset
@@ -117,7 +119,8 @@ $(INFINITY_VENV)/.installed:
 
 bench: install-test $(INFINITY_VENV)/.installed
 	$(PY) -m rerankd bench --data $(BENCH_DATA) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
-		--infinity $(INFINITY_VENV)/bin/infinity_emb --json models/bench/results.json $(BENCH_ARGS)
+		--infinity $(INFINITY_VENV)/bin/infinity_emb --mxbai-python $(MXBAI_VENV)/bin/python \
+		--json models/bench/results.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) $(MXBAI_VENV) .pytest_cache .ruff_cache

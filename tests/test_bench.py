@@ -25,6 +25,7 @@ from rerankd.bench.settings import BenchSettings
 from rerankd.bench.targets import targets_for
 from rerankd.bench.workloads import Workload, make_workloads, served_pair_tokenizer
 from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
+from rerankd.devtools.llamacpp_convert import CONVERTER
 from rerankd.devtools.random_causal import write_random_causal
 from rerankd.devtools.random_encoders import write_random_encoder
 from rerankd.engine.loader import load_engine
@@ -241,10 +242,13 @@ def test_bench_bert_section_with_the_llamacpp_contender(msmarco_dir: Path, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.skipif(not CONVERTER.is_file(), reason=f"llama.cpp's converter is not at {CONVERTER}")
 def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_path: Path) -> None:
     """A section per other family, each against its reference on the same weights: sentence-transformers for
     the encoders, the model card's code for Qwen3-Reranker, the mxbai-rerank package (in its own
-    environment) for mxbai-rerank-v2. Tiny models stand in for the published geometries here."""
+    environment) for mxbai-rerank-v2; ModernBERT's converter GGUF on the llama.cpp backend too. Tiny models
+    stand in for the published geometries here."""
     if not MXBAI_PYTHON.is_file():
         pytest.skip(f"no {MXBAI_PYTHON}: make install-test builds the mxbai-rerank reference environment")
     families = ("electra", "xlm-roberta", "modernbert", *CAUSAL_FAMILY_MODELS)
@@ -256,8 +260,9 @@ def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_pat
         sys.executable, "-m", "rerankd", "bench", "--geometry", "none",
         *[argument for family in families for argument in ("--family", family)],
         "--data", str(msmarco_dir), "--models-dir", str(models), "--mxbai-python", str(MXBAI_PYTHON),
-        "--contenders", "rerankd", "st-fp32", "qwen3-card", "mxbai-rerank", "--family-passages", "4",
-        "--family-long-documents", "1", "--max-requests", "1", "--out", str(out), "--json", str(raw),
+        "--contenders", "rerankd", "llamacpp", "st-fp32", "qwen3-card", "mxbai-rerank",
+        "--family-passages", "4", "--family-long-documents", "1", "--max-requests", "1",
+        "--out", str(out), "--json", str(raw),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -267,10 +272,16 @@ def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_pat
     report = out.read_text()
     for family, section in sections.items():
         reference = references.get(family, "sentence-transformers float32")
+        # ModernBERT also as llama.cpp's own converter writes it, on the llama.cpp backend.
+        contenders = (
+            ("rerankd", "rerankd (llama.cpp)", reference)
+            if family == "modernbert"
+            else ("rerankd", reference)
+        )
         seen = {(m["contender"], m["workload"], m["clients"]) for m in section["measurements"]}
         assert seen == {
             (contender, workload, 1)
-            for contender in ("rerankd", reference)
+            for contender in contenders
             for workload in ("4 passages", "1 long documents")
         }
         assert section["baseline"] == reference and section["served"] == "rerankd"
@@ -279,6 +290,8 @@ def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_pat
         assert all(m["mean_flops"] > 1e6 for m in section["measurements"])
         assert f"## {family}: " in report
     assert "Pairs/s are compared with mxbai-rerank float32 (×)." in report
+    # ggml's float16 GELU table: the converter tests' bound.
+    assert 0 < sections["modernbert"]["score_drift"]["rerankd (llama.cpp)"] < 1e-3
 
 
 @pytest.mark.slow

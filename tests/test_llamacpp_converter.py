@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from test_llamacpp_backend import needs_llama_cpp, score_error
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from rerankd.backends.base import Batch, ModelLoadError, Pair
+from rerankd.devtools.llamacpp_convert import CONVERTER, convert_to_gguf
 from rerankd.devtools.random_bert_gguf import tiny_bert_vocabulary
 from rerankd.devtools.random_encoders import randomize_weights
 from rerankd.engine.loader import load_engine
@@ -30,30 +28,12 @@ from rerankd.settings import RuntimeSettings
 
 from conftest import load_backend_at
 
-CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
 pytestmark = [
     # Each conversion is a process of its own (the converter imports its own copy of the gguf package).
     pytest.mark.slow,
     needs_llama_cpp,
     pytest.mark.skipif(not CONVERTER.is_file(), reason=f"llama.cpp's converter is not at {CONVERTER}"),
 ]
-# The converter names a WordPiece or BPE vocabulary's pre-tokenizer by hashing the ids it gives for one fixed
-# text, so it refuses any vocabulary but the published ones (NotImplementedError). A tokenizer trained here
-# gets the name its family's published one gets (BAAI/bge-small's for BERT, whose WordPiece llama.cpp
-# tokenizes without one); everything else is the converter's own. XLM-R's SentencePiece model is not hashed.
-CONVERT = """
-import sys
-from pathlib import Path
-
-converter, pre_tokenizer = Path(sys.argv[1]), sys.argv[2]
-sys.path.insert(0, str(converter.parent))
-sys.argv = [str(converter), *sys.argv[3:]]
-import convert_hf_to_gguf
-from conversion.base import TextModel
-
-TextModel.get_vocab_base_pre = lambda self, tokenizer: pre_tokenizer
-convert_hf_to_gguf.main()
-"""
 # From the float64 truth (the float32 reference is 3e-6 away), measured at most 3.8e-4 (sigmoid scores) and
 # 2.9e-3 (logits) on ModernBERT, 1.7e-4 and 8.3e-4 on XLM-R: ggml's GELU reads a float16 table, so its input
 # keeps 11 bits. A ModernBERT with global attention in every layer misses by 0.34 (scores), one with the
@@ -66,15 +46,9 @@ LAYERS = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "
 BERT_QUERY, BERT_DOCUMENT = "who wrote the novel?", "harper lee wrote to kill a mockingbird."
 
 
-def convert(folder: Path, pre_tokenizer: str) -> Path:
+def convert(folder: Path, family: str) -> Path:
     """The F32 GGUF the converter writes for `folder`, in a folder of its own with the tokenizer.json."""
-    path = folder.parent / f"{folder.name}-gguf" / f"{folder.name}.F32.gguf"
-    path.parent.mkdir()
-    command = [sys.executable, "-c", CONVERT, str(CONVERTER), pre_tokenizer, str(folder), "--outtype", "f32"]
-    result = subprocess.run([*command, "--outfile", str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    shutil.copy(folder / "tokenizer.json", path.parent)
-    return path
+    return convert_to_gguf(folder, family, folder.parent / f"{folder.name}-gguf")
 
 
 def tensor_rows(path: Path) -> dict[str, int]:
@@ -160,21 +134,20 @@ def modernbert(folder: Path, texts: list[str]) -> tuple[Any, Any]:
     return save_model(folder, ModernBertForSequenceClassification(config)), tokenizer
 
 
-# Each family's model and tokenizer, and the pre-tokenizer name the converter gives its published tokenizer
-# (llama.cpp's "default" for XLM-R, whose SentencePiece model the converter reads without one).
-FAMILIES: dict[str, tuple[Callable[[Path, list[str]], tuple[Any, Any]], str]] = {
-    "xlm-roberta": (xlm_roberta, "default"),
-    "modernbert": (modernbert, "modern-bert"),
+# Each family's model and tokenizer.
+FAMILIES: dict[str, Callable[[Path, list[str]], tuple[Any, Any]]] = {
+    "xlm-roberta": xlm_roberta,
+    "modernbert": modernbert,
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scores_match_transformers(family: str, msmarco: BeirDataset, tmp_path: Path) -> None:
-    build, pre_tokenizer = FAMILIES[family]
+    build = FAMILIES[family]
     texts = list(msmarco.passages.values())[:1000]
     (tmp_path / family).mkdir()
     model, tokenizer = build(tmp_path / family, texts)
-    path = convert(tmp_path / family, pre_tokenizer)
+    path = convert(tmp_path / family, family)
     query = next(iter(msmarco.queries.values()))
     documents = texts[:80:10]
     encodings = [tokenizer(query, document, return_tensors="pt") for document in documents]
@@ -212,7 +185,7 @@ def test_bert_without_its_pooler_is_refused(tmp_path: Path) -> None:
         **LAYERS,
     )
     model = save_model(folder, BertForSequenceClassification(config))
-    path = convert(folder, "bert-bge")
+    path = convert(folder, "bert")
     rows = tensor_rows(path)
     assert rows["token_types.weight"] == 2 and "cls.output.weight" in rows and "cls.weight" not in rows
     with pytest.raises(ModelLoadError, match=r"no pooler \(cls\).*safetensors folder .* torch backend"):

@@ -153,9 +153,9 @@ def render_markdown(result: BenchResult) -> str:
         ]
     if any(m.contender == LLAMACPP_CONTENDER for g in families for m in g.measurements):
         lines[-1:-1] = [
-            f"- {LLAMACPP_CONTENDER}: the BERT section's model (an uncased WordPiece tokenizer trained on "
-            "the corpus) is also served as an F32 GGUF by rerankd's llama.cpp backend; the peers run the "
-            "same weights from the transformers folder."
+            f"- {LLAMACPP_CONTENDER}: the same weights as an F32 GGUF on rerankd's llama.cpp backend: BERT's "
+            "(its uncased WordPiece tokenizer trained on the corpus) in llama.cpp's layout with the pooler, "
+            "ModernBERT's as llama.cpp's own converter writes it; the peers run the transformers folder."
         ]
     for geometry in result.geometries:
         lines += _geometry_section(geometry, result.ceilings)

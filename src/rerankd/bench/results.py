@@ -33,7 +33,8 @@ class GeometryResult:
     measurements: list[Measurement] = field(default_factory=list)
     fairness: Fairness | None = None
     bf16_peak_rss: int | None = None  # rerankd serving the model in bfloat16: load plus one small request
-    # Max |Δscore| of each peer (by contender name) against `served` on the first workload's documents.
+    # Max |Δscore| of each peer and each other rerankd contender (by contender name) against `served`, on the
+    # first workload's documents.
     score_drift: dict[str, float] = field(default_factory=dict)
     served: str | None = None  # the rerankd contender whose scores the peers are compared with
     baseline: str | None = None  # the peer every contender's pairs/s is a ratio of

@@ -82,6 +82,8 @@ def bench_model(
         result.fairness = result.fairness or run.fairness
         if served_scores is None:
             result.served, served_scores = contender, run.scores
+        else:  # the llama.cpp backend on the same weights: how close to the torch backend
+            result.score_drift[contender] = _max_difference(served_scores, run.scores)
         if deberta:
             result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, model, workloads[0])
     for peer in peers:

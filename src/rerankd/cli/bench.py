@@ -105,6 +105,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from rerankd.backends.torch_backend import cpu_has_bf16_units
     from rerankd.bench.report import render_json, render_markdown
     from rerankd.bench.run import run_bench
     from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, BenchSettings
@@ -114,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
         print("rerankd bench: --device cuda: CUDA is not available on this machine", file=sys.stderr)
         return 2
     contenders = tuple(args.contenders or DEFAULT_CONTENDERS[args.device])
+    if args.contenders is None and args.device == "cpu" and not cpu_has_bf16_units():
+        # torch emulates bf16 there, at a tenth of fp32's rate: no peer a user of this CPU would pick.
+        print("rerankd bench: no st-bf16 by default: this CPU has no bf16 units", file=sys.stderr)
+        contenders = tuple(contender for contender in contenders if contender != "st-bf16")
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         print(
@@ -139,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
         },
         contenders=contenders,
         infinity=args.infinity,
-        families={family: _family_model(args.models_dir, family, args.data) for family in families},
+        families={
+            family: _family_model(args.models_dir, family, args.data, "llamacpp" in contenders)
+            for family in families
+        },
         peer_pythons={"mxbai-rerank": args.mxbai_python},
         passages=args.passages,
         long_documents=args.long_documents,
@@ -175,10 +183,14 @@ def _deberta_model(models_dir: Path, geometry: str, tokenizer: Path) -> Path:
     return folder
 
 
-def _family_model(models_dir: Path, family: str, data: Path) -> tuple[Path, Path | None]:
+def _family_model(models_dir: Path, family: str, data: Path, llamacpp: bool) -> tuple[Path, Path | None]:
     """A family's random-weight model at its published geometry, made once in `models_dir`: its transformers
-    folder and, for BERT, the same weights as the GGUF the llama.cpp backend serves (its WordPiece trained on
-    the corpus, as a real BERT's vocabulary would split it)."""
+    folder and, with `llamacpp`, the same weights as a GGUF the llama.cpp backend serves right: BERT's in
+    llama.cpp's layout with its pooler (its WordPiece trained on the corpus, as a real BERT's vocabulary would
+    split it), ModernBERT's as llama.cpp's own converter writes it. (The converter drops BERT's pooler, and
+    reads XLM-R's vocabulary only from a SentencePiece model or a tokenizer.json with its precompiled
+    normalizer, which the random XLM-R lacks.)"""
+    from rerankd.devtools.llamacpp_convert import CONVERTER, convert_to_gguf
     from rerankd.devtools.random_causal import write_random_causal
     from rerankd.devtools.random_encoders import write_random_encoder
 
@@ -188,7 +200,14 @@ def _family_model(models_dir: Path, family: str, data: Path) -> tuple[Path, Path
     if not (folder / "config.json").is_file():
         write = write_random_causal if family in CAUSAL_FAMILY_MODELS else write_random_encoder
         write(folder, family, published=True)
-    return folder, None
+    if family != "modernbert" or not llamacpp:
+        return folder, None
+    if not CONVERTER.is_file():
+        print(f"rerankd bench: no llama.cpp row for {family}: no converter at {CONVERTER}", file=sys.stderr)
+        return folder, None
+    gguf_dir = models_dir / f"random-{family}-gguf"
+    gguf_path = gguf_dir / f"{folder.name}.F32.gguf"
+    return folder, gguf_path if gguf_path.is_file() else convert_to_gguf(folder, family, gguf_dir)
 
 
 def _bench_bert_reranker(folder: Path, data: Path) -> tuple[Path, Path]:
