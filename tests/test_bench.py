@@ -19,8 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from rerankd.bench.flops import CountedFlops, EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
-from rerankd.bench.report import render_markdown, shown
-from rerankd.bench.results import BenchResult, Fairness, GeometryResult
+from rerankd.bench.report import render_json, render_markdown, shown
+from rerankd.bench.results import BenchResult, Fairness, GeometryResult, result_from_json
 from rerankd.bench.settings import BenchSettings
 from rerankd.bench.targets import targets_for
 from rerankd.bench.workloads import Workload, make_workloads, served_pair_tokenizer
@@ -384,6 +384,32 @@ def test_cpu_targets_say_which_are_met_and_by_how_much_the_others_are_missed() -
         "(reaching it would take 103% of the bf16 matmul ceiling) |" in section
     )
     assert "| peak RSS serving base in bf16, ≤ 1.2 GB | 916 MB | met |" in section
+
+
+def test_on_a_cpu_without_bf16_units_the_ceiling_is_fp32s() -> None:
+    """The AVX2-only run in BENCHMARKS.md: rerankd served float32, so its share is of the fp32 ceiling (178.3
+    GFLOP/s), not of the 20 GFLOP/s that emulated bf16 reaches there."""
+    result = _base_run(
+        _measured("rerankd", 8.51, dtype="float32"),
+        _measured("rerankd", 9.19, clients=8, dtype="float32"),
+        _measured("sentence-transformers float32", 4.10, dtype="float32"),
+    )
+    targets = {t.description: t for t in targets_for(result, {"float32": 178.3, "bfloat16": 20.4}, "cpu")}
+    ceiling = targets["rerankd, 1 client, ≥ 50% of the fp32 matmul ceiling"]
+    assert ceiling.met and shown(ceiling) == "75%"
+    faster = targets["rerankd, 1 client, ≥ 6× sentence-transformers fp32"]
+    assert faster.ceiling_dtype == "fp32" and faster.needs_share == pytest.approx(6 * 4.10 * 15.8 / 178.3)
+
+
+def test_the_report_renders_again_from_its_json() -> None:
+    """`rerankd bench --from-json`: the raw results give back the same report."""
+    result = _base_run(_measured("rerankd", 20.0), _measured("sentence-transformers float32", 4.0))
+    result.fairness = Fairness(alone_p95=0.5, during_p95=1.0, during_count=10, big_seconds=60)
+    result.score_drift = {"sentence-transformers float32": 1e-7}
+    run = BenchResult(
+        "2026-12-05", "rerankd bench", _MACHINE, {"bfloat16": 437.4}, (1024, 768, 3072), [result]
+    )
+    assert render_markdown(result_from_json(render_json(run))) == render_markdown(run)
 
 
 def test_a_ceiling_target_is_missed_by_how_far_it_goes_over() -> None:

@@ -112,7 +112,10 @@ def _targets_section(targets: list[Target]) -> list[str]:
     for target in targets:
         verdict = "met" if target.met else f"missed by {100 * target.shortfall:.0f}%"
         if not target.met and target.needs_share is not None:
-            verdict += f" (reaching it would take {100 * target.needs_share:.0f}% of the bf16 matmul ceiling)"
+            verdict += (
+                f" (reaching it would take {100 * target.needs_share:.0f}% of the {target.ceiling_dtype} "
+                "matmul ceiling)"
+            )
         lines.append(f"| {target.description} | {shown(target)} | {verdict} |")
     return [*lines, ""]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from rerankd.bench.measure import Measurement
@@ -71,3 +72,19 @@ class BenchResult:
     ceiling_shape: tuple[int, int, int]  # the product measured: (rows, inner, columns)
     geometries: list[GeometryResult]
     device: str = "cpu"  # where every contender ran: cpu | cuda
+
+
+def result_from_json(text: str) -> BenchResult:
+    """A run's raw results as `rerankd bench --json` wrote them, to render its report again."""
+    raw = json.loads(text)
+    sections = []
+    for section in raw.pop("geometries"):
+        fairness = section.pop("fairness")
+        measurements = [Measurement(**measurement) for measurement in section.pop("measurements")]
+        sections.append(
+            GeometryResult(
+                **section, measurements=measurements, fairness=Fairness(**fairness) if fairness else None
+            )
+        )
+    raw["ceiling_shape"] = tuple(raw["ceiling_shape"])
+    return BenchResult(**raw, geometries=sections)

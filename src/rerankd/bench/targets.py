@@ -1,8 +1,9 @@
 """The throughput targets rerankd is held to, checked against one bench run.
 
 They are set for the base geometry on the passages workload (a query with 64 MS MARCO passages), per device:
-on a CPU against sentence-transformers in fp32 and bf16, the bf16 matmul ceiling, concurrency, fairness and
-memory; on a GPU against sentence-transformers fp16 and the bf16 tensor-core ceiling. BENCHMARKS.md lists
+on a CPU against sentence-transformers in fp32 and bf16, the matmul ceiling of the dtype rerankd served in
+(bf16 where `--dtype auto` keeps it, fp32 on a CPU without bf16 units), concurrency, fairness and memory; on
+a GPU against sentence-transformers fp16 and the bf16 tensor-core ceiling. BENCHMARKS.md lists
 each with what the run reached, so a missed target shows by how much.
 """
 
@@ -14,6 +15,7 @@ from typing import Literal
 from rerankd.bench.results import GeometryResult
 
 TARGET_GEOMETRY = "base"
+SHORT_DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 RERANKD = "rerankd"
 GIGABYTE = 2**30  # as BENCHMARKS.md counts memory (its MB are 2**20 bytes)
 
@@ -29,9 +31,10 @@ class Target:
     reached: float
     unit: Unit = "ratio"
     at_most: bool = False
-    # For a pairs/s target: the share of the bf16 matmul ceiling reaching it would take (model FLOPs), which
-    # says whether the machine can reach it at all.
+    # For a pairs/s target: the share of the matmul ceiling (of `ceiling_dtype`) reaching it would take (model
+    # FLOPs), which says whether the machine can reach it at all.
     needs_share: float | None = None
+    ceiling_dtype: str = "bf16"
 
     @property
     def met(self) -> bool:
@@ -54,7 +57,9 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
     if single is None:
         return []
     targets: list[Target] = []
-    ceiling = ceilings.get("bfloat16")
+    dtype = "bfloat16" if device == "cuda" else single.dtype
+    ceiling = ceilings.get(dtype)
+    short = SHORT_DTYPES.get(dtype, dtype)
 
     def share(pairs_per_second: float) -> float | None:
         return pairs_per_second * single.mean_flops / 1e9 / ceiling if ceiling else None
@@ -64,13 +69,16 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
         if peer is not None:
             reached = single.pairs_per_second / peer.pairs_per_second
             needs = share(goal * peer.pairs_per_second)
-            targets.append(Target(f"rerankd, 1 client, ≥ {goal:g}× {name}", goal, reached, needs_share=needs))
+            description = f"rerankd, 1 client, ≥ {goal:g}× {name}"
+            targets.append(Target(description, goal, reached, needs_share=needs, ceiling_dtype=short))
 
     def of_ceiling(goal: float) -> None:
         reached = share(single.pairs_per_second)
         if reached is not None:
             targets.append(
-                Target(f"rerankd, 1 client, ≥ {goal:.0%} of the bf16 matmul ceiling", goal, reached, "share")
+                Target(
+                    f"rerankd, 1 client, ≥ {goal:.0%} of the {short} matmul ceiling", goal, reached, "share"
+                )
             )
 
     if device == "cuda":
@@ -84,7 +92,8 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
     if many is not None:
         reached = many.pairs_per_second / single.pairs_per_second
         description = f"{many.clients} concurrent clients, ≥ 1.3× one client's pairs/s"
-        targets.append(Target(description, 1.3, reached, needs_share=share(1.3 * single.pairs_per_second)))
+        needs = share(1.3 * single.pairs_per_second)
+        targets.append(Target(description, 1.3, reached, needs_share=needs, ceiling_dtype=short))
     if result.fairness is not None:
         targets.append(
             Target(

@@ -99,6 +99,13 @@ def add_parser(commands: Any) -> None:
     )
     bench.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     bench.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    bench.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="measure nothing: write the report again from a run's raw results (--json), e.g. after a change "
+        "to the report",
+    )
     bench.set_defaults(run=run)
 
 
@@ -107,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
     from rerankd.backends.torch_backend import cpu_has_bf16_units
     from rerankd.bench.report import render_json, render_markdown
+    from rerankd.bench.results import result_from_json
     from rerankd.bench.run import run_bench
     from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, BenchSettings
 
+    if args.from_json is not None:
+        args.out.write_text(render_markdown(result_from_json(args.from_json.read_text())))
+        print(f"wrote {args.out} from {args.from_json}")
+        return 0
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
     if args.device == "cuda" and not torch.cuda.is_available():
         print("rerankd bench: --device cuda: CUDA is not available on this machine", file=sys.stderr)
