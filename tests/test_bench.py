@@ -27,7 +27,8 @@ from rerankd.bench.workloads import Workload, make_workloads, served_pair_tokeni
 from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
 from rerankd.devtools.llamacpp_convert import CONVERTER
 from rerankd.devtools.random_causal import write_random_causal
-from rerankd.devtools.random_encoders import write_random_encoder
+from rerankd.devtools.random_encoders import write_random_encoder, write_sentencepiece_xlm_roberta
+from rerankd.devtools.train_tokenizer import training_sentences
 from rerankd.engine.loader import load_engine
 from rerankd.quality.beir import load_beir
 from rerankd.settings import RuntimeSettings
@@ -65,8 +66,12 @@ def test_pair_flops_equal_torch_flop_counter(xsmall_model_dir: Path, length: int
 
 
 def _tiny_family_model(family: str, folder: Path) -> Path:
+    """A tiny random model of `family`; XLM-R's with a SentencePiece model, as the bench makes it (what
+    llama.cpp's converter reads)."""
     if family in CAUSAL_FAMILY_MODELS:
         return write_random_causal(folder, family)
+    if family == "xlm-roberta":
+        return write_sentencepiece_xlm_roberta(folder, training_sentences())
     return write_random_encoder(folder, family)
 
 
@@ -247,8 +252,8 @@ def test_bench_bert_section_with_the_llamacpp_contender(msmarco_dir: Path, tmp_p
 def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_path: Path) -> None:
     """A section per other family, each against its reference on the same weights: sentence-transformers for
     the encoders, the model card's code for Qwen3-Reranker, the mxbai-rerank package (in its own
-    environment) for mxbai-rerank-v2; ModernBERT's converter GGUF on the llama.cpp backend too. Tiny models
-    stand in for the published geometries here."""
+    environment) for mxbai-rerank-v2; XLM-R's and ModernBERT's converter GGUFs on the llama.cpp backend
+    too. Tiny models stand in for the published geometries here."""
     if not MXBAI_PYTHON.is_file():
         pytest.skip(f"no {MXBAI_PYTHON}: make install-test builds the mxbai-rerank reference environment")
     families = ("electra", "xlm-roberta", "modernbert", *CAUSAL_FAMILY_MODELS)
@@ -272,12 +277,9 @@ def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_pat
     report = out.read_text()
     for family, section in sections.items():
         reference = references.get(family, "sentence-transformers float32")
-        # ModernBERT also as llama.cpp's own converter writes it, on the llama.cpp backend.
-        contenders = (
-            ("rerankd", "rerankd (llama.cpp)", reference)
-            if family == "modernbert"
-            else ("rerankd", reference)
-        )
+        # XLM-R and ModernBERT also as llama.cpp's own converter writes them, on the llama.cpp backend.
+        converted = family in ("xlm-roberta", "modernbert")
+        contenders = ("rerankd", "rerankd (llama.cpp)", reference) if converted else ("rerankd", reference)
         seen = {(m["contender"], m["workload"], m["clients"]) for m in section["measurements"]}
         assert seen == {
             (contender, workload, 1)
@@ -291,7 +293,8 @@ def test_bench_family_sections_against_each_reference(msmarco_dir: Path, tmp_pat
         assert f"## {family}: " in report
     assert "Pairs/s are compared with mxbai-rerank float32 (×)." in report
     # ggml's float16 GELU table: the converter tests' bound.
-    assert 0 < sections["modernbert"]["score_drift"]["rerankd (llama.cpp)"] < 1e-3
+    for family in ("xlm-roberta", "modernbert"):
+        assert 0 < sections[family]["score_drift"]["rerankd (llama.cpp)"] < 1e-3
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ naming what the file lacks and what to serve instead."""
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from rerankd.backends.base import Batch, ModelLoadError, Pair
 from rerankd.devtools.llamacpp_convert import CONVERTER, convert_to_gguf
 from rerankd.devtools.random_bert_gguf import tiny_bert_vocabulary
-from rerankd.devtools.random_encoders import randomize_weights
+from rerankd.devtools.random_encoders import randomize_weights, write_sentencepiece_xlm_roberta
 from rerankd.engine.loader import load_engine
 from rerankd.quality.beir import BeirDataset, load_beir
 from rerankd.settings import RuntimeSettings
@@ -70,28 +69,14 @@ def msmarco(msmarco_dir: Path) -> BeirDataset:
 
 
 def xlm_roberta(folder: Path, texts: list[str]) -> tuple[Any, Any]:
-    """An XLMRobertaForSequenceClassification and its tokenizer: a SentencePiece unigram model saved as
-    `sentencepiece.bpe.model` (what the converter reads), which transformers turns into
+    """An XLMRobertaForSequenceClassification (in float64) and its tokenizer: a SentencePiece unigram model
+    saved as `sentencepiece.bpe.model` (what the converter reads), which transformers turns into
     `<s> A </s></s> B </s>` pairs in the fairseq ids."""
-    import sentencepiece
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaTokenizer
+    from transformers import XLMRobertaForSequenceClassification, XLMRobertaTokenizer
 
-    model_file = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model_file, vocab_size=1000, minloglevel=2
-    )
-    (folder / "sentencepiece.bpe.model").write_bytes(model_file.getvalue())
-    tokenizer = XLMRobertaTokenizer.from_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config = XLMRobertaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=514,  # 512 positions after the padding id's
-        type_vocab_size=1,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        **LAYERS,
-    )
-    return save_model(folder, XLMRobertaForSequenceClassification(config)), tokenizer
+    write_sentencepiece_xlm_roberta(folder, texts, layers=LAYERS)
+    model = XLMRobertaForSequenceClassification.from_pretrained(folder, dtype=torch.float64).eval()
+    return model, XLMRobertaTokenizer.from_pretrained(folder)
 
 
 def modernbert(folder: Path, texts: list[str]) -> tuple[Any, Any]:

@@ -158,7 +158,8 @@ def render_markdown(result: BenchResult) -> str:
         lines[-1:-1] = [
             f"- {LLAMACPP_CONTENDER}: the same weights as an F32 GGUF on rerankd's llama.cpp backend: BERT's "
             "(its uncased WordPiece tokenizer trained on the corpus) in llama.cpp's layout with the pooler, "
-            "ModernBERT's as llama.cpp's own converter writes it; the peers run the transformers folder."
+            "XLM-R's (its SentencePiece model trained on the corpus) and ModernBERT's as llama.cpp's own "
+            "converter writes them; the peers run the transformers folder."
         ]
     for geometry in result.geometries:
         lines += _geometry_section(geometry, result.ceilings)

@@ -14,6 +14,9 @@ from rerankd.cli.flags import positive
 
 FAMILIES = (*ENCODER_FAMILY_MODELS, *CAUSAL_FAMILY_MODELS)
 DEFAULT_GEOMETRIES = ("base", "xsmall")
+# The pieces of the bench's XLM-R SentencePiece model, trained on the corpus (the embedding table keeps the
+# published model's 250,002 rows).
+XLM_ROBERTA_PIECES = 8000
 
 
 def add_parser(commands: Any) -> None:
@@ -198,21 +201,25 @@ def _deberta_model(models_dir: Path, geometry: str, tokenizer: Path) -> Path:
 def _family_model(models_dir: Path, family: str, data: Path, llamacpp: bool) -> tuple[Path, Path | None]:
     """A family's random-weight model at its published geometry, made once in `models_dir`: its transformers
     folder and, with `llamacpp`, the same weights as a GGUF the llama.cpp backend serves right: BERT's in
-    llama.cpp's layout with its pooler (its WordPiece trained on the corpus, as a real BERT's vocabulary would
-    split it), ModernBERT's as llama.cpp's own converter writes it. (The converter drops BERT's pooler, and
-    reads XLM-R's vocabulary only from a SentencePiece model or a tokenizer.json with its precompiled
-    normalizer, which the random XLM-R lacks.)"""
+    llama.cpp's layout with its pooler (the converter drops it), XLM-R's and ModernBERT's as llama.cpp's own
+    converter writes them. BERT's WordPiece and XLM-R's SentencePiece model (what the converter reads) are
+    trained on the corpus, as a real vocabulary would split it."""
     from rerankd.devtools.llamacpp_convert import CONVERTER, convert_to_gguf
     from rerankd.devtools.random_causal import write_random_causal
-    from rerankd.devtools.random_encoders import write_random_encoder
+    from rerankd.devtools.random_encoders import write_random_encoder, write_sentencepiece_xlm_roberta
+    from rerankd.quality.beir import load_beir
 
     folder = models_dir / f"random-{family}"
     if family == "bert":
         return _bench_bert_reranker(folder, data)
-    if not (folder / "config.json").is_file():
+    if family == "xlm-roberta" and not (folder / "sentencepiece.bpe.model").is_file():
+        dataset = load_beir(data)
+        texts = [*dataset.passages.values(), *dataset.queries.values()]
+        write_sentencepiece_xlm_roberta(folder, texts, published=True, vocab_size=XLM_ROBERTA_PIECES)
+    elif not (folder / "config.json").is_file():
         write = write_random_causal if family in CAUSAL_FAMILY_MODELS else write_random_encoder
         write(folder, family, published=True)
-    if family != "modernbert" or not llamacpp:
+    if family not in ("xlm-roberta", "modernbert") or not llamacpp:
         return folder, None
     if not CONVERTER.is_file():
         print(f"rerankd bench: no llama.cpp row for {family}: no converter at {CONVERTER}", file=sys.stderr)

@@ -10,8 +10,9 @@ their cards' config.json), or a tiny one for fast tests.
 from __future__ import annotations
 
 import functools
+import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,4 +245,49 @@ def write_random_encoder(
         else ["input_ids", "attention_mask"],
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out_dir
+
+
+def write_sentencepiece_xlm_roberta(
+    out_dir: Path,
+    texts: Iterable[str],
+    published: bool = False,
+    vocab_size: int = 1000,
+    seed: int = 0,
+    layers: Mapping[str, int] = TINY_GEOMETRY,
+) -> Path:
+    """An XLM-R cross-encoder whose tokenizer is a SentencePiece unigram model trained on `texts`, saved as
+    the published ones ship it (`sentencepiece.bpe.model` beside tokenizer.json): what llama.cpp's converter
+    reads an XLM-R vocabulary from. At the published geometry (its embedding table keeps its 250,002 rows)
+    with transformers' initialization, or at `layers` with `randomize_weights`. Returns `out_dir`."""
+    import sentencepiece
+    from transformers import AutoConfig, AutoModelForSequenceClassification, XLMRobertaTokenizer
+
+    spec = FAMILIES["xlm-roberta"]
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model_file,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sentencepiece.bpe.model").write_bytes(model_file.getvalue())
+    tokenizer = XLMRobertaTokenizer.from_pretrained(out_dir)
+    keys: dict[str, Any] = {**spec.config, "vocab_size": len(tokenizer), "num_labels": 1}
+    keys.update(spec.published if published else layers)
+    keys["pad_token_id"] = tokenizer.pad_token_id
+    config = AutoConfig.for_model(spec.model_type, architectures=[spec.architecture], **keys)
+    # Its pairs truncated where its positions end, as the published tokenizer_config says.
+    tokenizer.model_max_length = ENCODER_FAMILIES[spec.architecture].max_length(config.to_dict())
+    tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    if not published:
+        randomize_weights(model, seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    raw = json.loads((out_dir / "config.json").read_text())
+    raw[UNTRAINED_KEY] = True
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out_dir
