@@ -11,10 +11,18 @@ dependencies are not installed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 Scorer = Callable[[str, list[str]], list[float]]
+
+
+def _in_input_order(ranked: Iterable[tuple[int, float]], count: int) -> list[float]:
+    """A ranking's (document index, score) pairs as the scores of the documents in input order."""
+    scores = [0.0] * count
+    for index, score in ranked:
+        scores[index] = score
+    return scores
 
 
 def crossencoder(folder: str, dtype: str, device: str) -> Scorer:
@@ -26,10 +34,9 @@ def crossencoder(folder: str, dtype: str, device: str) -> Scorer:
 
     def score(query: str, documents: list[str]) -> list[float]:
         ranked = model.rank(query, documents)
-        scores = [0.0] * len(documents)
-        for entry in ranked:
-            scores[entry["corpus_id"]] = float(entry["score"])
-        return scores
+        return _in_input_order(
+            ((entry["corpus_id"], float(entry["score"])) for entry in ranked), len(documents)
+        )
 
     return score
 
@@ -99,10 +106,8 @@ def mxbai_rerank(folder: str, dtype: str, device: str) -> Scorer:
 
     def score(query: str, documents: list[str]) -> list[float]:
         ranked = model.rank(query, documents, top_k=len(documents), return_documents=False)
-        scores = [0.0] * len(documents)
-        for entry in ranked:
-            scores[entry.index] = 1 / (1 + math.exp(-entry.score))
-        return scores
+        relevance = ((entry.index, 1 / (1 + math.exp(-entry.score))) for entry in ranked)
+        return _in_input_order(relevance, len(documents))
 
     return score
 

@@ -151,8 +151,9 @@ def render_markdown(result: BenchResult) -> str:
     if families:
         lines[-1:-1] = [
             "- Other families: one section each, at the published model's geometry with random weights and a "
-            "tokenizer of the family's kind trained offline (pairs are longer than the real tokenizer's; "
-            "the tables say how long), on smaller workloads, from one client."
+            "tokenizer of the family's kind trained offline (BERT's and XLM-R's on the corpus; the others' "
+            "on Python's documentation, so their pairs are longer than the real tokenizers' make them: the "
+            "tables say how long), on smaller workloads, from one client."
         ]
     if any(m.contender == LLAMACPP_CONTENDER for g in families for m in g.measurements):
         lines[-1:-1] = [

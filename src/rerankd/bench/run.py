@@ -29,7 +29,7 @@ from rerankd.bench.results import BenchResult, GeometryResult
 from rerankd.bench.settings import BenchSettings, Peer
 from rerankd.bench.workloads import make_workloads, passages_workload, served_pair_tokenizer
 from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
-from rerankd.quality.beir import load_beir
+from rerankd.quality.beir import BeirDataset, load_beir
 from rerankd.settings import DEFAULT_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ LLM_REFERENCES = {"qwen3-reranker": "qwen3-card", "mxbai-rerank-v2": "mxbai-rera
 
 
 def bench_model(
-    settings: BenchSettings, model: BenchModel, peers: list[Peer], deberta: bool
+    settings: BenchSettings, dataset: BeirDataset, model: BenchModel, peers: list[Peer], deberta: bool
 ) -> GeometryResult:
     """One section: each rerankd contender the run asked for that serves `model`, then `peers`. A DeBERTa
     section takes the full workloads and also measures concurrency, fairness, the bf16 footprint and
@@ -60,7 +60,6 @@ def bench_model(
         else (settings.family_passages, settings.family_long_documents)
     )
     tokenizer = served_pair_tokenizer(model.folder, settings.device)
-    dataset = load_beir(settings.data)
     workloads = make_workloads(dataset, tokenizer, *counts)
     result = GeometryResult(
         model.family,
@@ -97,13 +96,13 @@ def bench_model(
 
 
 def bench_family(
-    settings: BenchSettings, family: str, folder: Path, gguf_path: Path | None
+    settings: BenchSettings, dataset: BeirDataset, family: str, folder: Path, gguf_path: Path | None
 ) -> GeometryResult:
     hub_id = {**ENCODER_FAMILY_MODELS, **CAUSAL_FAMILY_MODELS}[family]
     model = BenchModel.transformers(family, f"{family}: {hub_id} geometry", folder, gguf_path)
     reference = LLM_REFERENCES.get(family)
     peers = settings.crossencoder_peers() if reference is None else settings.llm_peer(reference)
-    return bench_model(settings, model, peers, deberta=False)
+    return bench_model(settings, dataset, model, peers, deberta=False)
 
 
 def ceiling_shape(device: str) -> tuple[int, int, int]:
@@ -125,14 +124,19 @@ def measure_ceilings(device: str) -> dict[str, float]:
 def run_bench(settings: BenchSettings, command: str) -> BenchResult:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     ceilings = measure_ceilings(settings.device)
+    dataset = load_beir(settings.data)  # every section's workloads come from it
     results = [
         bench_model(
-            settings, BenchModel.deberta(geometry, folder), settings.crossencoder_peers(), deberta=True
+            settings,
+            dataset,
+            BenchModel.deberta(geometry, folder),
+            settings.crossencoder_peers(),
+            deberta=True,
         )
         for geometry, folder in settings.models.items()
     ]
     results += [
-        bench_family(settings, family, folder, gguf_path)
+        bench_family(settings, dataset, family, folder, gguf_path)
         for family, (folder, gguf_path) in settings.families.items()
     ]
     # A busy neighbour can depress one measurement; the ceiling is the best the machine showed in the run.
