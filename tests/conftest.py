@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rerankd.backends.base import RerankBackend
-from rerankd.backends.registry import load_backend, plan_backend
+from rerankd.backends.registry import FileVariant, load_backend, plan_backend
 from rerankd.settings import RuntimeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +78,32 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _random_model(tmp_path_factory, "base")
 
 
+@pytest.fixture(scope="session")
+def xsmall_onnx(xsmall_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """xsmall exported by the command users run (`rerankd export --format onnx`): float32, float16 and
+    dynamic int8 graphs in onnx/, config.json and the tokenizer beside them."""
+    from serving import run_cli
+
+    out = tmp_path_factory.mktemp("xsmall-onnx")
+    exported = run_cli(
+        "export", str(xsmall_model_dir), str(out), "--format", "onnx", "--type", "f32", "f16", "int8"
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(path.name for path in (out / "onnx").iterdir()) == [
+        "model.onnx",
+        "model_fp16.onnx",
+        "model_int8.onnx",
+    ]
+    return out
+
+
 def load_backend_at(
     path: Path,
-    gguf_variant: str | None = None,
+    variant: FileVariant | None = None,
     reference_pairs: tuple[tuple[str, str], ...] = (),
     **settings: Any,
 ) -> RerankBackend:
     """The backend rerankd loads for `path` with these settings (the rest from defaults and the environment),
     planned and loaded as `rerankd serve` does."""
-    plan = plan_backend(path, RuntimeSettings(**settings), gguf_variant)
+    plan = plan_backend(path, RuntimeSettings(**settings), variant)
     return load_backend(plan, reference_pairs)

@@ -16,6 +16,7 @@ import torch
 from test_causal_rerankers import MXBAI_PYTHON
 from torch.utils.flop_counter import FlopCounterMode
 
+from rerankd.backends.torch_backend import cpu_has_bf16_units
 from rerankd.bench.flops import CountedFlops, EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
@@ -164,17 +165,19 @@ def test_workload_pairs_are_as_long_as_the_server_makes_them(
 
 @pytest.mark.slow
 def test_bench_end_to_end_writes_benchmarks_md(
-    xsmall_model_dir: Path, msmarco_dir: Path, tmp_path: Path
+    xsmall_model_dir: Path, xsmall_onnx: Path, msmarco_dir: Path, tmp_path: Path
 ) -> None:
-    """rerankd over HTTP and sentence-transformers in its own process, on a small workload."""
+    """rerankd over HTTP, and sentence-transformers, ONNX Runtime (float32 and int8) and OpenVINO on the
+    same model's ONNX export in their own processes, on a small workload."""
     models = tmp_path / "models"
-    models.mkdir()
-    (models / "random-xsmall").symlink_to(xsmall_model_dir)
+    (models / "random-xsmall").mkdir(parents=True)
+    for path in [*xsmall_model_dir.iterdir(), xsmall_onnx / "onnx"]:
+        (models / "random-xsmall" / path.name).symlink_to(path)
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     command = [
         sys.executable, "-m", "rerankd", "bench", "--geometry", "xsmall", "--family", "none",
         "--data", str(msmarco_dir), "--models-dir", str(models), "--contenders", "rerankd", "st-fp32",
-        "--passages", "6",
+        "ort-fp32", "ort-int8", "openvino", "--passages", "6",
         "--long-documents", "1", "--max-requests", "2", "--clients", "2", "--big-request", "24",
         "--out", str(out), "--json", str(raw),
     ]  # fmt: skip
@@ -183,12 +186,14 @@ def test_bench_end_to_end_writes_benchmarks_md(
     result = json.loads(raw.read_text())
     [geometry] = result["geometries"]
     seen = {(m["contender"], m["workload"], m["clients"]) for m in geometry["measurements"]}
+    # OpenVINO at its default precision: bf16 where the CPU has bf16 units (the subprocess's own probe).
+    openvino = "openvino bfloat16" if cpu_has_bf16_units() else "openvino float32"
+    peers = ("sentence-transformers float32", "onnxruntime float32", "onnxruntime int8", openvino)
     assert seen == {
         ("rerankd", "6 passages", 1),
         ("rerankd", "1 long documents", 1),
         ("rerankd", "6 passages", 2),
-        ("sentence-transformers float32", "6 passages", 1),
-        ("sentence-transformers float32", "1 long documents", 1),
+        *((peer, workload, 1) for peer in peers for workload in ("6 passages", "1 long documents")),
     }
     for measurement in geometry["measurements"]:
         assert measurement["pairs"] > 0 and measurement["peak_rss"] > 100 * 2**20
@@ -203,7 +208,10 @@ def test_bench_end_to_end_writes_benchmarks_md(
     assert geometry["fairness"]["during_count"] >= 1
     assert geometry["bf16_peak_rss"] > 100 * 2**20
     # The same model in both: the same scores.
-    assert geometry["score_drift"]["sentence-transformers float32"] < 1e-5
+    drift = geometry["score_drift"]
+    assert max(drift[peer] for peer in peers if "float32" in peer) < 1e-5
+    assert drift[openvino] < 1e-2  # bf16 where it runs in bf16
+    assert 0 < drift["onnxruntime int8"] < 0.05  # dynamic int8: reported, not hidden
     assert result["ceiling_shape"] == [1024, 768, 3072]  # the CPU's default token budget through base's FFN
     assert set(result["ceilings"]) == {"float32", "bfloat16"}
     report = out.read_text()

@@ -11,8 +11,9 @@ import pytest
 from gguf import GGUFWriter
 
 from rerankd.backends.base import ModelLoadError
+from rerankd.backends.registry import FileVariant
 from rerankd.devtools.random_model import write_random_model
-from rerankd.engine.loader import load_engine, split_gguf_selector
+from rerankd.engine.loader import load_engine, split_selector
 from rerankd.fidelity import builtin_cases
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.quality.scorers import EngineScorer
@@ -38,12 +39,12 @@ def xsmall_variants(xsmall_model_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def test_selector_syntax() -> None:
-    assert split_gguf_selector("antflydb/mxbai-rerank-base-v1:gguf:Q8_0") == (
+    assert split_selector("antflydb/mxbai-rerank-base-v1:gguf:Q8_0") == (
         "antflydb/mxbai-rerank-base-v1",
-        "Q8_0",
+        FileVariant("gguf", "Q8_0"),
     )
-    assert split_gguf_selector("./models/x:gguf:q4_k") == ("./models/x", "Q4_K")
-    assert split_gguf_selector("mixedbread-ai/mxbai-rerank-base-v1") == (
+    assert split_selector("./models/x:gguf:q4_k") == ("./models/x", FileVariant("gguf", "Q4_K"))
+    assert split_selector("mixedbread-ai/mxbai-rerank-base-v1") == (
         "mixedbread-ai/mxbai-rerank-base-v1",
         None,
     )
@@ -55,7 +56,7 @@ def test_backend_is_chosen_from_the_files(xsmall_model_dir: Path, xsmall_variant
     assert load_backend_at(xsmall_variants / "mxbai-rerank-xsmall-v1.Q8_0.gguf").info.backend == "gguf"
     assert load_backend_at(xsmall_variants).info.backend == "gguf"
     with pytest.raises(ModelLoadError, match=r"no Q4_K GGUF file \(found: F32, Q8_0\)"):
-        load_backend_at(xsmall_variants, gguf_variant="Q4_K")
+        load_backend_at(xsmall_variants, FileVariant("gguf", "Q4_K"))
 
 
 @pytest.mark.slow

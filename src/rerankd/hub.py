@@ -44,21 +44,33 @@ class FileSelection:
     follow_aliases: bool  # aliases name the safetensors checkpoint of the same weights
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spm.model",
+)
 SAFETENSORS_FILES = FileSelection(
     description="a safetensors checkpoint",
-    allow_patterns=(
-        "config.json",
-        "*.safetensors",
-        "model.safetensors.index.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "spm.model",
-    ),
+    allow_patterns=("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES),
     required_patterns=("config.json", "*.safetensors"),
     follow_aliases=True,
 )
+
+
+def onnx_files(name: str) -> FileSelection:
+    """One ONNX graph (`model.onnx`, `model_int8.onnx`, …) in `onnx/` or at the root, with its external data
+    (`<name>_data`, `<name>.data`, numbered parts) and the config and tokenizer files beside it."""
+    graph = (f"onnx/{name}", name)
+    data = tuple(f"{pattern}_data*" for pattern in graph) + tuple(f"{pattern}.data*" for pattern in graph)
+    return FileSelection(
+        description=f"an ONNX graph {name}",
+        allow_patterns=(*graph, *data, "config.json", *TOKENIZER_FILES),
+        required_patterns=("config.json", f"*{name}"),
+        follow_aliases=True,
+    )
+
 
 GGUF_SIDECARS = ("config.json", "tokenizer.json", "model_manifest.json", "antfly_inference_variants.json")
 

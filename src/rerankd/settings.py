@@ -93,10 +93,11 @@ class RuntimeSettings(BaseSettings):
         description="on CUDA, replay each batch's pass as a CUDA graph captured per bucketed batch shape "
         "(the torch backend; --no-cuda-graphs runs it kernel by kernel)",
     )
-    backend: Literal["auto", "torch", "gguf", "llamacpp"] = Field(
+    backend: Literal["auto", "torch", "gguf", "llamacpp", "onnx", "openvino"] = Field(
         "auto",
         description="what runs the model; auto = torch for safetensors and DeBERTa GGUF, llamacpp for the "
-        "GGUF rerankers llama.cpp serves (BERT, XLM-RoBERTa, Jina-BERT, ModernBERT)",
+        "GGUF rerankers llama.cpp serves (BERT, XLM-RoBERTa, Jina-BERT, ModernBERT), onnx (ONNX Runtime) "
+        "for ONNX graphs; openvino runs an ONNX graph on OpenVINO",
     )
     max_queued_pairs: int | None = Field(
         DEFAULT_MAX_QUEUED_PAIRS,

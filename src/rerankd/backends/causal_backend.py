@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from rerankd.backends.base import Batch, ModelLoadError
 from rerankd.backends.encoder_backend import transformers_load_errors
+from rerankd.backends.folder_model import FolderModel
 from rerankd.backends.torch_backend import (
     TorchBackend,
     apply_threads,
@@ -36,9 +36,10 @@ class CausalBackend(TorchBackend):
 
 
 def build_causal_backend(
-    folder: Path, raw_config: dict, family: CausalFamily, tokenizer: Tokenizer, settings: RuntimeSettings
+    folder: Path, model: FolderModel, family: CausalFamily, settings: RuntimeSettings
 ) -> CausalBackend:
     """The folder's LLM reranker on the settings' device and dtype, with its family's prompt."""
+    tokenizer, raw_config = model.tokenizer, model.config
     yes, no = (tokenizer.token_to_id(answer) for answer in family.prompt.answers)
     if yes is None or no is None:
         raise ModelLoadError(
@@ -49,10 +50,9 @@ def build_causal_backend(
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     with transformers_load_errors(folder, family.architecture):
-        model = load_causal(folder, (yes, no), dtype, device)
-        max_length = int(raw_config["max_position_embeddings"])
-    info = torch_backend_info(folder, raw_config, "torch", family.name, device, dtype, max_length)
+        network = load_causal(folder, (yes, no), dtype, device)
+    info = torch_backend_info(folder, raw_config, "torch", family.name, device, dtype, model.max_length)
     pad_id = raw_config.get("pad_token_id")
-    backend = CausalBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
+    backend = CausalBackend(network, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
     backend.prompt = family.prompt
     return backend

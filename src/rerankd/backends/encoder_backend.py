@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from rerankd.backends.base import Batch, ModelLoadError
+from rerankd.backends.folder_model import FolderModel
 from rerankd.backends.torch_backend import (
     TorchBackend,
     apply_threads,
@@ -38,18 +38,17 @@ class EncoderBackend(TorchBackend):
 
 
 def build_encoder_backend(
-    folder: Path, raw_config: dict, family: EncoderFamily, tokenizer: Tokenizer, settings: RuntimeSettings
+    folder: Path, model: FolderModel, family: EncoderFamily, settings: RuntimeSettings
 ) -> EncoderBackend:
     """The folder's classifier on the settings' device and dtype."""
     apply_threads(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     with transformers_load_errors(folder, family.architecture):
-        model = load_encoder(folder, family, dtype, device)
-        max_length = family.max_length(raw_config)
-    info = torch_backend_info(folder, raw_config, "torch", family.name, device, dtype, max_length)
-    pad_id = raw_config.get("pad_token_id")
-    return EncoderBackend(model, 0 if pad_id is None else int(pad_id), tokenizer, info, settings)
+        network = load_encoder(folder, family, dtype, device)
+    info = torch_backend_info(folder, model.config, "torch", family.name, device, dtype, model.max_length)
+    pad_id = model.config.get("pad_token_id")
+    return EncoderBackend(network, 0 if pad_id is None else int(pad_id), model.tokenizer, info, settings)
 
 
 @contextmanager

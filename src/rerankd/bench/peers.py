@@ -1,6 +1,7 @@
 """The peers rerankd is measured against, each scoring in process the way its users call it:
-sentence-transformers' `CrossEncoder.rank` (the encoders), Qwen3-Reranker's model card code, and Mixedbread's
-own `mxbai-rerank` package (mxbai-rerank-v2).
+sentence-transformers' `CrossEncoder.rank` (the encoders), ONNX Runtime and OpenVINO on an ONNX export of
+the same model (what a CPU user picks instead), Qwen3-Reranker's model card code, and Mixedbread's own
+`mxbai-rerank` package (mxbai-rerank-v2).
 
 Every scorer returns relevance in input order on rerankd's scale (sigmoid of a logit, P("yes")), so the
 report can compare their scores with rerankd's. Only the standard library is imported at the top: the
@@ -39,6 +40,81 @@ def crossencoder(folder: str, dtype: str, device: str) -> Scorer:
         )
 
     return score
+
+
+# Pairs per call of an ONNX graph: CrossEncoder's default batch size, which users of the runtimes copy.
+GRAPH_BATCH = 32
+# A tokenizer that states no limit (`model_max_length` is then a huge sentinel) truncates to BERT's.
+DEFAULT_MAX_LENGTH = 512
+
+
+def _graph_scorer(folder: str, run: Callable[[dict[str, Any]], Any], inputs: list[str]) -> Scorer:
+    """A graph called as optimum's and the runtimes' examples call one: the `transformers` tokenizer's pairs
+    (longest-first truncation, padded per batch of GRAPH_BATCH), the logit's sigmoid."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DEFAULT_MAX_LENGTH
+
+    def score(query: str, documents: list[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(documents), GRAPH_BATCH):
+            batch = documents[start : start + GRAPH_BATCH]
+            encoded = tokenizer(
+                [query] * len(batch),
+                batch,
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="np",
+            )
+            feeds = {name: np.asarray(encoded[name], dtype=np.int64) for name in inputs}
+            logits = np.asarray(run(feeds), dtype=np.float64)
+            scores += (1 / (1 + np.exp(-logits[:, 0]))).tolist()
+        return scores
+
+    return score
+
+
+def onnx_graph_path(folder: str, dtype: str) -> str:
+    """The folder's ONNX export in `dtype` (float32, or a variant such as int8), as `rerankd export --format
+    onnx` writes it."""
+    from pathlib import Path
+
+    from rerankd.formats.onnx_graph import find_onnx_file
+
+    graph = find_onnx_file(Path(folder), None if dtype == "float32" else dtype)
+    if graph is None:
+        raise FileNotFoundError(f"{folder}: no {dtype} ONNX graph: rerankd export --format onnx writes it")
+    return str(graph)
+
+
+def onnxruntime_graph(folder: str, dtype: str, device: str) -> Scorer:
+    """ONNX Runtime's session on the float32 or dynamic int8 export (every thread of the machine, its
+    default), on the CPU or CUDA execution provider."""
+    import onnxruntime
+
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else []
+    session = onnxruntime.InferenceSession(
+        onnx_graph_path(folder, dtype), providers=[*providers, "CPUExecutionProvider"]
+    )
+    inputs = [value.name for value in session.get_inputs()]
+    return _graph_scorer(folder, lambda feeds: session.run(None, feeds)[0], inputs)
+
+
+def openvino_graph(folder: str, dtype: str, device: str) -> Scorer:
+    """OpenVINO's CPU plugin on the float32 export, at the precision named (bf16 is its default on CPUs with
+    bf16 units, f32 elsewhere)."""
+    import openvino
+
+    precisions = {"float32": "f32", "bfloat16": "bf16"}
+    compiled = openvino.Core().compile_model(
+        onnx_graph_path(folder, "float32"), "CPU", {"INFERENCE_PRECISION_HINT": precisions[dtype]}
+    )
+    request = compiled.create_infer_request()
+    inputs = [port.get_any_name() for port in compiled.inputs]
+    return _graph_scorer(folder, lambda feeds: request.infer(feeds)[compiled.output(0)], inputs)
 
 
 class Qwen3Card:
@@ -114,6 +190,8 @@ def mxbai_rerank(folder: str, dtype: str, device: str) -> Scorer:
 
 SCORERS: dict[str, Callable[[str, str, str], Scorer]] = {
     "sentence-transformers": crossencoder,
+    "onnxruntime": onnxruntime_graph,
+    "openvino": openvino_graph,
     "qwen3-card": qwen3_card,
     "mxbai-rerank": mxbai_rerank,
 }

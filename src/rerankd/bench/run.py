@@ -130,7 +130,7 @@ def run_bench(settings: BenchSettings, command: str) -> BenchResult:
             settings,
             dataset,
             BenchModel.deberta(geometry, folder),
-            settings.crossencoder_peers(),
+            settings.crossencoder_peers() + settings.onnx_peers(),
             deberta=True,
         )
         for geometry, folder in settings.models.items()

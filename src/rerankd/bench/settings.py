@@ -13,13 +13,16 @@ from rerankd.bench.results import LLAMACPP_CONTENDER
 from rerankd.bench.workloads import Workload, short_warm_up
 
 CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "float16"}
+# ONNX Runtime on the float32 and dynamic int8 exports, OpenVINO on the float32 one at its default precision
+# (bf16 on a CPU with bf16 units, f32 elsewhere): DeBERTa's sections.
+ONNX_CONTENDERS = ("ort-fp32", "ort-int8", "openvino")
 # The LLM rerankers' references, named as their scorers in `rerankd.bench.peers`.
 LLM_PEERS = ("qwen3-card", "mxbai-rerank")
-CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, "infinity", "llamacpp", *LLM_PEERS)
+CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, *ONNX_CONTENDERS, "infinity", "llamacpp", *LLM_PEERS)
 # Each device's peers in the half precision they run fastest in there (bf16 on a CPU with bf16 units, fp16 on
 # a GPU); no llama.cpp on a GPU by default (its pip build is CPU-only).
 DEFAULT_CONTENDERS = {
-    "cpu": ("rerankd", "st-fp32", "st-bf16", "infinity", "llamacpp", *LLM_PEERS),
+    "cpu": ("rerankd", "st-fp32", "st-bf16", *ONNX_CONTENDERS, "infinity", "llamacpp", *LLM_PEERS),
     "cuda": ("rerankd", "st-fp32", "st-fp16", "infinity", *LLM_PEERS),
 }
 # What the LLM rerankers' references compute in: float32 on a CPU (as a user without bf16 units must),
@@ -65,6 +68,7 @@ class BenchSettings:
     small_requests: int = 10
     log_dir: Path = Path("bench-logs")
     device: str = "cpu"  # where every contender runs: cpu or cuda
+    bf16_units: bool = False  # the CPU computes bf16 natively (AMX, AVX512-BF16): OpenVINO's default there
 
     def rerankd_contenders(self) -> list[str]:
         """rerankd's contenders in the run, by their names in the report."""
@@ -78,6 +82,19 @@ class BenchSettings:
             for name, dtype in CROSSENCODER_DTYPES.items()
             if name in self.contenders
         ]
+
+    def onnx_peers(self) -> list[Peer]:
+        """ONNX Runtime and OpenVINO on the section's ONNX export, those the run was asked for."""
+        peers = {
+            "ort-fp32": Peer("onnxruntime float32", "onnxruntime", "float32"),
+            "ort-int8": Peer("onnxruntime int8", "onnxruntime", "int8"),
+            "openvino": Peer(
+                f"openvino {'bfloat16' if self.bf16_units else 'float32'}",
+                "openvino",
+                "bfloat16" if self.bf16_units else "float32",
+            ),
+        }
+        return [peer for name, peer in peers.items() if name in self.contenders]
 
     def llm_peer(self, name: str) -> list[Peer]:
         """The LLM reranker reference `name`, if the run was asked for it."""

@@ -3,14 +3,11 @@ measured in the tokens each model's pairs have as rerankd serves them."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rerankd.backends.folder_model import read_folder_model
 from rerankd.engine.tokenize import PairTokenizer
-from rerankd.formats.tokenizer import load_prompt_tokenizer, load_tokenizer
-from rerankd.modeling.causal import causal_family
-from rerankd.modeling.encoders import encoder_family
 from rerankd.quality.beir import BeirDataset, query_with_passages
 from rerankd.settings import DEFAULT_BATCH_TOKENS
 
@@ -61,17 +58,8 @@ def long_documents_workload(
 def served_pair_tokenizer(folder: Path, device: str = "cpu") -> PairTokenizer:
     """The folder's pairs as `rerankd serve` builds them by default: its family's template (an LLM reranker's
     prompt), truncated to the model's limit or the device's batch token budget, whichever is shorter."""
-    config = json.loads((folder / "config.json").read_text())
-    budget = DEFAULT_BATCH_TOKENS[device]
-    llm = causal_family(config)
-    if llm is not None:
-        limit = int(config["max_position_embeddings"])
-        return PairTokenizer(load_prompt_tokenizer(folder), min(limit, budget), llm.prompt)
-    family = encoder_family(config)
-    if family is None:
-        return PairTokenizer(load_tokenizer(folder), min(DEBERTA_MAX_LENGTH, budget))
-    tokenizer = load_tokenizer(folder, family.middle_separators)
-    return PairTokenizer(tokenizer, min(family.max_length(config), budget))
+    model = read_folder_model(folder)
+    return PairTokenizer(model.tokenizer, min(model.max_length, DEFAULT_BATCH_TOKENS[device]), model.prompt)
 
 
 def make_workloads(

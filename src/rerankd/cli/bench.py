@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from rerankd.bench.report import render_json, render_markdown
     from rerankd.bench.results import result_from_json
     from rerankd.bench.run import run_bench
-    from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, BenchSettings
+    from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, ONNX_CONTENDERS, BenchSettings
 
     if args.from_json is not None:
         args.out.write_text(render_markdown(result_from_json(args.from_json.read_text())))
@@ -174,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
         big_request=args.big_request,
         log_dir=args.models_dir / "logs",
         device=args.device,
+        bf16_units=args.device == "cpu" and cpu_has_bf16_units(),
     )
+    if set(ONNX_CONTENDERS) & set(contenders):
+        for folder in settings.models.values():
+            _onnx_export(folder)
     result = run_bench(settings, " ".join(["rerankd", *sys.argv[1:]]))
     args.out.write_text(render_markdown(result))
     if args.json:
@@ -196,6 +200,16 @@ def _deberta_model(models_dir: Path, geometry: str, tokenizer: Path) -> Path:
     if not (folder / "config.json").is_file():
         write_random_model(folder, geometry=geometry, tokenizer_dir=tokenizer)
     return folder
+
+
+def _onnx_export(folder: Path) -> None:
+    """The float32 and dynamic int8 ONNX graphs of a bench model in its onnx/, made once."""
+    from rerankd.formats.onnx_export import EXPORT_TYPES, export_onnx
+    from rerankd.formats.onnx_graph import find_onnx_file
+
+    missing = [kind for kind in ("f32", "int8") if find_onnx_file(folder, EXPORT_TYPES[kind]) is None]
+    if missing:
+        export_onnx(folder, folder, missing, log=lambda line: print(line, file=sys.stderr))
 
 
 def _family_model(models_dir: Path, family: str, data: Path, llamacpp: bool) -> tuple[Path, Path | None]:

@@ -9,26 +9,45 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from rerankd.backends.base import RerankBackend
-from rerankd.backends.registry import load_backend, plan_backend
+from rerankd.backends.onnx_backend import ONNX_RUNTIMES
+from rerankd.backends.registry import FileVariant, load_backend, plan_backend
 from rerankd.engine.engine import RerankEngine, max_pair_length
 from rerankd.engine.precision import keeps_faster_precision, reference_pairs
 from rerankd.engine.scheduler import BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
-from rerankd.hub import SAFETENSORS_FILES, gguf_files, resolve_model_source
+from rerankd.formats.onnx_graph import onnx_file_name
+from rerankd.hub import SAFETENSORS_FILES, FileSelection, gguf_files, onnx_files, resolve_model_source
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
-# Antfly's variant selector: `antflydb/mxbai-rerank-base-v1:gguf:Q8_0` (also after a local folder).
+# Variant selectors (also after a local folder): `antflydb/mxbai-rerank-base-v1:gguf:Q8_0` (Antfly's),
+# `mixedbread-ai/mxbai-rerank-xsmall-v1:onnx` (onnx/model.onnx), `…:onnx:int8` (onnx/model_int8.onnx).
 GGUF_SELECTOR = re.compile(r"^(?P<reference>.+):gguf:(?P<variant>Q8_0|Q4_K|F16|F32)$", re.IGNORECASE)
+ONNX_SELECTOR = re.compile(r"^(?P<reference>.+):onnx(?::(?P<variant>[a-z0-9]+))?$", re.IGNORECASE)
 
 
-def split_gguf_selector(model: str) -> tuple[str, str | None]:
-    """`repo:gguf:Q8_0` -> ("repo", "Q8_0"); anything else -> (model, None)."""
+def split_selector(model: str) -> tuple[str, FileVariant | None]:
+    """`repo:gguf:Q8_0` -> ("repo", GGUF variant Q8_0); `repo:onnx:int8` -> ("repo", ONNX variant int8);
+    `repo:onnx` -> ("repo", the float32 ONNX graph); anything else -> (model, None)."""
     match = GGUF_SELECTOR.match(model)
-    if match is None:
-        return model, None
-    return match["reference"], match["variant"].upper()
+    if match is not None:
+        return match["reference"], FileVariant("gguf", match["variant"].upper())
+    match = ONNX_SELECTOR.match(model)
+    if match is not None:
+        variant = match["variant"]
+        return match["reference"], FileVariant("onnx", None if variant is None else variant.lower())
+    return model, None
+
+
+def files_to_fetch(variant: FileVariant | None, backend: str) -> FileSelection:
+    """What to download of a Hub repo: the selected GGUF or ONNX file and its sidecars, the float32 ONNX
+    graph for an ONNX runtime asked for without a selector, else the safetensors checkpoint."""
+    if variant is not None and variant.format == "gguf":
+        return gguf_files(variant.name or "")
+    if variant is not None or backend in ONNX_RUNTIMES:
+        return onnx_files(onnx_file_name(None if variant is None else variant.name))
+    return SAFETENSORS_FILES
 
 
 def load_engine(
@@ -45,12 +64,14 @@ def load_engine(
     message meant for the user."""
     started = time.perf_counter()
     settings = settings or RuntimeSettings()
-    reference, variant = split_gguf_selector(model)
-    files = gguf_files(variant) if variant else SAFETENSORS_FILES
+    reference, variant = split_selector(model)
     source = resolve_model_source(
-        reference, revision=settings.revision, cache_dir=settings.model_cache, files=files
+        reference,
+        revision=settings.revision,
+        cache_dir=settings.model_cache,
+        files=files_to_fetch(variant, settings.backend),
     )
-    plan = plan_backend(source.path, settings, gguf_variant=variant)
+    plan = plan_backend(source.path, settings, variant)
     settings = plan.settings
     auto_dtype = settings.dtype == "auto"
     backend = load_backend(plan, reference_pairs() if auto_dtype else ())
