@@ -234,7 +234,7 @@ def test_backend_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RERANKD_BACKEND", "llamacpp")
     assert load_settings(RuntimeSettings, {}).backend == "llamacpp"
     with pytest.raises(ValueError, match="backend"):
-        load_settings(RuntimeSettings, {"backend": "onnx"})
+        load_settings(RuntimeSettings, {"backend": "tensorrt"})
 
 
 def _gguf_with_architecture(path: Path, architecture: str) -> Path:

@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto, helper
 from safetensors.torch import load_file
 
+from rerankd.backends import torch_backend
 from rerankd.backends.base import Batch, ModelLoadError, Pair
 from rerankd.backends.folder_model import read_folder_model
 from rerankd.backends.registry import FileVariant
@@ -64,7 +65,7 @@ def base_onnx(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def truth_logits(folder: Path, query: str, documents: list[str]) -> np.ndarray:
     """`transformers`' classifier of the safetensors folder in float64, one pair at a time, on the pairs the
     folder's tokenizer builds with its family's template (with their token types where the model reads
-    them)."""
+    them): every label's logit per pair."""
     from transformers import AutoModelForSequenceClassification
 
     model_files = read_folder_model(folder)
@@ -76,7 +77,7 @@ def truth_logits(folder: Path, query: str, documents: list[str]) -> np.ndarray:
             inputs = {"input_ids": torch.tensor([encoding.ids])}
             if model_files.token_types:
                 inputs["token_type_ids"] = torch.tensor([encoding.type_ids])
-            logits.append(model(**inputs).logits[0, 0].item())
+            logits.append(model(**inputs).logits[0].tolist())
     return np.array(logits)
 
 
@@ -173,11 +174,16 @@ def test_float32_graph_is_as_close_to_the_float64_truth_as_the_float32_reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "xlm-roberta", "modernbert"])
-def test_encoder_families_export_and_serve_with_their_templates(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("family", "labels"), [("bert", 1), ("xlm-roberta", 1), ("modernbert", 1), ("bert", 2)]
+)
+def test_encoder_families_export_and_serve_with_their_templates(
+    family: str, labels: int, tmp_path: Path
+) -> None:
     """BERT reads token types (the second segment's 1s must reach the graph), XLM-R has RoBERTa's template
-    and reserved positions, ModernBERT's graph takes no token_type_ids."""
-    source = write_random_encoder(tmp_path / family, family)
+    and reserved positions, ModernBERT's graph takes no token_type_ids; a two-label classifier's relevance is
+    softmax's label 1, as on the torch backend."""
+    source = write_random_encoder(tmp_path / family, family, num_labels=labels, seed=labels)
     export_onnx(source, tmp_path / "export", ["f32"])
     engine = load_engine(f"{tmp_path / 'export'}:onnx", RuntimeSettings(device="cpu"))
     try:
@@ -186,8 +192,14 @@ def test_encoder_families_export_and_serve_with_their_templates(family: str, tmp
     finally:
         engine.close()
     truth = truth_logits(source, QUERY, DOCUMENTS)
-    assert np.max(np.abs(np.array(scored.logits) - truth)) <= FAMILY_LOGIT_BOUND
-    assert np.ptp(truth) > 100 * FAMILY_LOGIT_BOUND, "the random model should spread its scores"
+    exact = truth[:, 0] if labels == 1 else truth[:, 1] - truth[:, 0]
+    assert np.max(np.abs(np.array(scored.logits) - exact)) <= FAMILY_LOGIT_BOUND
+    assert np.ptp(exact) > 100 * FAMILY_LOGIT_BOUND, "the random model should spread its scores"
+    if labels == 2:
+        softmax_one = torch.softmax(torch.from_numpy(truth), dim=-1)[:, 1].numpy()
+        assert (
+            np.max(np.abs(np.array([sigmoid(x) for x in scored.logits]) - softmax_one)) <= FAMILY_LOGIT_BOUND
+        )
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +238,7 @@ def test_served_through_every_dialect(onnx_server: str, xsmall_model_dir: Path, 
     response = httpx.post(f"{onnx_server}{path}", json={"query": QUERY, **body}, timeout=120)
     assert response.status_code == 200, response.text
     scores = read(response.json())
-    expected = [sigmoid(logit) for logit in truth_logits(xsmall_model_dir, QUERY, DOCUMENTS)]
+    expected = [sigmoid(logit) for logit in truth_logits(xsmall_model_dir, QUERY, DOCUMENTS)[:, 0]]
     assert sorted(scores) == list(range(len(DOCUMENTS)))
     assert max(abs(scores[index] - expected[index]) for index in scores) <= SCORE_BOUND
     info = httpx.get(f"{onnx_server}/info", timeout=30).json()["models"][0]
@@ -274,6 +286,22 @@ def test_a_folder_serves_its_safetensors_unless_onnx_is_asked_for(
         load_backend_at(xsmall_onnx, dtype="bfloat16")
     with pytest.raises(ModelLoadError, match="runs on the onnx or openvino backend, not torch"):
         load_backend_at(xsmall_onnx / "onnx" / "model.onnx", backend="torch")
+
+
+def test_only_openvino_offers_bf16_and_only_on_cpus_with_bf16_units(
+    xsmall_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--dtype auto`'s offer: OpenVINO recompiles at bf16 where the CPU has bf16 units and reports the
+    precision its plugin took; ONNX Runtime runs the graph as exported."""
+    openvino = load_backend_at(xsmall_onnx, backend="openvino", dtype="auto")
+    assert openvino.info.dtype == "float32" and openvino.faster_dtype() is None  # the fixture: no bf16 units
+    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    assert openvino.faster_dtype() == "bfloat16"
+    assert load_backend_at(xsmall_onnx, backend="onnx", dtype="auto").faster_dtype() is None
+    openvino.cast("bfloat16")  # an AVX2-only CPU's plugin keeps f32, and says so
+    assert openvino.info.dtype in ("bfloat16", "float32")
+    scores = openvino.relevance_logits(Batch([Pair([1, 5, 6, 2, 7, 2], 6)]))
+    assert len(scores) == 1 and math.isfinite(scores[0])
 
 
 @pytest.mark.slow

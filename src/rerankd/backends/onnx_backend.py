@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from rerankd.backends import torch_backend
 from rerankd.backends.base import BackendInfo, Batch, ModelLoadError, RerankBackend
 from rerankd.backends.folder_model import FolderModel, read_folder_model
-from rerankd.backends.torch_backend import cpu_has_bf16_units
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.formats.onnx_graph import (
     OnnxModelError,
@@ -205,7 +205,7 @@ class OnnxBackend(RerankBackend):
         if (
             isinstance(self._session, OpenVinoSession)
             and self.info.dtype == "float32"
-            and cpu_has_bf16_units()
+            and torch_backend.cpu_has_bf16_units()
         ):
             return "bfloat16"
         return None

@@ -29,8 +29,6 @@ FLOAT32_VARIANTS = ("fp32", "f32", "float32")
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 OPTIONAL_INPUTS = ("token_type_ids",)
 LOGITS_OUTPUT = "logits"
-# transformers.js's variant names: fp16, quantized, int8, uint8, q4, q4f16, bnb4.
-VARIANT_NAME = re.compile(r"[a-z0-9]+")
 _FILE_NAME = re.compile(r"model(?:_(?P<variant>[a-z0-9]+))?\.onnx")
 _INTEGER_TYPES: dict[int, np.dtype] = {
     onnx.TensorProto.INT64: np.dtype(np.int64),
