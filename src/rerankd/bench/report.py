@@ -140,8 +140,10 @@ def render_markdown(result: BenchResult) -> str:
         "(speed does not depend on the weights' values). Workloads: the first judged MS MARCO DL19 query "
         "with its passages, and long documents of consecutive passages near the 512-token limit.",
         "- rerankd and Infinity are measured over HTTP on loopback (latency = one request); the in-process "
-        "peers (sentence-transformers `CrossEncoder.rank`, Qwen3-Reranker's model card code, the "
-        "`mxbai-rerank` package's `rank`) each in a process of its own (latency = one call). Peak RSS is "
+        "peers (sentence-transformers `CrossEncoder.rank`; ONNX Runtime and OpenVINO on the model's ONNX "
+        "export by `rerankd export --format onnx`, fed the `transformers` tokenizer's pairs 32 at a time; "
+        "Qwen3-Reranker's model card code, the `mxbai-rerank` package's `rank`) each in a process of its "
+        "own (latency = one call). Peak RSS is "
         "each process's VmHWM. Model FLOPs: DeBERTa's counted analytically, the other families' by torch's "
         "FLOP counter on their `transformers` network (an LLM reranker's decoder, without the vocabulary "
         "head).",
