@@ -101,15 +101,19 @@ def test_selectors_and_the_files_they_fetch() -> None:
 
 def test_graphs_are_found_in_onnx_or_at_the_root(tmp_path: Path) -> None:
     (tmp_path / "onnx").mkdir()
-    for name in ("onnx/model.onnx", "onnx/model_q4.onnx", "model_int8.onnx", "onnx/decoder.onnx"):
+    for name in ("onnx/model.onnx", "onnx/model_quantized.onnx", "model_int8.onnx", "onnx/decoder.onnx"):
         (tmp_path / name).write_bytes(b"")
     assert onnx_variants(tmp_path) == {
         "fp32": tmp_path / "onnx/model.onnx",
-        "q4": tmp_path / "onnx/model_q4.onnx",
+        "quantized": tmp_path / "onnx/model_quantized.onnx",
         "int8": tmp_path / "model_int8.onnx",
     }
     assert find_onnx_file(tmp_path, "fp32") == find_onnx_file(tmp_path, None) == tmp_path / "onnx/model.onnx"
     assert find_onnx_file(tmp_path, "int8") == tmp_path / "model_int8.onnx"
+    assert (
+        find_onnx_file(tmp_path, split_selector("org/m:onnx:quantized")[1].name)
+        == tmp_path / "onnx/model_quantized.onnx"
+    )
     assert find_onnx_file(tmp_path, "uint8") is None
     assert model_folder_of(tmp_path / "onnx/model.onnx") == tmp_path
     assert model_folder_of(tmp_path / "model_int8.onnx") == tmp_path
