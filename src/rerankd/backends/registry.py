@@ -68,7 +68,7 @@ def plan_backend(path: Path, settings: RuntimeSettings, variant: FileVariant | N
     gguf_variant = variant.name if variant is not None else None
     gguf_file = _gguf_file(path, gguf_variant)
     if gguf_file is None:
-        if path.is_dir() and (path / "config.json").is_file() and has_safetensors(path):
+        if path.is_dir() and _safetensors_model(path):
             if settings.backend not in ("auto", "torch"):
                 raise ModelLoadError(
                     f"{path}: a safetensors model runs on the torch backend, not {settings.backend}"
@@ -122,12 +122,15 @@ def _onnx_file(path: Path, variant: FileVariant | None, backend: str) -> Path | 
                 f"folder's root (variants found: {found})"
             )
         return graph
-    if ((path / "config.json").is_file() and has_safetensors(path)) or (variant is not None):
-        return None
-    if any(path.glob("*.gguf")):
-        return None
+    if variant is not None or _safetensors_model(path) or any(path.glob("*.gguf")):
+        return None  # a GGUF variant asked for, or weights the other backends serve
     variants = onnx_variants(path)
     return next((variants[name] for name in ONNX_VARIANT_PREFERENCE if name in variants), None)
+
+
+def _safetensors_model(folder: Path) -> bool:
+    """A Hugging Face-format folder the torch backend serves: config.json beside safetensors weights."""
+    return (folder / "config.json").is_file() and has_safetensors(folder)
 
 
 def _gguf_file(path: Path, gguf_variant: str | None) -> Path | None:
@@ -136,7 +139,7 @@ def _gguf_file(path: Path, gguf_variant: str | None) -> Path | None:
         return path
     if not path.is_dir():
         return None
-    if gguf_variant is None and (path / "config.json").is_file() and has_safetensors(path):
+    if gguf_variant is None and _safetensors_model(path):
         return None
     return pick_gguf_file(path, gguf_variant)
 
