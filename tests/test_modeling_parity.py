@@ -16,7 +16,7 @@ from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import TokenLayout, attend
+from rerankd.modeling.deberta import DebertaReranker, TokenLayout, attend
 from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
@@ -173,6 +173,39 @@ def test_weights_load_straight_into_the_target_dtype(dtype: torch.dtype) -> None
     model = load_reranker(DebertaConfig.from_dict(TINY), DictReader(tensors), dtype, CPU)
     assert {parameter.dtype for parameter in model.parameters()} == {dtype}
     assert model.layers[0].relative_keys.dtype == dtype
+
+
+@pytest.mark.parametrize("length", [1, 63, 65, 130, 250, 505, 512])
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",)])
+def test_blocked_relative_terms_equal_their_gathered_definition(length: int, terms: tuple[str, ...]) -> None:
+    """The relative terms multiplied block by block and read as strided views equal their definition, one
+    gathered table row per (i, j) (c2p: query_i . key_table[slot(i - j)]; p2c: key_j . query_table[slot(i -
+    j)]), plus the key mask, at lengths that fill their blocks exactly and ones padded past L."""
+    config = DebertaConfig.from_dict(geometry_config("xsmall"))
+    model = DebertaReranker(config)
+    generator = torch.Generator().manual_seed(length)
+    heads, batch, size, rows = 3, 2, 8, 2 * config.relative_span
+    query, key = (
+        torch.randn(heads, batch, length, size, generator=generator, dtype=torch.float64) for _ in "qk"
+    )
+    tables = {
+        term: torch.randn(heads, rows, size, generator=generator, dtype=torch.float64) for term in terms
+    }
+    mask_bias = torch.zeros(1, batch, 1, length, dtype=torch.float64)
+    mask_bias[..., length // 2 + 1 :] = -1e9
+    bias = model.relative_index(length).attention_bias(
+        mask_bias, query, key, tables.get("c2p"), tables.get("p2c"), lambda tensor: tensor
+    )
+    positions = torch.arange(length)
+    offset = config.max_position_embeddings - 1
+    slots = model.slot_table[positions[:, None] - positions[None, :] + offset]  # (i, j)
+    expected = mask_bias.expand(heads, batch, length, length).clone()
+    if "c2p" in tables:
+        expected += torch.einsum("hbis,hijs->hbij", query, tables["c2p"][:, slots])
+    if "p2c" in tables:
+        expected += torch.einsum("hbjs,hijs->hbij", key, tables["p2c"][:, slots])
+    assert bias.shape == (heads, batch, length, length)
+    assert torch.allclose(bias, expected, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("length", [1, 37, 130])

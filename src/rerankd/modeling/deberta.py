@@ -5,8 +5,9 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The relative-position projections `Kr = key_proj(LN(rel))` and `Qr = query_proj(LN(rel))` depend only on the
   weights, so they are computed once when the weights are loaded, not in every forward.
 - The attention scale is folded into the query projection's weights at load.
-- The relative terms are multiplied against one table row per distance a batch of length L has (2L - 1), so
-  the term of every (i, j) sits at a fixed stride in the product: a strided view, not a gather.
+- The relative terms are multiplied, block by block of 64 queries (c2p) or keys (p2c), against one table
+  row per distance the block reaches, so the term of every (i, j) sits at a fixed stride in the product: a
+  strided view, not a gather.
 - Padding never reaches the dense layers: a batch's tokens are packed, (tokens, hidden), for the projections,
   the feed-forward network and the norms, and laid out padded, (batch, length), for attention alone: the
   dense layers do no work on padding (docs/decisions.md).
@@ -70,48 +71,92 @@ def relative_slot_table(config: DebertaConfig) -> torch.Tensor:
     return torch.clamp(distance + span, 0, 2 * span - 1)
 
 
+# Queries (c2p) and keys (p2c) meet the relative table in blocks of about this many (docs/decisions.md).
+RELATIVE_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class RelativeIndex:
-    """Which relative-table slot each column of a length-L batch's relative products holds.
+    """Which relative-table slots a length-L batch's relative products multiply against, block by block.
 
-    The c2p term of (i, j) is query_i . key_table[slot(i - j)]. Multiplied against one row per distance, in
-    decreasing order (L - 1 down to -(L - 1)), it sits at row i, column j - i + L - 1 of the product: at
-    offset L - 1 + i (2L - 2) + j, a strided view. The p2c term of (i, j) is key_j . query_table[slot(i - j)]:
-    with the keys as the product's rows and the table rows in increasing order, the same view transposed.
-    Slots repeat where the log buckets span several distances, so batches longer than the buckets' linear
-    range (128) multiply up to twice the rows they reach; no gathers pays for that (docs/decisions.md).
+    The c2p term of (i, j) is query_i . key_table[slot(i - j)]. A block of T queries, multiplied against one
+    table row per distance its (i, j) reach in decreasing order (T + L - 1 of them), holds the term of (i, j)
+    at row i - i0, column (T - 1) - (i - i0) + j of the product: a strided view, not a gather. The p2c term of
+    (i, j) is key_j . query_table[slot(i - j)]: blocks of keys against their distances in increasing order,
+    the same view with rows and columns swapped. Blocks keep the rows no pair needs few: multiplied whole
+    (one block), a row would meet all 2L - 1 distances for the L it uses; in blocks of 64, L + 63. The
+    sequence is cut into equal blocks, padded at its end by at most one position per block.
     """
 
-    c2p_slots: torch.Tensor  # slot of each column of the c2p product: distances L - 1 down to -(L - 1)
-    p2c_slots: torch.Tensor  # slot of each column of the p2c product: distances -(L - 1) up to L - 1
+    block: int  # T
+    c2p_windows: torch.Tensor  # (blocks, L + T - 1): each block of queries' distances' slots, falling
+    p2c_windows: torch.Tensor  # (blocks, padded L + T - 1): each block of keys' distances' slots, rising
+    first_query_slots: torch.Tensor  # (L,): the slot of the distance -j, for key j
 
-    def c2p(self, relative_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """The c2p term for every (head, pair, i, j), from per-head `relative_keys` and `query`."""
-        return self._by_position(self._product(query, relative_keys, self.c2p_slots))
+    @property
+    def padded_length(self) -> int:
+        return self.c2p_windows.shape[0] * self.block
 
-    def p2c(self, relative_queries: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """The p2c term for every (head, pair, i, j), from per-head `relative_queries` and `key`."""
-        return self._by_position(self._product(key, relative_queries, self.p2c_slots)).transpose(-1, -2)
+    def attention_bias(
+        self,
+        key_mask_bias: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        relative_keys: torch.Tensor | None,
+        relative_queries: torch.Tensor | None,
+        step: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The key mask plus the c2p and p2c terms of every (head, pair, i, j), (heads, batch, L, L), from the
+        layer's per-head relative projections (None: the config has no such term). `step` marks each term's
+        end as a point where a pass may pause."""
+        heads, batch, length, _ = query.shape
+        blocks, padded = self.c2p_windows.shape[0], self.padded_length
+        if relative_queries is None:
+            addend = key_mask_bias.unsqueeze(2)  # (1, batch, 1, 1, L)
+        else:
+            # p2c laid out (key, query), each key's row carrying its mask; read transposed below.
+            key_rows = F.pad(key_mask_bias.reshape(1, batch, length), (0, padded - length))
+            by_key = key.new_empty(heads, batch, padded, padded)
+            torch.add(
+                self._banded(key, relative_queries, self.p2c_windows),
+                key_rows.view(1, batch, blocks, self.block, 1),
+                out=by_key.view(heads, batch, blocks, self.block, padded),
+            )
+            by_query = step(by_key).transpose(-1, -2)
+            if relative_keys is None:
+                return by_query[:, :, :length, :length]
+            addend = by_query.unflatten(2, (blocks, self.block))[..., :length]
+        if relative_keys is None:
+            return addend.squeeze(2).expand(heads, batch, length, length)
+        bias = query.new_empty(heads, batch, padded, length)
+        torch.add(
+            self._banded(query, relative_keys, self.c2p_windows),
+            addend,
+            out=bias.view(heads, batch, blocks, self.block, length),
+        )
+        return step(bias)[:, :, :length]
 
-    @staticmethod
-    def _product(content: torch.Tensor, table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _banded(self, content: torch.Tensor, table: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Each block of `content`'s (heads, batch, L, size) rows times its window of `table` rows, as the
+        (heads, batch, block, row in block, width - T + 1) view of each row's distances in window order."""
         heads, batch, length, size = content.shape
-        rows = table.index_select(1, slots).transpose(1, 2)
-        return torch.matmul(content.view(heads, batch * length, size), rows).view(heads, batch, length, -1)
-
-    def _by_position(self, product: torch.Tensor) -> torch.Tensor:
-        heads, batch, length, width = product.shape
+        blocks, width = windows.shape
+        padded = blocks * self.block
+        if padded > length:
+            content = F.pad(content, (0, 0, 0, padded - length))
+        blocked = content.view(heads, batch, blocks, self.block, size).transpose(1, 2)
+        rows = table.index_select(1, windows.reshape(-1)).view(heads, blocks, width, size)
+        product = torch.matmul(blocked.reshape(heads, blocks, batch * self.block, size), rows.transpose(2, 3))
+        block_rows = batch * self.block * width
         return product.as_strided(
-            (heads, batch, length, length),
-            (batch * length * width, length * width, width - 1, 1),
-            product.storage_offset() + length - 1,
+            (heads, batch, blocks, self.block, width - self.block + 1),
+            (blocks * block_rows, self.block * width, block_rows, width - 1, 1),
+            product.storage_offset() + self.block - 1,
         )
 
     def first_query(self) -> FirstQueryRelativeIndex:
-        """The slots of the first query's relative terms: distances 0 down to -(L - 1), the second half of
-        the c2p columns."""
-        length = (self.c2p_slots.shape[0] + 1) // 2
-        return FirstQueryRelativeIndex(self.c2p_slots[length - 1 :])
+        """The slots of the first query's relative terms: distances 0 down to -(L - 1)."""
+        return FirstQueryRelativeIndex(self.first_query_slots)
 
 
 @dataclass(frozen=True)
@@ -121,6 +166,23 @@ class FirstQueryRelativeIndex:
     slot of the distance 0 - j."""
 
     slots: torch.Tensor  # slot of the distance -j, for key j
+
+    def attention_bias(
+        self,
+        key_mask_bias: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        relative_keys: torch.Tensor | None,
+        relative_queries: torch.Tensor | None,
+        step: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The key mask plus the first query's c2p and p2c terms, (heads, batch, 1, L)."""
+        bias = key_mask_bias.expand(query.shape[0], query.shape[1], 1, key.shape[2])
+        if relative_keys is not None:
+            bias = step(bias + self.c2p(relative_keys, query))
+        if relative_queries is not None:
+            bias = step(bias + self.p2c(relative_queries, key))
+        return bias
 
     def c2p(self, relative_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """query_0 . key_table[slot(-j)] for every (head, pair, j), from a (heads, batch, 1, size) query."""
@@ -278,11 +340,12 @@ class DebertaLayer(nn.Module):
             query, key, value = self._heads_first(layout.padded(self.qkv(hidden)))
         queries = query.shape[2]
 
-        bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
-        if index is not None and self.relative_keys is not None:
-            bias = self.step_boundary(bias + index.c2p(self.relative_keys, query))
-        if index is not None and self.relative_queries is not None:
-            bias = self.step_boundary(bias + index.p2c(self.relative_queries, key))
+        if index is None:
+            bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
+        else:
+            bias = index.attention_bias(
+                key_mask_bias, query, key, self.relative_keys, self.relative_queries, self.step_boundary
+            )
         context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
         if not self.first_token_only:
             context = layout.packed(context)
@@ -343,10 +406,24 @@ class DebertaReranker(nn.Module):
         )
 
     def relative_index(self, length: int) -> RelativeIndex:
-        """The relative-table slots of every distance a length-L batch has, for its relative products."""
+        """The relative-table slots of the distances each block of a length-L batch reaches (padded
+        positions past L reach further; they are clamped to the table, and their terms never read)."""
+        blocks = -(-length // RELATIVE_BLOCK)
+        block = -(-length // blocks)
+        device = self.slot_table.device
+        ends = torch.arange(blocks, device=device)[:, None] * block + (block - 1)
+        c2p = ends - torch.arange(length + block - 1, device=device)
+        p2c = torch.arange(blocks * block + block - 1, device=device) - ends
+        return RelativeIndex(
+            block,
+            self._slots(c2p),
+            self._slots(p2c),
+            self._slots(-torch.arange(length, device=device)),
+        )
+
+    def _slots(self, distances: torch.Tensor) -> torch.Tensor:
         offset = self.config.max_position_embeddings - 1
-        increasing = self.slot_table[offset - (length - 1) : offset + length]
-        return RelativeIndex(increasing.flip(0), increasing)
+        return self.slot_table[(distances + offset).clamp(0, self.slot_table.shape[0] - 1)]
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: TokenLayout | None = None
