@@ -19,18 +19,20 @@ SHARED_CONFIGS = SHARED_DIR / "fixtures" / "configs"
 SHARED_DATA = SHARED_DIR / "data"
 
 # The tests' bounds are float32's, whatever CPU runs them: `--dtype auto` keeps bfloat16 on CPUs with bf16
-# units (AVX512-BF16 or AMX), which some CI machines have and others lack. Servers and commands started by the
-# tests read this setting; in process, `cpu_without_bf16_units` below does the same. tests/test_precision.py
-# runs the auto policy both ways on purpose.
+# units (AVX512-BF16 or AMX), which some CI machines have and others lack, and int8 on the others. Servers and
+# commands started by the tests read this setting; in process, `cpu_without_bf16_units` below does the same.
+# tests/test_precision.py and tests/test_int8.py run the auto policy both ways on purpose.
 os.environ["RERANKD_DTYPE"] = "float32"
 
 
 @pytest.fixture(autouse=True)
 def cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process models load as on a CPU without bf16 units, so `--dtype auto` means float32 here too."""
+    """In-process models load as on a CPU without bf16 units or an int8 matmul, so `--dtype auto` means
+    float32 here too."""
     from rerankd.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: False)
 
 
 def _require(path: Path) -> Path:

@@ -32,8 +32,10 @@ from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import DebertaReranker, relative_slot_table
+from rerankd.modeling.deberta import DebertaReranker
 from rerankd.modeling.onednn import pack_dense_layers
+from rerankd.modeling.quantized import quantize_dense_layers, weight_levels
+from rerankd.modeling.relative import relative_slot_table
 from rerankd.modeling.weights import load_reranker
 
 from conftest import SHARED_CONFIGS
@@ -240,6 +242,17 @@ def bf16_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torc
         return _max_error(model(input_ids, mask).double().sigmoid(), truth)
 
 
+def int8_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torch.Tensor) -> dict:
+    """Max |Δscore| of our network with its layers' dense layers in int8 (`--dtype int8`) from the float64
+    truth of `bf16_truth`'s batch, and the weight width oneDNN's int8 sums took on this kernel path."""
+    model = load_ours(config, tensors)
+    assert quantize_dense_layers(model.layers, batch_rows=1024)
+    input_ids, mask = padded_batch(BF16_LENGTHS, config["vocab_size"], seed=7)
+    with torch.inference_mode():
+        drift = _max_error(model(input_ids, mask).double().sigmoid(), truth)
+    return {"drift": drift, "weight_levels": weight_levels()}
+
+
 @dataclass(frozen=True)
 class KernelPathCase:
     """What every kernel path is measured on, with its float64 truth computed once."""
@@ -282,6 +295,7 @@ def kernel_path_report(case: KernelPathCase) -> dict:
         "bf16_units": cpu_has_bf16_units(),
         "errors": {name: asdict(error) for name, error in errors.items()},
         "bf16_score_drift": bf16_score_drift(config, case.bf16_tensors, case.bf16_truth),
+        "int8": int8_score_drift(config, case.bf16_tensors, case.bf16_truth),
     }
 
 

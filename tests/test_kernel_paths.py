@@ -1,5 +1,6 @@
-"""Parity, bf16 precision and the `--dtype auto` probe under the kernel paths of every CPU these tests run on,
-forced on this one: a change that only breaks on an AVX2 or an AMX machine fails wherever CI runs.
+"""Parity, bf16 and int8 precision and the `--dtype auto` probe under the kernel paths of every CPU these
+tests run on, forced on this one: a change that only breaks on an AVX2 or an AMX machine fails wherever CI
+runs.
 
 Each path runs tests/parity.py in a fresh process (torch reads `ATEN_CPU_CAPABILITY`, and MKL and oneDNN
 read theirs, once, when first used), on one shared case whose float64 truth is computed here once. A path
@@ -19,6 +20,7 @@ import pytest
 
 from rerankd.bench.machine import describe_machine
 from rerankd.engine.precision import MAX_SCORE_DELTA
+from rerankd.modeling.quantized import INT7_LEVELS
 
 from parity import MUTANTS, KernelPathCase, TruthErrors
 
@@ -51,6 +53,7 @@ KERNEL_PATHS = {
     "AMX (Intel Sapphire Rapids)": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"},
 }
 PATHS_WITH_BF16_UNITS = {"AVX512-BF16 (AMD EPYC)", "AMX (Intel Sapphire Rapids)"}
+PATHS_WITH_VNNI = PATHS_WITH_BF16_UNITS  # oneDNN's AVX512_CORE_BF16 and AMX ISAs include VNNI
 CPU_FEATURES = set(describe_machine()["cpu_features"])
 CPU_HAS_BF16_UNITS = bool({"avx512_bf16", "amx_tile"} & CPU_FEATURES)
 # MKL and oneDNN take their setting as a ceiling, but torch runs the kernels ATEN_CPU_CAPABILITY names even
@@ -105,11 +108,17 @@ def test_parity_precision_and_probe_hold_on_every_kernel_path(
     for name, error in errors.items():
         print(f"  {name}: {error}")
     print(f"  bf16 max |Δscore| {measured['bf16_score_drift']:.2e}; bf16 units: {measured['bf16_units']}")
+    int8 = measured["int8"]
+    print(f"  int8 max |Δscore| {int8['drift']:.2e}, weights of ±{int8['weight_levels']}")
 
     for name in ("float32", "float32, packed for oneDNN"):
         assert errors[name].holds, f"{path}, {name}: {errors[name]}"
     for name in MUTANTS:
         assert not errors[name].holds, f"{path}: the mutant '{name}' passed: {errors[name]}"
     assert measured["bf16_score_drift"] <= MAX_SCORE_DELTA
+    assert int8["drift"] <= MAX_SCORE_DELTA
+    # Without VNNI oneDNN's int8 sums saturate at 8-bit weights: capped below it, the probe takes 7 bits.
+    if path not in PATHS_WITH_VNNI:
+        assert int8["weight_levels"] == INT7_LEVELS
     # The probe keeps bf16 only where oneDNN may use bf16 units: never when it is capped below them.
     assert measured["bf16_units"] == (CPU_HAS_BF16_UNITS and path in PATHS_WITH_BF16_UNITS)

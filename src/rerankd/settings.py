@@ -64,10 +64,11 @@ class RuntimeSettings(BaseSettings):
     model_cache: Path = Field(Path("models"), description="where Hub downloads are kept")
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin (default: main)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto",
-        description="compute dtype; auto = float16 on CUDA and bfloat16 on CPUs with AMX/AVX512-BF16 when "
-        "the model's validation scores hold within 0.01 of float32, else float32",
+        description="compute dtype; int8 = the dense layers in int8 through oneDNN, on a CPU; auto = float16 "
+        "on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16, int8 on other x86 CPUs, when the model's validation "
+        "scores hold within 0.01 of float32, else float32",
     )
     max_length: int | None = Field(
         None, ge=8, description="truncate pairs to this many tokens (default: the model's, 512)"

@@ -97,7 +97,7 @@ def build_deberta_backend(
             bound_kernel_caches()
         faster = faster_dtype_on(device) if settings.dtype == "auto" else None
         split = None
-        if faster is not None and reference_pairs:
+        if faster in DTYPES and reference_pairs:  # the weights' own dtype changes (not int8's)
             token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
             split = SplitEmbeddings(DTYPES[faster], token_ids)
         model = load_reranker(config, reader, dtype, device, split)

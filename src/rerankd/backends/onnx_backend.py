@@ -232,6 +232,12 @@ def load_onnx_backend(path: Path, settings: RuntimeSettings, runtime: str) -> On
     threads = settings.threads or len(os.sched_getaffinity(0))
     session: GraphSession
     if runtime == "openvino":
+        if settings.dtype not in OPENVINO_PRECISIONS:
+            raise ModelLoadError(
+                f"--dtype {settings.dtype}: OpenVINO takes --dtype as its precision hint, one of "
+                f"{', '.join(OPENVINO_PRECISIONS)}; for int8 serve a quantized graph on ONNX Runtime "
+                "(`rerankd export --format onnx --type int8`, served as <model>:onnx:int8 --backend onnx)"
+            )
         session = OpenVinoSession(graph, settings.dtype, threads)
     else:
         if settings.dtype not in ("auto", "float32", graph.weight_type):

@@ -26,11 +26,14 @@ from rerankd.backends.base import (
 from rerankd.backends.heap import HeapTrimmer
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.onednn import pack_dense_layers
+from rerankd.modeling.quantized import int8_available, quantize_dense_layers
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Computed in int8, stored in float32 until the dense layers are quantized (`modeling/quantized.py`).
+INT8 = "int8"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -63,11 +66,20 @@ def cpu_has_bf16_units() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
+def cpu_has_int8_matmul() -> bool:
+    """oneDNN's int8 matmul on this CPU: about twice float32's multiply-adds per second on AVX2, more with
+    VNNI or AMX (docs/decisions.md)."""
+    return int8_available()
+
+
 def faster_dtype_on(device: torch.device) -> str | None:
-    """The precision `--dtype auto` tries on `device` before settling for float32."""
+    """The precision `--dtype auto` tries on `device` before settling for float32: float16 on CUDA; on a CPU
+    bfloat16 where it has bf16 units, else int8 where oneDNN has an int8 matmul."""
     if device.type == "cuda":
         return "float16"
-    return "bfloat16" if cpu_has_bf16_units() else None
+    if cpu_has_bf16_units():
+        return "bfloat16"
+    return INT8 if cpu_has_int8_matmul() else None
 
 
 def apply_threads(settings: RuntimeSettings) -> None:
@@ -80,8 +92,14 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """auto loads float32; the engine then keeps a faster dtype only if the model's scores hold in it."""
     if requested == "auto":
         return torch.float32
+    if requested == INT8:
+        if device.type != "cpu":
+            raise ModelLoadError(f"--dtype int8 runs on a CPU (oneDNN); on {device} use float16 or bfloat16")
+        if not int8_available():
+            raise ModelLoadError("--dtype int8: this torch has no oneDNN int8 matmul on this CPU")
+        return torch.float32  # quantized once loaded (`TorchBackend.cast`)
     if requested not in DTYPES:
-        raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}")
+        raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}, {INT8}")
     return DTYPES[requested]
 
 
@@ -191,6 +209,8 @@ class TorchBackend(RerankBackend):
             self._heap.trim()
         self._settings = settings
         self._between_steps: BetweenSteps | None = None  # the running CPU pass's
+        if settings.dtype == INT8:
+            self.cast(INT8)
 
     def relevance_logits(self, batch: Batch) -> list[float]:
         return self.launch(batch).result()
@@ -245,7 +265,11 @@ class TorchBackend(RerankBackend):
         return faster_dtype_on(self._device) if self.info.dtype == "float32" else None
 
     def cast(self, dtype: str) -> None:
-        self.model.to(DTYPES[dtype])  # tensor by tensor: the peak is the weights plus one converted tensor
+        if dtype == INT8:
+            if not quantize_dense_layers(layer_stack(self.model), self._settings.batch_tokens):
+                raise ModelLoadError("--dtype int8: oneDNN's int8 matmul is missing or wrong in this torch")
+        else:  # tensor by tensor: the peak is the weights plus one converted tensor
+            self.model.to(DTYPES[dtype])
         if self._heap is not None:  # the float32 weights' pages, freed in the heap, go back to the OS
             self._heap.trim()
         self.info = replace(self.info, dtype=dtype)

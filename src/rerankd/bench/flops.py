@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rerankd.modeling.causal import causal_family
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import relative_slot_table
+from rerankd.modeling.relative import relative_slot_table
 
 
 @dataclass(frozen=True)

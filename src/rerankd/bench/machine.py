@@ -6,11 +6,23 @@ import itertools
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+from rerankd.modeling.quantized import Int8Linear, weight_levels
+
+INTERESTING_FLAGS = (
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -48,15 +60,34 @@ def matmul_gflops(
     rows, inner, cols = shape
     a = torch.randn(rows, inner, device=device).to(dtype)
     weight = torch.randn(cols, inner, device=device).to(dtype)  # stored as nn.Linear stores it
-    torch.nn.functional.linear(a, weight)
+
+    def product() -> None:
+        torch.nn.functional.linear(a, weight)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return _best_rate(product, 2 * rows * inner * cols, seconds)
+
+
+def int8_matmul_gops(shape: tuple[int, int, int], seconds: float = 1.5) -> float:
+    """Best GOP/s of rerankd's int8 dense layer (`--dtype int8`: oneDNN, the input quantized per call) on
+    an (M×K)·(K×N) product on the CPU."""
+    rows, inner, cols = shape
+    layer = Int8Linear(torch.nn.Linear(inner, cols), rows, weight_levels())
+    inputs = torch.randn(rows, inner)
+    with torch.inference_mode():
+        return _best_rate(lambda: layer(inputs), 2 * rows * inner * cols, seconds)
+
+
+def _best_rate(run: Callable[[], object], operations: int, seconds: float) -> float:
+    """Best operations per second (in billions) of `run` over about `seconds`, after one warm-up call."""
+    run()
     best = 0.0
     deadline = time.perf_counter() + seconds
     for attempt in itertools.count():
         if attempt >= 2 and time.perf_counter() > deadline:
             break
         started = time.perf_counter()
-        torch.nn.functional.linear(a, weight)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 2 * rows * inner * cols / (time.perf_counter() - started) / 1e9)
+        run()
+        best = max(best, operations / (time.perf_counter() - started) / 1e9)
     return best

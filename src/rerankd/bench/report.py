@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
 from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult
-from rerankd.bench.targets import Target, targets_for
+from rerankd.bench.targets import RERANKD, Target, targets_for
 
 
 def _megabytes(value: int | None) -> str:
@@ -62,10 +62,8 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
         ]
         if server_lines:
             lines += [*server_lines, ""]
-    single = next(
-        (m for m in result.measurements if m.contender.startswith("rerankd") and m.clients == 1), None
-    )
-    many = result.concurrent(single.contender, single.workload) if single else None
+    many = next((m for m in result.measurements if m.contender.startswith(RERANKD) and m.clients > 1), None)
+    single = result.measurement(many.contender, many.workload) if many else None
     if single and many:
         lines.append(
             f"- Concurrency: {many.clients} clients reach {many.pairs_per_second:.2f} pairs/s in total, "
@@ -134,7 +132,11 @@ def render_markdown(result: BenchResult) -> str:
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}.",
         f"- Matmul ceiling ({rows}×{inner} · {inner}×{cols}, a dense layer's shape at the device's default "
         "token budget; best of ~1.5 s at the start and at the end of the run): "
-        + ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in result.ceilings.items())
+        + ", ".join(
+            f"{dtype} {gflops:.1f} {'GOP/s' if dtype == 'int8' else 'GFLOP/s'}"
+            for dtype, gflops in result.ceilings.items()
+        )
+        + " (int8: rerankd's `--dtype int8` dense layer, its input's quantization included)"
         + '. "Of matmul ceiling" = pairs/s × model FLOPs per pair ÷ the ceiling of the contender\'s dtype.',
         "- Models: random weights at the real mxbai-rerank geometries with the real DeBERTa-v3 tokenizer "
         "(speed does not depend on the weights' values). Workloads: the first judged MS MARCO DL19 query "

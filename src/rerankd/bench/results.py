@@ -9,6 +9,8 @@ from rerankd.bench.measure import Measurement
 
 # The contender name of rerankd serving a GGUF through its llama.cpp backend, which the report describes.
 LLAMACPP_CONTENDER = "rerankd (llama.cpp)"
+# rerankd pinned to float32, beside `--dtype auto`'s choice: the reference the other scores are compared with.
+RERANKD_FLOAT32 = "rerankd float32"
 
 
 @dataclass

@@ -24,11 +24,12 @@ from rerankd.bench.contenders import (
     bench_rerankd,
     rerankd_bf16_peak_rss,
 )
-from rerankd.bench.machine import describe_machine, matmul_gflops
+from rerankd.bench.machine import describe_machine, int8_matmul_gops, matmul_gflops
 from rerankd.bench.results import BenchResult, GeometryResult
 from rerankd.bench.settings import BenchSettings, Peer
 from rerankd.bench.workloads import make_workloads, passages_workload, served_pair_tokenizer
 from rerankd.catalog import CAUSAL_FAMILY_MODELS, ENCODER_FAMILY_MODELS
+from rerankd.modeling.quantized import int8_available
 from rerankd.quality.beir import BeirDataset, load_beir
 from rerankd.settings import DEFAULT_BATCH_TOKENS
 
@@ -76,14 +77,18 @@ def bench_model(
     for contender in model.servings:
         if contender not in settings.rerankd_contenders():
             continue
-        run = bench_rerankd(settings, model, contender, workloads, big, concurrent=deberta)
+        # Concurrency and fairness are measured on what users run: rerankd as `--dtype auto` serves.
+        served_as_is = deberta and contender == "rerankd"
+        run = bench_rerankd(
+            settings, model, contender, workloads, big if served_as_is else None, concurrent=served_as_is
+        )
         result.measurements += run.measurements
         result.fairness = result.fairness or run.fairness
         if served_scores is None:
             result.served, served_scores = contender, run.scores
-        else:  # the llama.cpp backend on the same weights: how close to the torch backend
+        else:  # auto's dtype, or the llama.cpp backend on the same weights: how close to the first
             result.score_drift[contender] = _max_difference(served_scores, run.scores)
-        if deberta:
+        if served_as_is:
             result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, model, workloads[0])
     for peer in peers:
         measured, scores = bench_peer(settings, model, workloads, peer)
@@ -117,6 +122,8 @@ def measure_ceilings(device: str) -> dict[str, float]:
         str(dtype).removeprefix("torch."): matmul_gflops(dtype, shape, device=device)
         for dtype in CEILING_DTYPES[device]
     }
+    if device == "cpu" and int8_available():
+        ceilings["int8"] = int8_matmul_gops(shape)
     logger.info("matmul ceilings (GFLOP/s): %s", {k: round(v) for k, v in ceilings.items()})
     return ceilings
 

@@ -9,20 +9,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rerankd.bench.results import LLAMACPP_CONTENDER
+from rerankd.bench.results import LLAMACPP_CONTENDER, RERANKD_FLOAT32
 from rerankd.bench.workloads import Workload, short_warm_up
 
 CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "float16"}
 # ONNX Runtime on the float32 and dynamic int8 exports, OpenVINO on the float32 one at its default precision
 # (bf16 on a CPU with bf16 units, f32 elsewhere): DeBERTa's sections.
-ONNX_CONTENDERS = ("ort-fp32", "ort-int8", "openvino")
+ONNX_CONTENDERS = ("ort-fp32", "ort-int8", "openvino", "openvino-f32")
 # The LLM rerankers' references, named as their scorers in `rerankd.bench.peers`.
 LLM_PEERS = ("qwen3-card", "mxbai-rerank")
-CONTENDERS = ("rerankd", *CROSSENCODER_DTYPES, *ONNX_CONTENDERS, "infinity", "llamacpp", *LLM_PEERS)
+CONTENDERS = (
+    "rerankd",
+    "rerankd-fp32",
+    *CROSSENCODER_DTYPES,
+    *ONNX_CONTENDERS,
+    "infinity",
+    "llamacpp",
+    *LLM_PEERS,
+)
 # Each device's peers in the half precision they run fastest in there (bf16 on a CPU with bf16 units, fp16 on
 # a GPU); no llama.cpp on a GPU by default (its pip build is CPU-only).
 DEFAULT_CONTENDERS = {
-    "cpu": ("rerankd", "st-fp32", "st-bf16", *ONNX_CONTENDERS, "infinity", "llamacpp", *LLM_PEERS),
+    "cpu": (
+        "rerankd",
+        "rerankd-fp32",
+        "st-fp32",
+        "st-bf16",
+        *ONNX_CONTENDERS,
+        "infinity",
+        "llamacpp",
+        *LLM_PEERS,
+    ),
     "cuda": ("rerankd", "st-fp32", "st-fp16", "infinity", *LLM_PEERS),
 }
 # What the LLM rerankers' references compute in: float32 on a CPU (as a user without bf16 units must),
@@ -72,7 +89,7 @@ class BenchSettings:
 
     def rerankd_contenders(self) -> list[str]:
         """rerankd's contenders in the run, by their names in the report."""
-        names = {"rerankd": "rerankd", "llamacpp": LLAMACPP_CONTENDER}
+        names = {"rerankd-fp32": RERANKD_FLOAT32, "rerankd": "rerankd", "llamacpp": LLAMACPP_CONTENDER}
         return [names[contender] for contender in self.contenders if contender in names]
 
     def crossencoder_peers(self) -> list[Peer]:
@@ -94,6 +111,8 @@ class BenchSettings:
                 "bfloat16" if self.bf16_units else "float32",
             ),
         }
+        if self.bf16_units:  # OpenVINO's default hint is bf16 there: f32 as well, named apart
+            peers["openvino-f32"] = Peer("openvino float32", "openvino", "float32")
         return [peer for name, peer in peers.items() if name in self.contenders]
 
     def llm_peer(self, name: str) -> list[Peer]:

@@ -2,9 +2,9 @@
 
 They are set for the base geometry on the passages workload (a query with 64 MS MARCO passages), per device:
 on a CPU against sentence-transformers in fp32 and bf16, the matmul ceiling of the dtype rerankd served in
-(bf16 where `--dtype auto` keeps it, fp32 on a CPU without bf16 units), concurrency, fairness and memory; on
-a GPU against sentence-transformers fp16 and the bf16 tensor-core ceiling. BENCHMARKS.md lists
-each with what the run reached, so a missed target shows by how much.
+(bf16 or int8 where `--dtype auto` keeps it, else fp32), the ONNX runtimes on every workload, concurrency,
+fairness and memory; on a GPU against sentence-transformers fp16 and the bf16 tensor-core ceiling.
+BENCHMARKS.md lists each with what the run reached, so a missed target shows by how much.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rerankd.bench.results import GeometryResult
 TARGET_GEOMETRY = "base"
 SHORT_DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 RERANKD = "rerankd"
+ONNX_RUNTIME_PREFIXES = ("onnxruntime", "openvino")
 GIGABYTE = 2**30  # as BENCHMARKS.md counts memory (its MB are 2**20 bytes)
 
 Unit = Literal["ratio", "share", "bytes"]
@@ -88,6 +89,7 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
     faster_than("sentence-transformers float32", 6.0, "sentence-transformers fp32")
     faster_than("sentence-transformers bfloat16", 2.5, "sentence-transformers bf16")
     of_ceiling(0.50)
+    targets += _leads_onnx_runtimes(result)
     many = result.concurrent(RERANKD, passages)
     if many is not None:
         reached = many.pairs_per_second / single.pairs_per_second
@@ -107,6 +109,31 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
         targets.append(
             Target(
                 "peak RSS serving base in bf16, ≤ 1.2 GB", 1.2 * GIGABYTE, result.bf16_peak_rss, "bytes", True
+            )
+        )
+    return targets
+
+
+def _leads_onnx_runtimes(result: GeometryResult) -> list[Target]:
+    """rerankd (in the dtype `--dtype auto` chose), 1 client, at least 2x the fastest ONNX Runtime or
+    OpenVINO contender on every workload."""
+    targets = []
+    for workload in (str(entry["name"]) for entry in result.workloads):
+        ours = result.measurement(RERANKD, workload)
+        runtimes = [
+            m
+            for m in result.measurements
+            if m.workload == workload and m.clients == 1 and m.contender.startswith(ONNX_RUNTIME_PREFIXES)
+        ]
+        if ours is None or not runtimes:
+            continue
+        fastest = max(runtimes, key=lambda m: m.pairs_per_second)
+        targets.append(
+            Target(
+                f"rerankd ({SHORT_DTYPES.get(ours.dtype, ours.dtype)}), 1 client, ≥ 2× the fastest ONNX "
+                f"runtime ({fastest.contender}) on {workload}",
+                2.0,
+                ours.pairs_per_second / fastest.pairs_per_second,
             )
         )
     return targets

@@ -56,9 +56,11 @@ def add_parser(commands: Any) -> None:
         "--contenders",
         nargs="+",
         default=None,
-        help="subset of: rerankd st-fp32 st-bf16 st-fp16 infinity llamacpp (the BERT section's GGUF on the "
-        "llama.cpp backend) qwen3-card mxbai-rerank (the LLM rerankers' references); default: all but "
-        "st-fp16 on a CPU, all but st-bf16 and llamacpp on CUDA",
+        help="subset of: rerankd (as --dtype auto serves) rerankd-fp32 (DeBERTa pinned to float32) st-fp32 "
+        "st-bf16 st-fp16 ort-fp32 ort-int8 openvino openvino-f32 (ONNX Runtime and OpenVINO on the ONNX "
+        "export; openvino-f32 where OpenVINO's default is bf16) infinity llamacpp (the BERT section's GGUF "
+        "on the llama.cpp backend) qwen3-card mxbai-rerank (the LLM rerankers' references); default: all "
+        "but st-fp16 on a CPU; rerankd, st-fp32, st-fp16, infinity and the LLM references on CUDA",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where every contender runs (default: cpu)"

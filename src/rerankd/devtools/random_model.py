@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rerankd.catalog import CATALOG, UNTRAINED_KEY, deberta_v3_config
 from rerankd.devtools.train_tokenizer import train_unigram_tokenizer
@@ -105,3 +105,30 @@ def write_random_model(
     # safetensors creates the file 0600; a model folder mounted into a container (uid 1000) must be readable.
     checkpoint.chmod(checkpoint.parent.joinpath("config.json").stat().st_mode & 0o777)
     return out_dir
+
+
+def spread_scores(folder: Path, low: float = 0.05, high: float = 0.95) -> Path:
+    """Rescale the classifier of the one-label model in `folder` so its float32 scores of the model card's
+    validation cases span `low`..`high`, as a trained reranker's do: a random model's sit near one value,
+    where a precision's drift moves no ranking and little score. Returns `folder`."""
+    from rerankd.backends.registry import load_backend, plan_backend
+    from rerankd.engine.precision import case_scores
+    from rerankd.engine.tokenize import PairTokenizer
+    from rerankd.fidelity import builtin_cases
+    from rerankd.settings import RuntimeSettings
+
+    backend = load_backend(plan_backend(folder, RuntimeSettings(device="cpu", dtype="float32")))
+    scores = case_scores(backend, PairTokenizer(backend.tokenizer, backend.info.max_length), builtin_cases())
+    logits = torch.tensor([score for group in scores for score in group], dtype=torch.float64).logit()
+    target = torch.tensor([low, high], dtype=torch.float64).logit()
+    gain = float((target[1] - target[0]) / (logits.max() - logits.min()))
+    shift = float(target[0] - gain * logits.min())
+    checkpoint = folder / "model.safetensors"
+    tensors = load_file(str(checkpoint))
+    weight, bias = tensors["classifier.weight"], tensors["classifier.bias"]
+    if weight.shape[0] != 1:
+        raise ValueError(f"{folder}: spreading scores needs a one-label classifier, not {weight.shape[0]}")
+    tensors["classifier.weight"] = (weight.double() * gain).to(weight.dtype)
+    tensors["classifier.bias"] = (bias.double() * gain + shift).to(bias.dtype)
+    save_file(tensors, str(checkpoint), metadata={"format": "pt"})
+    return folder

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rerankd.modeling.config import DebertaConfig
+from rerankd.modeling.relative import FirstQueryRelativeIndex, RelativeIndex, relative_slot_table
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -40,160 +41,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
 }
-
-
-def relative_slot_table(config: DebertaConfig) -> torch.Tensor:
-    """Slot of the relative-position table for every distance r = i - j, indexed by r + (max_len - 1).
-
-    Computed with the same float32 operations as the reference's log bucketing, so bucket boundaries agree.
-    """
-    max_len = config.max_position_embeddings
-    cpu = torch.device("cpu")  # explicit: the model may be built under a meta-device context
-    distance = torch.arange(-(max_len - 1), max_len, dtype=torch.long, device=cpu)
-    span = config.relative_span
-    if config.position_buckets > 0:
-        mid = config.position_buckets // 2
-        sign = torch.sign(distance)
-        abs_pos = torch.where(
-            (distance < mid) & (distance > -mid),
-            torch.tensor(mid - 1, device=cpu).type_as(distance),
-            torch.abs(distance),
-        )
-        log_pos = (
-            torch.ceil(
-                torch.log(abs_pos / mid)
-                / torch.log(torch.tensor((config.max_relative_positions - 1) / mid, device=cpu))
-                * (mid - 1)
-            )
-            + mid
-        )
-        distance = torch.where(abs_pos <= mid, distance.type_as(log_pos), log_pos * sign).to(torch.long)
-    return torch.clamp(distance + span, 0, 2 * span - 1)
-
-
-# Queries (c2p) and keys (p2c) meet the relative table in blocks of about this many (docs/decisions.md).
-RELATIVE_BLOCK = 64
-
-
-@dataclass(frozen=True)
-class RelativeIndex:
-    """Which relative-table slots a length-L batch's relative products multiply against, block by block.
-
-    The c2p term of (i, j) is query_i . key_table[slot(i - j)]. A block of T queries, multiplied against one
-    table row per distance its (i, j) reach in decreasing order (T + L - 1 of them), holds the term of (i, j)
-    at row i - i0, column (T - 1) - (i - i0) + j of the product: a strided view, not a gather. The p2c term of
-    (i, j) is key_j . query_table[slot(i - j)]: blocks of keys against their distances in increasing order,
-    the same view with rows and columns swapped. Blocks keep the rows no pair needs few: multiplied whole
-    (one block), a row would meet all 2L - 1 distances for the L it uses; in blocks of 64, L + 63. The
-    sequence is cut into equal blocks, padded at its end by at most one position per block.
-    """
-
-    block: int  # T
-    c2p_windows: torch.Tensor  # (blocks, L + T - 1): each block of queries' distances' slots, falling
-    p2c_windows: torch.Tensor  # (blocks, padded L + T - 1): each block of keys' distances' slots, rising
-    first_query_slots: torch.Tensor  # (L,): the slot of the distance -j, for key j
-
-    @property
-    def padded_length(self) -> int:
-        return self.c2p_windows.shape[0] * self.block
-
-    def attention_bias(
-        self,
-        key_mask_bias: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        relative_keys: torch.Tensor | None,
-        relative_queries: torch.Tensor | None,
-        step: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """The key mask plus the c2p and p2c terms of every (head, pair, i, j), (heads, batch, L, L), from the
-        layer's per-head relative projections (None: the config has no such term). `step` marks each term's
-        end as a point where a pass may pause."""
-        heads, batch, length, _ = query.shape
-        blocks, padded = self.c2p_windows.shape[0], self.padded_length
-        if relative_queries is None:
-            addend = key_mask_bias.unsqueeze(2)  # (1, batch, 1, 1, L)
-        else:
-            # p2c laid out (key, query), each key's row carrying its mask; read transposed below.
-            key_rows = F.pad(key_mask_bias.reshape(1, batch, length), (0, padded - length))
-            by_key = key.new_empty(heads, batch, padded, padded)
-            torch.add(
-                self._banded(key, relative_queries, self.p2c_windows),
-                key_rows.view(1, batch, blocks, self.block, 1),
-                out=by_key.view(heads, batch, blocks, self.block, padded),
-            )
-            by_query = step(by_key).transpose(-1, -2)
-            if relative_keys is None:
-                return by_query[:, :, :length, :length]
-            addend = by_query.unflatten(2, (blocks, self.block))[..., :length]
-        if relative_keys is None:
-            return addend.squeeze(2).expand(heads, batch, length, length)
-        bias = query.new_empty(heads, batch, padded, length)
-        torch.add(
-            self._banded(query, relative_keys, self.c2p_windows),
-            addend,
-            out=bias.view(heads, batch, blocks, self.block, length),
-        )
-        return step(bias)[:, :, :length]
-
-    def _banded(self, content: torch.Tensor, table: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """Each block of `content`'s (heads, batch, L, size) rows times its window of `table` rows, as the
-        (heads, batch, block, row in block, width - T + 1) view of each row's distances in window order."""
-        heads, batch, length, size = content.shape
-        blocks, width = windows.shape
-        padded = blocks * self.block
-        if padded > length:
-            content = F.pad(content, (0, 0, 0, padded - length))
-        blocked = content.view(heads, batch, blocks, self.block, size).transpose(1, 2)
-        rows = table.index_select(1, windows.reshape(-1)).view(heads, blocks, width, size)
-        product = torch.matmul(blocked.reshape(heads, blocks, batch * self.block, size), rows.transpose(2, 3))
-        block_rows = batch * self.block * width
-        return product.as_strided(
-            (heads, batch, blocks, self.block, width - self.block + 1),
-            (blocks * block_rows, self.block * width, block_rows, width - 1, 1),
-            product.storage_offset() + self.block - 1,
-        )
-
-    def first_query(self) -> FirstQueryRelativeIndex:
-        """The slots of the first query's relative terms: distances 0 down to -(L - 1)."""
-        return FirstQueryRelativeIndex(self.first_query_slots)
-
-
-@dataclass(frozen=True)
-class FirstQueryRelativeIndex:
-    """`RelativeIndex` for a single query, the first token, against L keys: the terms come out as
-    (heads, pair, 1, L), so the last layer attends from the first token alone. Both terms of (0, j) use the
-    slot of the distance 0 - j."""
-
-    slots: torch.Tensor  # slot of the distance -j, for key j
-
-    def attention_bias(
-        self,
-        key_mask_bias: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        relative_keys: torch.Tensor | None,
-        relative_queries: torch.Tensor | None,
-        step: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """The key mask plus the first query's c2p and p2c terms, (heads, batch, 1, L)."""
-        bias = key_mask_bias.expand(query.shape[0], query.shape[1], 1, key.shape[2])
-        if relative_keys is not None:
-            bias = step(bias + self.c2p(relative_keys, query))
-        if relative_queries is not None:
-            bias = step(bias + self.p2c(relative_queries, key))
-        return bias
-
-    def c2p(self, relative_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """query_0 . key_table[slot(-j)] for every (head, pair, j), from a (heads, batch, 1, size) query."""
-        rows = relative_keys.index_select(1, self.slots)
-        return torch.matmul(query, rows.transpose(1, 2).unsqueeze(1))
-
-    def p2c(self, relative_queries: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """key_j . query_table[slot(-j)] for every (head, pair, j): one table row per key, so a product
-        summed in float32 (as a matmul would accumulate) rather than a matmul."""
-        rows = relative_queries.index_select(1, self.slots).unsqueeze(1)
-        return (key.float() * rows.float()).sum(-1, keepdim=True).transpose(-1, -2).to(key.dtype)
 
 
 @dataclass(frozen=True)
@@ -406,24 +253,8 @@ class DebertaReranker(nn.Module):
         )
 
     def relative_index(self, length: int) -> RelativeIndex:
-        """The relative-table slots of the distances each block of a length-L batch reaches (padded
-        positions past L reach further; they are clamped to the table, and their terms never read)."""
-        blocks = -(-length // RELATIVE_BLOCK)
-        block = -(-length // blocks)
-        device = self.slot_table.device
-        ends = torch.arange(blocks, device=device)[:, None] * block + (block - 1)
-        c2p = ends - torch.arange(length + block - 1, device=device)
-        p2c = torch.arange(blocks * block + block - 1, device=device) - ends
-        return RelativeIndex(
-            block,
-            self._slots(c2p),
-            self._slots(p2c),
-            self._slots(-torch.arange(length, device=device)),
-        )
-
-    def _slots(self, distances: torch.Tensor) -> torch.Tensor:
-        offset = self.config.max_position_embeddings - 1
-        return self.slot_table[(distances + offset).clamp(0, self.slot_table.shape[0] - 1)]
+        """The relative-table slots each block of a length-L batch's relative products reaches."""
+        return RelativeIndex.for_length(self.slot_table, self.config.max_position_embeddings, length)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: TokenLayout | None = None

@@ -15,8 +15,9 @@ from typing import Protocol, cast
 import torch
 
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import DebertaLayer, DebertaReranker, relative_slot_table
+from rerankd.modeling.deberta import DebertaLayer, DebertaReranker
 from rerankd.modeling.reference_rows import Float32Rows
+from rerankd.modeling.relative import relative_slot_table
 
 
 class TensorReader(Protocol):

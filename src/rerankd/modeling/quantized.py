@@ -1,0 +1,129 @@
+"""Dense layers in int8 on a CPU, through oneDNN: `--dtype int8`.
+
+Each weight is quantized once, symmetric int8 per output channel, and reordered into oneDNN's blocked layout;
+each input is quantized as it arrives, asymmetric uint8 with one scale per tensor (dynamic quantization, as
+ONNX Runtime's `quantize_dynamic` does), and oneDNN's int8 matmul returns float32 with the bias added. On
+CPUs with AVX2, AVX512-VNNI or AMX-INT8, oneDNN's int8 kernels run several times the multiply-adds per
+instruction that its float32 ones do; the rest of the network (embeddings, norms, attention, the head) stays
+in float32 (docs/decisions.md).
+
+Without VNNI (AVX2, AVX512 before VNNI) oneDNN sums pairs of uint8 x int8 products in int16, which
+saturates past 32,767: 255 x 127 x 2 does. There the weights take 7 bits (±63), which cannot; where a probe
+finds the sums exact (VNNI, AMX), 8 bits.
+
+The ops are torch's own (`torch.ops.onednn`, what inductor's x86 quantization emits), not public API, so
+`quantize_dense_layers` first checks on one layer that they exist and give `F.linear`'s result within int8's
+rounding, and otherwise leaves the model as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+UINT8_MAX = 255
+INT8_LEVELS = 127  # weights' largest level where oneDNN's sums cannot saturate
+INT7_LEVELS = 63  # where they can: 255 x 63 x 2 fits int16
+# A probe layer's int8 result may differ from float32 by this much, relative to the output's largest value.
+PROBE_TOLERANCE = 0.05
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with per-channel int8 weights in oneDNN's layout; inputs quantized per call."""
+
+    def __init__(self, linear: nn.Linear, batch_rows: int, levels: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(1) / levels).clamp(min=torch.finfo(torch.float32).tiny)
+        quantized = torch.round(weight / scales[:, None]).clamp(-levels, levels).to(torch.int8)
+        # The layout is chosen for `batch_rows` rows (the engine's padded-token budget); any count runs.
+        packed = torch.ops.onednn.qlinear_prepack(quantized, [batch_rows, self.in_features])
+        self.register_buffer("weight", packed)
+        self.register_buffer("weight_scales", scales)
+        self.register_buffer("weight_zero_points", torch.zeros(self.out_features, dtype=torch.int64))
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.float()
+        low, high = torch.aminmax(inputs)
+        low, high = low.clamp(max=0), high.clamp(min=0)  # zero is exact, as padding and ReLU need
+        scale = ((high - low) / UINT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        zero_point = torch.round(-low / scale)
+        quantized = (inputs / scale).round_().add_(zero_point).clamp_(0, UINT8_MAX).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            quantized,
+            scale,
+            zero_point.to(torch.int64),
+            self.weight,
+            self.weight_scales,
+            self.weight_zero_points,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 oneDNN weight"
+
+
+def int8_available() -> bool:
+    """Whether this torch has oneDNN's int8 matmul on this CPU (x86 builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+@functools.cache
+def weight_levels() -> int:
+    """8-bit weights where oneDNN's int8 matmul sums exactly, 7-bit where a worst case saturates it: every
+    input at the top of the uint8 range against every weight at the top of the int8 range."""
+    worst = nn.Linear(64, 16, bias=False)
+    with torch.inference_mode():
+        worst.weight.fill_(1.0)
+        inputs = torch.ones(4, 64)
+        inputs[0, 0] = 0.0  # zero point 0: every other input quantizes to 255
+        exact = F.linear(inputs, worst.weight)
+        measured = Int8Linear(worst, 4, INT8_LEVELS)(inputs)
+    return INT8_LEVELS if torch.allclose(measured, exact, rtol=0.01) else INT7_LEVELS
+
+
+def quantize_dense_layers(layers: Iterable[nn.Module], batch_rows: int) -> bool:
+    """Swap every float32 `nn.Linear` inside `layers` (the network's repeated blocks: the embeddings and the
+    head stay float32) for an `Int8Linear`, one at a time. False, with nothing changed, where oneDNN's int8
+    ops are missing or disagree with `F.linear` on a probe."""
+    names = [
+        (parent, name)
+        for layer in layers
+        for parent in layer.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.is_cpu
+    ]
+    if not names or not int8_available() or not _quantizes(getattr(*names[0]), batch_rows):
+        return False
+    levels = weight_levels()
+    for parent, name in names:
+        setattr(parent, name, Int8Linear(getattr(parent, name), batch_rows, levels))
+    return True
+
+
+def _quantizes(linear: nn.Linear, batch_rows: int) -> bool:
+    probe = torch.linspace(-1, 1, 3 * linear.in_features).view(3, -1)
+    try:
+        with torch.inference_mode():
+            quantized = Int8Linear(linear, batch_rows, weight_levels())(probe)
+            plain = F.linear(probe, linear.weight, linear.bias)
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        logger.info("oneDNN int8 matmul is unavailable in this torch (%s)", error)
+        return False
+    return bool((quantized - plain).abs().max() <= PROBE_TOLERANCE * plain.abs().max())
