@@ -23,14 +23,16 @@ from rerankd.backends import torch_backend
 from rerankd.backends.base import ModelLoadError
 from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
+from rerankd.devtools.random_model import spread_scores, write_random_model
 from rerankd.engine import precision
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
+from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
 from rerankd.modeling.quantized import INT7_LEVELS, Int8Linear, int8_available, weight_levels
 from rerankd.settings import RuntimeSettings
 
-from conftest import load_backend_at
+from conftest import SHARED_TOKENIZER, load_backend_at
 from serving import run_cli
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch has no oneDNN int8 matmul")
@@ -178,3 +180,31 @@ def test_onnx_runtime_serves_its_int8_graph_under_dtype_int8(xsmall_onnx: Path) 
     assert backend.info.backend == "onnx"
     with pytest.raises(ModelLoadError, match="in the precision it was exported in"):
         load_backend_at(xsmall_onnx, backend="onnx", dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def spread_xsmall(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random xsmall whose validation scores span 0.05-0.95, as a trained reranker's do: a wider init, so
+    documents differ inside the network, then the classifier rescaled."""
+    tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else None
+    folder = tmp_path_factory.mktemp("spread-xsmall")
+    return spread_scores(write_random_model(folder, "xsmall", tokenizer, seed=3, init_std=0.1))
+
+
+@pytest.mark.slow
+def test_auto_serves_float32_where_int8_moves_spread_scores_past_the_bound(
+    spread_xsmall: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Near-tie scores barely move under any precision; spread ones do. On this model int8 moved a score by
+    0.07-0.21 (ONNX Runtime's int8 of it: 0.37), so auto's check refuses it and serves float32."""
+    backend = load_backend_at(spread_xsmall, device="cpu", dtype="float32")
+    scores = [
+        score
+        for group in precision.case_scores(backend, PairTokenizer(backend.tokenizer, 512), builtin_cases())
+        for score in group
+    ]
+    assert min(scores) == pytest.approx(0.05, abs=1e-3) and max(scores) == pytest.approx(0.95, abs=1e-3)
+    monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
+    with caplog.at_level(logging.WARNING):
+        assert logits(spread_xsmall, "auto") == logits(spread_xsmall, "float32")
+    assert "int8 drifts" in caplog.text
