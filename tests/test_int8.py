@@ -7,7 +7,6 @@ tests/test_kernel_paths.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_precision import logits
 from torch import nn
 
 from rerankd.backends import torch_backend
@@ -25,19 +25,15 @@ from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
 from rerankd.devtools.random_model import spread_scores, write_random_model
 from rerankd.engine import precision
-from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
 from rerankd.modeling.quantized import INT7_LEVELS, Int8Linear, int8_available, weight_levels
-from rerankd.settings import RuntimeSettings
 
 from conftest import SHARED_TOKENIZER, load_backend_at
 from serving import run_cli
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch has no oneDNN int8 matmul")
-
-QUERY, DOCUMENTS = builtin_cases()[3].queries[0]
 
 
 def saturating_case() -> tuple[nn.Linear, torch.Tensor]:
@@ -127,14 +123,6 @@ def test_validate_reports_int8_drift_within_the_auto_bound_and_onnx_runtimes_int
     theirs_drift = max(result["max_abs_delta"] for result in theirs)
     assert 0 < ours_drift <= precision.MAX_SCORE_DELTA
     assert ours_drift <= 2 * theirs_drift
-
-
-def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
-    engine = load_engine(str(model_dir), RuntimeSettings(device="cpu", dtype=dtype))
-    try:
-        return engine.info.dtype, asyncio.run(engine.score(QUERY, DOCUMENTS)).logits
-    finally:
-        engine.close()
 
 
 @pytest.mark.slow
