@@ -1,5 +1,6 @@
 """`--dtype int8`: the repeated layers' dense layers in int8 through oneDNN on a CPU (per-channel weights,
-inputs quantized per call), the rest in float32; `--dtype auto` keeps it only where the model's scores hold.
+inputs quantized per call), the rest in float32; `--dtype auto` keeps it only where the model's scores hold
+(tests/test_precision.py runs that check for int8 as for bf16).
 
 Every kernel path's int8 drift from the float64 truth, and the weight width its sums allow, are checked by
 tests/test_kernel_paths.py.
@@ -25,7 +26,6 @@ from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
 from rerankd.devtools.random_model import spread_scores, write_random_model
 from rerankd.engine import precision
-from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
 from rerankd.modeling.quantized import INT7_LEVELS, Int8Linear, int8_available, weight_levels
@@ -123,28 +123,6 @@ def test_validate_reports_int8_drift_within_the_auto_bound_and_onnx_runtimes_int
     theirs_drift = max(result["max_abs_delta"] for result in theirs)
     assert 0 < ours_drift <= precision.MAX_SCORE_DELTA
     assert ours_drift <= 2 * theirs_drift
-
-
-@pytest.mark.slow
-def test_auto_takes_int8_where_it_holds(xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
-    dtype, auto = logits(xsmall_model_dir, "auto")
-    assert dtype == "int8"
-    reference = logits(xsmall_model_dir, "float32")[1]
-    assert auto != reference  # really computed in int8 ...
-    deltas = [abs(sigmoid(a) - sigmoid(r)) for a, r in zip(auto, reference, strict=True)]
-    assert max(deltas) <= precision.MAX_SCORE_DELTA  # ... and holds
-
-
-@pytest.mark.slow
-def test_auto_falls_back_from_int8_to_float32_weights(
-    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
-    monkeypatch.setattr(precision, "MAX_SCORE_DELTA", 0.0)
-    with caplog.at_level(logging.WARNING):
-        assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
-    assert "int8 drifts" in caplog.text
 
 
 def test_bf16_units_come_first_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,27 +66,35 @@ def test_auto_stays_float32_without_bf16_units(
     assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
 
 
+# Each faster dtype `--dtype auto` tries, and the hardware probe that offers it.
+FASTER_DTYPE_PROBES = {"bfloat16": "cpu_has_bf16_units", "int8": "cpu_has_int8_matmul"}
+
+
 @pytest.mark.slow
-def test_auto_takes_bfloat16_where_it_holds(xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+@pytest.mark.parametrize("faster", sorted(FASTER_DTYPE_PROBES))
+def test_auto_takes_the_faster_dtype_where_it_holds(
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, faster: str
+) -> None:
+    monkeypatch.setattr(torch_backend, FASTER_DTYPE_PROBES[faster], lambda: True)
     dtype, auto = logits(xsmall_model_dir, "auto")
-    assert dtype == "bfloat16"
+    assert dtype == faster
     reference = logits(xsmall_model_dir, "float32")[1]
-    assert auto != reference  # really computed in bf16 ...
+    assert auto != reference  # really computed in the faster dtype ...
     assert (
         max(abs(sigmoid(a) - sigmoid(r)) for a, r in zip(auto, reference, strict=True)) <= 0.01
     )  # ... and holds
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("faster", sorted(FASTER_DTYPE_PROBES))
 def test_auto_falls_back_to_float32_weights_when_scores_drift(
-    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, faster: str
 ) -> None:
-    """The fallback reloads the weights: float32 scores exactly, not bf16-rounded weights cast back."""
-    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    """The fallback reloads the weights: float32 scores exactly, not rounded weights cast back."""
+    monkeypatch.setattr(torch_backend, FASTER_DTYPE_PROBES[faster], lambda: True)
     monkeypatch.setattr(precision, "MAX_SCORE_DELTA", 0.0)
     assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
-    assert "bfloat16 drifts" in caplog.text
+    assert f"{faster} drifts" in caplog.text
 
 
 def test_explicit_dtype_is_never_second_guessed(
