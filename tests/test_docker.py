@@ -1,15 +1,15 @@
 """The container images (docker/): their contract, and a replay of the CPU image on this machine.
 
-No container engine runs in CI, so the Dockerfiles are read here as an engine reads them (stages, ARG
-defaults, ENV, COPY, RUN, line continuations, `${VAR}` substitution). The contract tests check, in both
-images, what users of `docker run` rely on. The replay carries out the CPU image's builder stage for real:
-the build context is copied through docker/Dockerfile.dockerignore, and each RUN of the stage runs with the
-stage's ARGs and ENV under a scratch root standing in for `/`, so docker/install.sh builds a fresh virtual
-environment exactly as in the image. Then the runtime stage's ENTRYPOINT starts from that environment with
-the image's ENV, and its HEALTHCHECK command must pass against it (and fail where nothing listens). A broken
-install step, a renamed setting, a wrong entry point or a healthcheck that cannot reach /health fails here.
-Not replayed: the runtime stage's RUN (it creates the user and needs the base image); hadolint checks it,
-and a real build ran it (README, "Docker").
+No container engine runs in CI, so the Dockerfiles are read as an engine reads them (tests/dockerfiles.py:
+stages, ARG defaults, ENV, line continuations, `${VAR}` substitution; COPY and RUN here). The contract tests
+check, in both images, what users of `docker run` rely on. The replay carries out the CPU image's builder
+stage for real: the build context is copied through docker/Dockerfile.dockerignore, and each RUN of the stage
+runs with the stage's ARGs and ENV under a scratch root standing in for `/`, so docker/install.sh builds a
+fresh virtual environment exactly as in the image. Then the runtime stage's ENTRYPOINT starts from that
+environment with the image's ENV, and its HEALTHCHECK command must pass against it (and fail where nothing
+listens). A broken install step, a renamed setting, a wrong entry point or a healthcheck that cannot reach
+/health fails here. Not replayed: the runtime stage's RUN (it creates the user and needs the base image);
+hadolint checks it, and a real build ran it (README, "Docker").
 """
 
 from __future__ import annotations
@@ -35,130 +35,21 @@ import yaml
 from rerankd.settings import DEFAULT_PORT, ServeSettings
 
 from conftest import REPO_ROOT
+from dockerfiles import (
+    DOCKER_DIR,
+    DOCKERFILES,
+    Dockerfile,
+    Instruction,
+    Stage,
+    apply_definition,
+    expand,
+    parse_arg,
+    parse_dockerfile,
+    stage_variables,
+)
 
-DOCKER_DIR = REPO_ROOT / "docker"
-DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile", "cuda": DOCKER_DIR / "Dockerfile.cuda"}
 INSTALL_SECONDS = 600
 STARTUP_SECONDS = 120
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str  # upper case
-    arguments: str  # continuation lines joined
-
-
-@dataclass(frozen=True)
-class Stage:
-    base: str
-    name: str | None
-    instructions: tuple[Instruction, ...]
-
-    def all(self, keyword: str) -> list[str]:
-        return [item.arguments for item in self.instructions if item.keyword == keyword]
-
-    def only(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert len(found) == 1, f"expected one {keyword} in stage {self.name or self.base}, found {found}"
-        return found[0]
-
-
-@dataclass(frozen=True)
-class Dockerfile:
-    global_args: tuple[str, ...]
-    stages: tuple[Stage, ...]
-
-    @property
-    def builder(self) -> Stage:
-        return self.stages[0]
-
-    @property
-    def runtime(self) -> Stage:
-        return self.stages[-1]
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
-    """Comments dropped (also inside continuations, as the engine does), continuations joined."""
-    logical: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line.startswith("#") or (not line and not pending):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1].strip() + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    assert not pending, f"{path}: the last instruction ends in a line continuation"
-    global_args: list[str] = []
-    stages: list[tuple[str, str | None, list[Instruction]]] = []
-    for text in logical:
-        keyword, _, arguments = text.partition(" ")
-        keyword, arguments = keyword.upper(), arguments.strip()
-        if keyword == "FROM":
-            parts = arguments.split()
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            stages.append((parts[0], name, []))
-        elif not stages:
-            assert keyword == "ARG", f"{path}: only ARG may come before the first FROM, not {keyword}"
-            global_args.append(arguments)
-        else:
-            stages[-1][2].append(Instruction(keyword, arguments))
-    return Dockerfile(
-        tuple(global_args), tuple(Stage(base, name, tuple(items)) for base, name, items in stages)
-    )
-
-
-_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
-def expand(text: str, variables: dict[str, str]) -> str:
-    """`$NAME` and `${NAME}`, unset ones empty, as in Dockerfile instructions."""
-    return _VARIABLE.sub(lambda match: variables.get(match.group(1) or match.group(2), ""), text)
-
-
-def parse_arg(arguments: str) -> tuple[str, str | None]:
-    (token,) = shlex.split(arguments)
-    name, equals, default = token.partition("=")
-    return name, default if equals else None
-
-
-def parse_env(arguments: str, variables: dict[str, str]) -> dict[str, str]:
-    """`ENV A=1 B="x y"`: values substituted from what was defined before this instruction."""
-    pairs = {}
-    for token in shlex.split(arguments):
-        name, equals, value = token.partition("=")
-        assert equals, f"ENV {arguments}: use the NAME=value form"
-        pairs[name] = expand(value, variables)
-    return pairs
-
-
-def apply_definition(
-    item: Instruction,
-    variables: dict[str, str],
-    global_defaults: dict[str, str | None],
-    overrides: dict[str, str],
-) -> None:
-    """An ARG (a build-argument override, else its default, else the global ARG's) or an ENV, in place."""
-    if item.keyword == "ARG":
-        name, default = parse_arg(item.arguments)
-        value = overrides.get(name, default if default is not None else global_defaults.get(name))
-        if value is not None:
-            variables[name] = expand(value, variables)
-    elif item.keyword == "ENV":
-        variables.update(parse_env(item.arguments, variables))
-
-
-def stage_variables(
-    dockerfile: Dockerfile, stage: Stage, overrides: dict[str, str], base_env: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The ARG values and ENV of a stage after its last instruction; `base_env` is the base image's ENV."""
-    global_defaults = dict(parse_arg(arguments) for arguments in dockerfile.global_args)
-    variables = dict(base_env or {})
-    for item in stage.instructions:
-        apply_definition(item, variables, global_defaults, overrides)
-    return variables
 
 
 def healthcheck_command(stage: Stage) -> list[str]:

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from rerankd import __version__
-from rerankd.cli import bench, evaluate, export, random_model, rank, serve, validate
+from rerankd.cli import bench, download, evaluate, export, random_model, rank, serve, validate
 
-COMMANDS = (serve, rank, export, validate, evaluate, bench, random_model)
+COMMANDS = (serve, download, rank, export, validate, evaluate, bench, random_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from rerankd.settings import ENV_PREFIX, RuntimeSettings, load_settings
+from rerankd.settings import ENV_PREFIX, RuntimeSettings, ServeSettings, load_settings
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -38,13 +40,18 @@ def _default_text(field: FieldInfo) -> str:
 
 
 def add_settings_flags(
-    parser: argparse._ActionsContainer, cls: type[BaseSettings], skip: Sequence[str] = ()
+    parser: argparse._ActionsContainer,
+    cls: type[BaseSettings],
+    skip: Sequence[str] = (),
+    only: Collection[str] | None = None,
 ) -> None:
-    """One flag per field of `cls` (declared on it, not inherited from a parent it extends), defaulting to
-    None so that only the flags a user gives override the environment and the config file."""
+    """One flag per field of `cls` (those named in `only`, else those declared on it, not inherited from a
+    parent it extends), defaulting to None so that only the flags a user gives override the environment and
+    the config file."""
     inherited = set().union(*(getattr(base, "model_fields", {}) for base in cls.__mro__[1:]))
     for name, field in cls.model_fields.items():
-        if name in skip or name in inherited:
+        chosen = name in only if only is not None else name not in inherited
+        if name in skip or not chosen:
             continue
         kind, extra = _flag_type(field.annotation)
         if kind is not None:
@@ -71,6 +78,32 @@ def given_flags(args: argparse.Namespace, cls: type[BaseSettings]) -> dict[str, 
 def runtime_settings(args: argparse.Namespace) -> RuntimeSettings:
     """The runtime settings of a command that loads models in process: its flags, the environment."""
     return load_settings(RuntimeSettings, given_flags(args, RuntimeSettings))
+
+
+class InvalidSettings(Exception):
+    """One line naming each invalid setting and what is wrong with it."""
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None, help="a TOML file of settings (env RERANKD_CONFIG)"
+    )
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """`rerankd serve`'s settings: the flags given, then the environment, then the `--config` file. Commands
+    that act for the server (`download`) read them here too, so that they agree with it on every value."""
+    try:
+        return load_settings(ServeSettings, given_flags(args, ServeSettings), args.config)
+    except ValidationError as error:
+        # Each setting's location and message, never its value: it may be an API key from the environment.
+        problems = [
+            f"{'.'.join(map(str, problem['loc']))}: {problem['msg'].removeprefix('Value error, ')}"
+            for problem in error.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        raise InvalidSettings("; ".join(problems)) from error
+    except ValueError as error:
+        raise InvalidSettings(str(error)) from error
 
 
 def _at_least(minimum: int, value: str) -> int:

@@ -12,12 +12,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from rerankd.cli.flags import add_settings_flags, given_flags
-from rerankd.settings import RuntimeSettings, ServeSettings, load_settings
+from rerankd.cli.flags import InvalidSettings, add_config_flag, add_settings_flags, serve_settings
+from rerankd.settings import RuntimeSettings, ServeSettings
 
 if TYPE_CHECKING:
     from rerankd.api.connections import GracefulServer
@@ -35,9 +34,7 @@ def add_parser(commands: Any) -> None:
         description="Every setting also comes from RERANKD_<NAME> environment variables or a TOML file "
         "(--config); a flag wins over the environment, which wins over the file.",
     )
-    serve.add_argument(
-        "--config", type=Path, default=None, help="a TOML file of settings (env RERANKD_CONFIG)"
-    )
+    add_config_flag(serve)
     add_settings_flags(serve.add_argument_group("model"), RuntimeSettings)
     add_settings_flags(serve.add_argument_group("server"), ServeSettings)
     serve.set_defaults(run=run)
@@ -48,7 +45,6 @@ def run(args: argparse.Namespace, wrap_backend: BackendWrapper | None = None) ->
     faults through it)."""
     early_signals = _remember_stop_signals()  # first: the imports below take seconds
     import uvicorn
-    from pydantic import ValidationError
 
     from rerankd.api.app import create_app
     from rerankd.api.connections import GracefulServer, GuardedH11Protocol, connection_limits
@@ -58,18 +54,9 @@ def run(args: argparse.Namespace, wrap_backend: BackendWrapper | None = None) ->
     from rerankd.metrics import ServerMetrics
 
     try:
-        settings = load_settings(ServeSettings, given_flags(args, ServeSettings), args.config)
-    except (ValidationError, ValueError) as error:
-        # Each setting's location and message, never its value: it may be an API key from the environment.
-        problems = (
-            [
-                f"{'.'.join(map(str, problem['loc']))}: {problem['msg'].removeprefix('Value error, ')}"
-                for problem in error.errors(include_url=False, include_context=False, include_input=False)
-            ]
-            if isinstance(error, ValidationError)
-            else [str(error)]
-        )
-        print(f"rerankd serve: invalid settings: {'; '.join(problems)}", file=sys.stderr)
+        settings = serve_settings(args)
+    except InvalidSettings as error:
+        print(f"rerankd serve: invalid settings: {error}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, settings.log_format)
     metrics = ServerMetrics()

@@ -16,7 +16,14 @@ from rerankd.engine.precision import keeps_faster_precision, reference_pairs
 from rerankd.engine.scheduler import BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.formats.onnx_graph import onnx_file_name
-from rerankd.hub import SAFETENSORS_FILES, FileSelection, gguf_files, onnx_files, resolve_model_source
+from rerankd.hub import (
+    SAFETENSORS_FILES,
+    FileSelection,
+    ModelSource,
+    gguf_files,
+    onnx_files,
+    resolve_model_source,
+)
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,19 @@ def files_to_fetch(variant: FileVariant | None, backend: str) -> FileSelection:
     return SAFETENSORS_FILES
 
 
+def fetch_model_files(model: str, settings: RuntimeSettings) -> ModelSource:
+    """The files of `model` its backend loads, as `settings` pick them (revision, cache, backend): a local
+    path as it is, a Hub repo downloaded into the cache (or found there) at one verified commit. One function
+    for `load_engine` and `rerankd download`, so that a download fetches exactly what serving loads."""
+    reference, variant = split_selector(model)
+    return resolve_model_source(
+        reference,
+        revision=settings.revision,
+        cache_dir=settings.model_cache,
+        files=files_to_fetch(variant, settings.backend),
+    )
+
+
 def load_engine(
     model: str,
     settings: RuntimeSettings | None = None,
@@ -64,14 +84,8 @@ def load_engine(
     message meant for the user."""
     started = time.perf_counter()
     settings = settings or RuntimeSettings()
-    reference, variant = split_selector(model)
-    source = resolve_model_source(
-        reference,
-        revision=settings.revision,
-        cache_dir=settings.model_cache,
-        files=files_to_fetch(variant, settings.backend),
-    )
-    plan = plan_backend(source.path, settings, variant)
+    source = fetch_model_files(model, settings)
+    plan = plan_backend(source.path, settings, split_selector(model)[1])
     settings = plan.settings
     auto_dtype = settings.dtype == "auto"
     backend = load_backend(plan, reference_pairs() if auto_dtype else ())
