@@ -20,8 +20,9 @@ from rerankd.backends.torch_backend import cpu_has_bf16_units
 from rerankd.bench.flops import CountedFlops, EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
+from rerankd.bench.profile import OP_KINDS, OTHER, kind_of, middle_pass, profile_passes
 from rerankd.bench.report import render_json, render_markdown, shown
-from rerankd.bench.results import BenchResult, Fairness, GeometryResult, result_from_json
+from rerankd.bench.results import BenchResult, Fairness, GeometryResult, PassProfile, result_from_json
 from rerankd.bench.settings import BenchSettings
 from rerankd.bench.targets import targets_for
 from rerankd.bench.workloads import Workload, make_workloads, served_pair_tokenizer
@@ -148,6 +149,49 @@ def test_workloads_on_msmarco(xsmall_model_dir: Path, msmarco_dir: Path) -> None
     assert all(480 <= length <= 512 for length in long_documents.pair_lengths)
 
 
+def test_the_profiled_pass_is_cut_as_the_scheduler_cuts_a_request(
+    xsmall_model_dir: Path, msmarco_dir: Path
+) -> None:
+    """Shortest pairs first, as many as fit the token budget padded to the longest: the pass holding the
+    median pair."""
+    [passages] = make_workloads(load_beir(msmarco_dir), served_pair_tokenizer(xsmall_model_dir), 64, 0)[:1]
+    lengths = sorted(passages.pair_lengths)
+    batch = middle_pass(passages, xsmall_model_dir, budget=1024)
+    first = lengths.index(min(batch.lengths))
+    end = first + len(batch)
+    assert sorted(batch.lengths) == lengths[first:end]  # consecutive, shortest first
+    assert first <= len(lengths) // 2 < end
+    assert len(batch) * batch.longest <= 1024
+    assert end == len(lengths) or (len(batch) + 1) * lengths[end] > 1024  # the next pair would not fit
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("int8", marks=pytest.mark.skipif(
+    not int8_available(), reason="no oneDNN int8 matmul in this torch on this CPU"))])  # fmt: skip
+def test_a_profiled_pass_says_where_its_time_goes(
+    xsmall_model_dir: Path, msmarco_dir: Path, dtype: str
+) -> None:
+    """The ops of a real pass fall into the named kinds of work: the dense layers' and attention's matmuls
+    lead, int8's input quantization shows where the dense layers run in int8, and little is left unnamed."""
+    workloads = make_workloads(load_beir(msmarco_dir), served_pair_tokenizer(xsmall_model_dir), 12, 1)
+    profiles = profile_passes(xsmall_model_dir, dtype, workloads)
+    assert [profiled.workload for profiled in profiles] == [workload.name for workload in workloads]
+    for profiled in profiles:
+        assert profiled.dtype == dtype and profiled.seconds > 0
+        assert sum(profiled.shares.values()) == pytest.approx(1.0)
+        assert profiled.shares["dense layers (matmuls)"] > 0.1
+        assert profiled.shares["attention matmuls (QK, relative terms, context)"] > 0.05
+        assert ("int8 input quantization" in profiled.shares) == (dtype == "int8")
+        assert profiled.shares.get(OTHER, 0.0) < 0.1
+    assert profiles[1].length >= 480  # the long document's pass
+
+
+def test_ops_fall_into_one_kind_each() -> None:
+    ops = [op for kind_ops in OP_KINDS.values() for op in kind_ops]
+    assert len(ops) == len(set(ops))
+    assert kind_of("onednn::qlinear_pointwise") == "dense layers (matmuls)"
+    assert kind_of("aten::nonzero") == OTHER
+
+
 @pytest.mark.parametrize("family", ["xlm-roberta", "qwen3-reranker"])
 def test_workload_pairs_are_as_long_as_the_server_makes_them(
     family: str, msmarco_dir: Path, tmp_path: Path
@@ -226,6 +270,14 @@ def test_bench_end_to_end_writes_benchmarks_md(
     assert (
         "- rerankd, 1 client, by the server's own timing headers (median per request): tokenization" in report
     )
+    # A pass of each workload profiled in the dtype rerankd served.
+    served_dtype = next(m["dtype"] for m in geometry["measurements"] if m["contender"] == "rerankd")
+    assert [(p["workload"], p["dtype"]) for p in geometry["profiles"]] == [
+        ("6 passages", served_dtype),
+        ("1 long documents", served_dtype),
+    ]
+    assert f"### Where a pass's time goes: rerankd in {served_dtype}" in report
+    assert "| dense layers (matmuls) | " in report
 
 
 @pytest.mark.slow
@@ -448,6 +500,7 @@ def test_the_report_renders_again_from_its_json() -> None:
     result = _base_run(_measured("rerankd", 20.0), _measured("sentence-transformers float32", 4.0))
     result.fairness = Fairness(alone_p95=0.5, during_p95=1.0, during_count=10, big_seconds=60)
     result.score_drift = {"sentence-transformers float32": 1e-7}
+    result.profiles = [PassProfile("64 passages", "int8", 11, 90, 0.71, {"dense layers (matmuls)": 1.0})]
     run = BenchResult(
         "2026-12-05", "rerankd bench", _MACHINE, {"bfloat16": 437.4}, (1024, 768, 3072), [result]
     )

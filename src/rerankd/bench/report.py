@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
-from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult
+from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult, PassProfile
 from rerankd.bench.targets import RERANKD, Target, targets_for
 
 
@@ -33,6 +33,30 @@ def _server_time_line(measurement: Measurement) -> str:
         "by the server's own timing headers "
         f"(median per request): {parts}."
     )
+
+
+def _profile_section(profiles: list[PassProfile]) -> list[str]:
+    """Each profiled pass's time by kind of work, one column per workload."""
+    dtypes = sorted({profiled.dtype for profiled in profiles})
+    columns = [
+        f"{profiled.workload}: {profiled.pairs} × {profiled.length} tokens, {profiled.seconds:.2f} s"
+        for profiled in profiles
+    ]
+    kinds = list(dict.fromkeys(kind for profiled in profiles for kind in profiled.shares))
+    lines = [
+        f"### Where a pass's time goes: rerankd in {', '.join(dtypes)}",
+        "",
+        "One pass per workload (the one holding its median pair, cut as the scheduler cuts a request, on a "
+        "worker thread as the server runs it; its time unprofiled in the header) under torch's profiler: "
+        "each op's own time, grouped by the kind of work it does, as a share of the pass's.",
+        "",
+        f"| kind of work | {' | '.join(columns)} |",
+        f"|---|{'---|' * len(columns)}",
+    ]
+    for kind in kinds:
+        shares = " | ".join(f"{100 * profiled.shares.get(kind, 0.0):.0f}%" for profiled in profiles)
+        lines.append(f"| {kind} | {shares} |")
+    return [*lines, ""]
 
 
 def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> list[str]:
@@ -88,7 +112,10 @@ def _geometry_section(result: GeometryResult, ceilings: dict[str, float]) -> lis
             f"- Peak RSS of rerankd serving this model in bfloat16 (load, then an 8-document request): "
             f"{_megabytes(result.bf16_peak_rss)}."
         )
-    return [*lines, ""]
+    lines.append("")
+    if result.profiles:
+        lines += _profile_section(result.profiles)
+    return lines
 
 
 def shown(target: Target) -> str:

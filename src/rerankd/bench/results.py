@@ -28,6 +28,18 @@ class Fairness:
 
 
 @dataclass
+class PassProfile:
+    """One forward pass of a workload under torch's profiler (`rerankd.bench.profile`)."""
+
+    workload: str
+    dtype: str
+    pairs: int
+    length: int  # the pass's padded length in tokens
+    seconds: float  # the pass unprofiled, the best of a few
+    shares: dict[str, float]  # kind of work -> its share of the profiled pass's op time
+
+
+@dataclass
 class GeometryResult:
     family: str  # deberta-v2, or the other family the section measures
     geometry: str
@@ -41,6 +53,7 @@ class GeometryResult:
     score_drift: dict[str, float] = field(default_factory=dict)
     served: str | None = None  # the rerankd contender whose scores the peers are compared with
     baseline: str | None = None  # the peer every contender's pairs/s is a ratio of
+    profiles: list[PassProfile] = field(default_factory=list)  # rerankd's passes, in the dtype it served
 
     def measurement(self, contender: str, workload: str, clients: int = 1) -> Measurement | None:
         """The run of `contender` on `workload` with `clients` clients, if it was measured."""
@@ -83,9 +96,13 @@ def result_from_json(text: str) -> BenchResult:
     for section in raw.pop("geometries"):
         fairness = section.pop("fairness")
         measurements = [Measurement(**measurement) for measurement in section.pop("measurements")]
+        profiles = [PassProfile(**profiled) for profiled in section.pop("profiles", [])]
         sections.append(
             GeometryResult(
-                **section, measurements=measurements, fairness=Fairness(**fairness) if fairness else None
+                **section,
+                measurements=measurements,
+                fairness=Fairness(**fairness) if fairness else None,
+                profiles=profiles,
             )
         )
     raw["ceiling_shape"] = tuple(raw["ceiling_shape"])

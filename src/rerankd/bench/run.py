@@ -25,6 +25,7 @@ from rerankd.bench.contenders import (
     rerankd_bf16_peak_rss,
 )
 from rerankd.bench.machine import describe_machine, int8_matmul_gops, matmul_gflops
+from rerankd.bench.profile import profile_passes
 from rerankd.bench.results import BenchResult, GeometryResult
 from rerankd.bench.settings import BenchSettings, Peer
 from rerankd.bench.workloads import make_workloads, passages_workload, served_pair_tokenizer
@@ -54,7 +55,8 @@ def bench_model(
 ) -> GeometryResult:
     """One section: each rerankd contender the run asked for that serves `model`, then `peers`. A DeBERTa
     section takes the full workloads and also measures concurrency, fairness, the bf16 footprint and
-    Infinity; the other families' take the smaller ones, from one client."""
+    Infinity, and profiles a pass of each workload on a CPU; the other families' take the smaller ones, from
+    one client."""
     counts = (
         (settings.passages, settings.long_documents)
         if deberta
@@ -90,6 +92,8 @@ def bench_model(
             result.score_drift[contender] = _max_difference(served_scores, run.scores)
         if served_as_is:
             result.bf16_peak_rss = rerankd_bf16_peak_rss(settings, model, workloads[0])
+            if settings.device == "cpu":
+                result.profiles = profile_passes(model.folder, run.measurements[0].dtype, workloads)
     for peer in peers:
         measured, scores = bench_peer(settings, model, workloads, peer)
         result.measurements += measured
