@@ -39,8 +39,9 @@ $(VENV)/.installed-unit: pyproject.toml $(VENV)/.installed-runtime
 # and serves a llama.cpp GGUF through the llamacpp backend. A portable CPU build (no -march=native), reused
 # from pip's wheel cache after the first time. For the llamacpp backend on a GPU, install a CUDA build instead:
 #   CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install --force-reinstall --no-cache-dir llama-cpp-python
+# The ray extra: tests/test_ray.py starts a two-node Ray cluster on loopback (Serve and Data).
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-unit
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp]"
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e ".[test,llamacpp,ray]"
 	touch $@
 
 # llama.cpp's own converter, from the sdist of the llama-cpp-python installed above, for the tests that serve

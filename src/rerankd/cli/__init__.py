@@ -8,9 +8,20 @@ import sys
 from collections.abc import Sequence
 
 from rerankd import __version__
-from rerankd.cli import bench, download, evaluate, export, random_model, rank, serve, validate
+from rerankd.cli import (
+    bench,
+    download,
+    evaluate,
+    export,
+    random_model,
+    rank,
+    ray_serve,
+    rerank_batch,
+    serve,
+    validate,
+)
 
-COMMANDS = (serve, download, rank, export, validate, evaluate, bench, random_model)
+COMMANDS = (serve, ray_serve, download, rank, rerank_batch, export, validate, evaluate, bench, random_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
