@@ -88,6 +88,9 @@ def run(args: argparse.Namespace, wrap_backend: BackendWrapper | None = None) ->
         access_log=False,  # rerankd logs one structured line per request itself
         log_config=None,
         http=GuardedH11Protocol.with_limits(limits),
+        # asyncio's loop, even where uvloop is installed (Ray Serve brings it): the connection guard logs
+        # failed accept() calls through asyncio's handler, which uvloop bypasses.
+        loop="asyncio",
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]  # uvicorn takes a float
         backlog=limits.listen_backlog,
     )
