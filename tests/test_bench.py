@@ -156,7 +156,7 @@ def test_the_profiled_pass_is_cut_as_the_scheduler_cuts_a_request(
     median pair."""
     [passages] = make_workloads(load_beir(msmarco_dir), served_pair_tokenizer(xsmall_model_dir), 64, 0)[:1]
     lengths = sorted(passages.pair_lengths)
-    batch = middle_pass(passages, xsmall_model_dir, budget=1024)
+    batch = middle_pass(passages, xsmall_model_dir, budget=1024, max_pairs=64)
     first = lengths.index(min(batch.lengths))
     end = first + len(batch)
     assert sorted(batch.lengths) == lengths[first:end]  # consecutive, shortest first

@@ -20,6 +20,7 @@ from rerankd.backends.registry import load_backend, plan_backend
 from rerankd.bench.results import PassProfile
 from rerankd.bench.timing import timed_requests
 from rerankd.bench.workloads import Workload, served_pair_tokenizer
+from rerankd.engine.fair_queue import FairQueue
 from rerankd.settings import DEFAULT_BATCH_TOKENS, RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -59,23 +60,18 @@ def kind_of(op: str) -> str:
     return next((kind for kind, ops in OP_KINDS.items() if op in ops), OTHER)
 
 
-def middle_pass(workload: Workload, folder: Path, budget: int) -> Batch:
-    """The pass holding the workload's median pair, its pairs cut as the scheduler cuts one request's:
-    shortest first, as many as fit `budget` tokens padded to the longest (one at least)."""
-    pairs = sorted(
-        served_pair_tokenizer(folder).encode_pairs(workload.query, workload.documents).pairs, key=len
-    )
-    passes: list[list[Pair]] = []
-    for pair in pairs:
-        if passes and (len(passes[-1]) + 1) * len(pair) <= budget:
-            passes[-1].append(pair)
-        else:
-            passes.append([pair])
+def middle_pass(workload: Workload, folder: Path, budget: int, max_pairs: int) -> Batch:
+    """The pass holding the workload's median pair, its pairs cut by the scheduler's own queue as it cuts
+    one request's: shortest first, as many as fit `budget` tokens padded to the longest."""
+    pairs = served_pair_tokenizer(folder).encode_pairs(workload.query, workload.documents).pairs
+    queue: FairQueue[Pair] = FairQueue()
+    queue.add(pairs)
     median = len(pairs) // 2
-    for pass_pairs in passes:
-        if median < len(pass_pairs):
-            return Batch(pass_pairs)
-        median -= len(pass_pairs)
+    while queue:
+        batch = [pairs[index] for _, index in queue.next_batch(budget, max_pairs)]
+        if median < len(batch):
+            return Batch(batch)
+        median -= len(batch)
     raise ValueError(f"{workload.name} has no pairs")
 
 
@@ -93,14 +89,20 @@ def _profiled(backend: RerankBackend, batch: Batch, workload: str) -> PassProfil
 
 
 def profile_passes(folder: Path, dtype: str, workloads: list[Workload]) -> list[PassProfile]:
-    """Each workload's first pass on a CPU, `folder`'s model loaded in `dtype` as the server prepares it."""
+    """A pass of each workload on a CPU (`middle_pass`), `folder`'s model loaded in `dtype` as the server
+    prepares it."""
     settings = RuntimeSettings(device="cpu", dtype=dtype)
     backend = load_backend(plan_backend(folder, settings))
     backend.prepare_for_serving()
     budget = DEFAULT_BATCH_TOKENS["cpu"]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiled-pass") as forward:
         profiles = [
-            forward.submit(_profiled, backend, middle_pass(workload, folder, budget), workload.name).result()
+            forward.submit(
+                _profiled,
+                backend,
+                middle_pass(workload, folder, budget, settings.max_batch_pairs),
+                workload.name,
+            ).result()
             for workload in workloads
         ]
     for measured in profiles:
