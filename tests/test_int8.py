@@ -28,7 +28,14 @@ from rerankd.devtools.random_model import spread_scores, write_random_model
 from rerankd.engine import precision
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
-from rerankd.modeling.quantized import INT7_LEVELS, Int8Linear, int8_available, weight_levels
+from rerankd.modeling.quantized import (
+    INT7_LEVELS,
+    UINT8_MAX,
+    Int8Linear,
+    int8_available,
+    quantize_activations,
+    weight_levels,
+)
 
 from conftest import SHARED_TOKENIZER, load_backend_at
 from serving import run_cli
@@ -45,6 +52,29 @@ def saturating_case() -> tuple[nn.Linear, torch.Tensor]:
     inputs = torch.ones(3, 256)
     inputs[0, 0] = 0.0
     return linear, inputs
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0, -1.0])
+def test_activations_quantize_to_the_nearest_level_and_zero_exactly(shift: float) -> None:
+    """Asymmetric over the range widened to hold zero: every value within half a level of its float, zero
+    (padding) exactly at the zero point; the same levels as dividing, rounding and shifting op by op."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(97, 3072, generator=generator) * 0.3 + shift
+    inputs[5, :7] = 0.0
+    scale, zero_point, levels = quantize_activations(inputs)
+    assert levels.dtype == torch.uint8 and levels.shape == inputs.shape
+    low, high = min(inputs.min().item(), 0.0), max(inputs.max().item(), 0.0)
+    assert scale == pytest.approx((high - low) / UINT8_MAX, rel=1e-12)
+    restored = (levels.double() - zero_point) * scale
+    assert (restored - inputs.double()).abs().max() <= scale * (0.5 + 1e-4)
+    assert (levels[5, :7] == zero_point).all()
+    op_by_op = (inputs / scale).round().add(zero_point).clamp(0, UINT8_MAX)
+    assert (op_by_op - levels.float()).abs().max() <= 1  # a tie may round the other way
+
+
+def test_an_all_zero_input_quantizes_to_zeros() -> None:
+    scale, zero_point, levels = quantize_activations(torch.zeros(4, 16))
+    assert scale > 0 and zero_point == 0 and not levels.any()
 
 
 def test_an_int8_layer_gives_float32s_result_within_int8_rounding() -> None:
