@@ -101,9 +101,10 @@ format: install-unit
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-# The whole suite (what CI runs): every test but the GPU ones, which skip without CUDA.
+# The whole suite (what CI runs): every test but the GPU ones, which skip without CUDA; the 30 slowest are
+# listed at the end, to keep the suite within its time.
 test: lint install-test
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=30
 
 # The unit tests alone, while working: no server processes, no loopback traffic, no llama.cpp build, nothing
 # slow (see the markers in pyproject.toml). Under 3 minutes on a 2-core CPU.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,9 @@ import pytest
 
 from rerankd.backends.base import RerankBackend
 from rerankd.backends.registry import FileVariant, load_backend, plan_backend
+from rerankd.engine.loader import load_engine
+from rerankd.engine.postprocess import sigmoid
+from rerankd.fidelity import builtin_cases
 from rerankd.settings import RuntimeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +22,12 @@ SHARED_DIR = Path(os.environ.get("RERANKD_SHARED_DIR", REPO_ROOT.parent / "share
 SHARED_TOKENIZER = SHARED_DIR / "fixtures" / "deberta-v3-tokenizer"
 SHARED_CONFIGS = SHARED_DIR / "fixtures" / "configs"
 SHARED_DATA = SHARED_DIR / "data"
+# The mxbai-rerank package's own environment (`make install-test`): its pins clash with ours.
+MXBAI_PYTHON = Path(os.environ.get("MXBAI_REFERENCE_PYTHON", REPO_ROOT / ".venv-mxbai" / "bin" / "python"))
+
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
+)
 
 # The tests' bounds are float32's, whatever CPU runs them: `--dtype auto` keeps bfloat16 on CPUs with bf16
 # units (AVX512-BF16 or AMX), which some CI machines have and others lack, and int8 on the others. Servers and
@@ -109,3 +120,19 @@ def load_backend_at(
     planned and loaded as `rerankd serve` does."""
     plan = plan_backend(path, RuntimeSettings(**settings), variant)
     return load_backend(plan, reference_pairs)
+
+
+def engine_logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
+    """The dtype an engine loaded with `--dtype dtype` serves, and its logits of the model card's ordering
+    case."""
+    query, documents = builtin_cases()[3].queries[0]
+    engine = load_engine(str(model_dir), RuntimeSettings(dtype=dtype))
+    try:
+        return engine.info.dtype, asyncio.run(engine.score(query, documents)).logits
+    finally:
+        engine.close()
+
+
+def score_error(logits: list[float], expected: list[float]) -> float:
+    """max |Δ sigmoid score| between two runs' logits."""
+    return max(abs(sigmoid(a) - sigmoid(b)) for a, b in zip(logits, expected, strict=True))

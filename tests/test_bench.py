@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_causal_rerankers import MXBAI_PYTHON
 from torch.utils.flop_counter import FlopCounterMode
 
 from rerankd.backends.torch_backend import cpu_has_bf16_units
@@ -36,7 +35,7 @@ from rerankd.modeling.quantized import int8_available
 from rerankd.quality.beir import load_beir
 from rerankd.settings import RuntimeSettings
 
-from conftest import load_backend_at
+from conftest import MXBAI_PYTHON, load_backend_at
 
 
 @pytest.mark.parametrize("length", [1, 7, 130, 300, 512])

@@ -30,11 +30,9 @@ from rerankd.engine.tokenize import InstructionNotTakenError, PairOptions
 from rerankd.modeling.causal import CAUSAL_FAMILIES, QWEN3_DEFAULT_INSTRUCTION
 from rerankd.settings import RuntimeSettings
 
+from conftest import MXBAI_PYTHON
 from serving import rank_order, running_server
 
-MXBAI_PYTHON = Path(
-    os.environ.get("MXBAI_REFERENCE_PYTHON", Path(__file__).parents[1] / ".venv-mxbai" / "bin" / "python")
-)
 MXBAI_REFERENCE = Path(__file__).with_name("references") / "mxbai_rerank_v2.py"
 QUERY = "how are the arguments of a function call evaluated?"
 # Texts whose pieces meet at every kind of boundary Qwen's pre-tokenizer has: punctuation, spaces, newlines.

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_precision import logits
 from torch import nn
 
 from rerankd.backends import torch_backend
@@ -37,7 +36,7 @@ from rerankd.modeling.quantized import (
     weight_levels,
 )
 
-from conftest import SHARED_TOKENIZER, load_backend_at
+from conftest import SHARED_TOKENIZER, engine_logits, load_backend_at
 from serving import run_cli
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch has no oneDNN int8 matmul")
@@ -202,5 +201,5 @@ def test_auto_serves_float32_where_int8_moves_spread_scores_past_the_bound(
     assert min(scores) == pytest.approx(0.05, abs=1e-3) and max(scores) == pytest.approx(0.95, abs=1e-3)
     monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
     with caplog.at_level(logging.WARNING):
-        assert logits(spread_xsmall, "auto") == logits(spread_xsmall, "float32")
+        assert engine_logits(spread_xsmall, "auto") == engine_logits(spread_xsmall, "float32")
     assert "int8 drifts" in caplog.text

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,9 @@ from rerankd.engine.loader import load_engine
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.settings import RuntimeSettings, load_settings
 
-from conftest import load_backend_at
+from conftest import load_backend_at, needs_llama_cpp, score_error
 from serving import running_server
 
-needs_llama_cpp = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
-)
 QUERY = "Who wrote To Kill a Mockingbird?"
 DOCUMENTS = [
     "To Kill a Mockingbird is a novel by Harper Lee.",
@@ -100,11 +96,6 @@ def reference_logits(model: Any, tokenizer: Any, documents: list[str], typed: bo
 
 def sigmoid(value: float) -> float:
     return 1.0 / (1.0 + math.exp(-value))
-
-
-def score_error(logits: list[float], expected: list[float]) -> float:
-    """max |Δ sigmoid score| between two runs' logits."""
-    return max(abs(sigmoid(a) - sigmoid(b)) for a, b in zip(logits, expected, strict=True))
 
 
 @needs_llama_cpp

@@ -14,7 +14,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_llamacpp_backend import needs_llama_cpp, score_error
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from rerankd.backends.base import Batch, ModelLoadError, Pair
@@ -25,7 +24,7 @@ from rerankd.engine.loader import load_engine
 from rerankd.quality.beir import BeirDataset, load_beir
 from rerankd.settings import RuntimeSettings
 
-from conftest import load_backend_at
+from conftest import load_backend_at, needs_llama_cpp, score_error
 
 pytestmark = [
     # Each conversion is a process of its own (the converter imports its own copy of the gguf package).

@@ -7,7 +7,6 @@ is checked against the CPU flags the kernel reports and oneDNN's instruction-set
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,28 +15,17 @@ import torch
 from rerankd.backends import torch_backend
 from rerankd.bench.machine import describe_machine
 from rerankd.engine import precision
-from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import MOCKINGBIRD, builtin_cases
 from rerankd.modeling.reference_rows import Float32Rows
-from rerankd.settings import RuntimeSettings
 
-from conftest import load_backend_at
+from conftest import engine_logits, load_backend_at
 from memory import HAS_PROC_STATUS, load_memory
 
-QUERY, DOCUMENTS = builtin_cases()[3].queries[0]
 # The real probe, taken before conftest's autouse fixture replaces it for every test.
 REAL_PROBE = torch_backend.cpu_has_bf16_units
 CPUINFO = Path("/proc/cpuinfo")
-
-
-def logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
-    engine = load_engine(str(model_dir), RuntimeSettings(dtype=dtype))
-    try:
-        return engine.info.dtype, asyncio.run(engine.score(QUERY, DOCUMENTS)).logits
-    finally:
-        engine.close()
 
 
 @pytest.mark.skipif(not CPUINFO.exists(), reason="reads the CPU flags from /proc/cpuinfo")
@@ -63,7 +51,7 @@ def test_auto_stays_float32_without_bf16_units(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: False)
-    assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
+    assert engine_logits(xsmall_model_dir, "auto") == engine_logits(xsmall_model_dir, "float32")
 
 
 # Each faster dtype `--dtype auto` tries, and the hardware probe that offers it.
@@ -76,9 +64,9 @@ def test_auto_takes_the_faster_dtype_where_it_holds(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, faster: str
 ) -> None:
     monkeypatch.setattr(torch_backend, FASTER_DTYPE_PROBES[faster], lambda: True)
-    dtype, auto = logits(xsmall_model_dir, "auto")
+    dtype, auto = engine_logits(xsmall_model_dir, "auto")
     assert dtype == faster
-    reference = logits(xsmall_model_dir, "float32")[1]
+    reference = engine_logits(xsmall_model_dir, "float32")[1]
     assert auto != reference  # really computed in the faster dtype ...
     assert (
         max(abs(sigmoid(a) - sigmoid(r)) for a, r in zip(auto, reference, strict=True)) <= 0.01
@@ -93,7 +81,7 @@ def test_auto_falls_back_to_float32_weights_when_scores_drift(
     """The fallback reloads the weights: float32 scores exactly, not rounded weights cast back."""
     monkeypatch.setattr(torch_backend, FASTER_DTYPE_PROBES[faster], lambda: True)
     monkeypatch.setattr(precision, "MAX_SCORE_DELTA", 0.0)
-    assert logits(xsmall_model_dir, "auto") == logits(xsmall_model_dir, "float32")
+    assert engine_logits(xsmall_model_dir, "auto") == engine_logits(xsmall_model_dir, "float32")
     assert f"{faster} drifts" in caplog.text
 
 
@@ -101,7 +89,7 @@ def test_explicit_dtype_is_never_second_guessed(
     xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    assert logits(xsmall_model_dir, "float32")[0] == "float32"
+    assert engine_logits(xsmall_model_dir, "float32")[0] == "float32"
 
 
 @pytest.mark.slow
