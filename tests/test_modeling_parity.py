@@ -234,10 +234,18 @@ def test_token_layout_packs_the_tokens_and_pads_with_zeros() -> None:
     packed = layout.packed(padded)
     assert packed[:, 0].tolist() == [1, 3, 5, 9, 17, 19, 21, 23]
     assert layout.first_tokens.tolist() == [0, 3, 4]
-    restored = layout.padded(packed)
-    assert restored.shape == (3, 4, 2)
-    assert torch.equal(restored[mask.bool()], packed)
-    assert not restored[~mask.bool()].any()
+    # Q/K/V projected for 2 heads of 3 features: (tokens, 3 parts x 2 heads x 3) laid out per part and head
+    projected = torch.arange(8 * 18, dtype=torch.float32).view(8, 18) + 1
+    per_head = layout.padded_heads(projected, heads=2, size=3)
+    assert per_head.shape == (3, 2, 3, 4, 3) and per_head.is_contiguous()
+    by_part_and_head = projected.view(8, 3, 2, 3)
+    for part in range(3):
+        for head in range(2):
+            assert torch.equal(per_head[part, head][mask.bool()], by_part_and_head[:, part, head])
+            assert not per_head[part, head][~mask.bool()].any()
+    # attention's output, (heads, batch, length, size), back to the packed tokens
+    by_position = per_head[1].permute(1, 2, 0, 3).reshape(12, 6)
+    assert torch.equal(layout.packed(by_position), by_part_and_head[:, 1].reshape(8, 6))
 
 
 def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None:
@@ -297,6 +305,6 @@ def test_dense_layout_counts_every_position() -> None:
     assert layout.token_rows.tolist() == list(range(12))
     assert layout.first_tokens.tolist() == [0, 4, 8]
     rows = torch.arange(24, dtype=torch.float32).view(12, 2)
-    padded = layout.padded(layout.packed(rows))
-    assert torch.equal(padded, rows.view(3, 4, 2))
-    assert padded.data_ptr() == rows.data_ptr()  # views, not copies
+    assert layout.packed(rows).data_ptr() == rows.data_ptr()  # a view, not a copy
+    per_head = layout.padded_heads(rows, heads=2, size=1)
+    assert torch.equal(per_head, rows.view(3, 4, 1, 2, 1).permute(2, 3, 0, 1, 4))

@@ -68,8 +68,8 @@ class TokenLayout:
     def dense(cls, batch: int, length: int, device: torch.device) -> TokenLayout:
         """Every position of a (batch, length) batch counted as a token, padding included, as the reference
         computes it: one fixed layout per shape, for a pass captured once and replayed (a CUDA graph). The
-        padding's own outputs are never read; as keys the attention mask hides them. Packing and padding
-        are then views, not copies."""
+        padding's own outputs are never read; as keys the attention mask hides them. Packing is then a
+        view, and laying the projections out by head a plain copy, with no scatter."""
         rows = torch.arange(batch * length, device=device)
         return cls(batch, length, rows, torch.arange(0, batch * length, length, device=device), True)
 
@@ -90,12 +90,18 @@ class TokenLayout:
             return padded
         return padded.index_select(0, self.token_rows)
 
-    def padded(self, packed: torch.Tensor) -> torch.Tensor:
-        """(tokens, width) to (batch, length, width), zeros at the padding."""
+    def padded_heads(self, packed: torch.Tensor, heads: int, size: int) -> torch.Tensor:
+        """Projected (tokens, parts x heads x size) Q/K/V to (parts, heads, batch, length, size), zeros at the
+        padding, in one copy: each head's relative terms are then one matmul over all of the batch's tokens,
+        and attention one batched matmul over heads x batch (docs/decisions.md)."""
+        tokens, width = packed.shape
+        parts = width // (heads * size)
+        by_head = packed.view(tokens, parts, heads, size).permute(1, 2, 0, 3)
+        shape = (parts, heads, self.batch, self.length, size)
         if self.all_positions:
-            return packed.view(self.batch, self.length, -1)
-        rows = packed.new_zeros(self.batch * self.length, packed.shape[-1])
-        return rows.index_copy_(0, self.token_rows, packed).view(self.batch, self.length, -1)
+            return by_head.contiguous().view(shape)
+        rows = packed.new_zeros(parts, heads, self.batch * self.length, size)
+        return rows.index_copy_(2, self.token_rows, by_head).view(shape)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -179,12 +185,13 @@ class DebertaLayer(nn.Module):
         index: RelativeIndex | FirstQueryRelativeIndex | None = relative
         if self.first_token_only:
             residual = hidden.index_select(0, layout.first_tokens)
-            query = self._heads_first(self.query(residual).unsqueeze(1))[0]
-            key, value = self._heads_first(layout.padded(self.key_value(hidden)))
+            # (heads, batch, 1, size)
+            query = self.query(residual).view(layout.batch, 1, heads, -1).permute(2, 0, 1, 3).contiguous()
+            key, value = layout.padded_heads(self.key_value(hidden), heads, self.head_size)
             index = relative.first_query() if relative is not None else None
         else:
             residual = hidden
-            query, key, value = self._heads_first(layout.padded(self.qkv(hidden)))
+            query, key, value = layout.padded_heads(self.qkv(hidden), heads, self.head_size)
         queries = query.shape[2]
 
         if index is None:
@@ -198,15 +205,6 @@ class DebertaLayer(nn.Module):
             context = layout.packed(context)
         attended = self.attention_norm(self.attention_output(context) + residual)
         return self.output_norm(self.output(self.activation(self.intermediate(attended))) + attended)
-
-    def _heads_first(self, projected: torch.Tensor) -> torch.Tensor:
-        """Projected (batch, length, parts x inner) Q/K/V laid out (parts, heads, batch, length, size): each
-        head's relative terms are then one matmul over all of the batch's tokens, and attention one batched
-        matmul over heads x batch."""
-        batch, length, width = projected.shape
-        parts = width // (self.num_heads * self.head_size)
-        shape = (batch, length, parts, self.num_heads, self.head_size)
-        return projected.view(shape).permute(2, 3, 0, 1, 4).contiguous()
 
 
 class DebertaReranker(nn.Module):
