@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from gguf.quants import dequantize, quantize
 from rerankd.backends.base import Batch, ModelLoadError, Pair
 from rerankd.devtools.random_bert_gguf import random_bert_cross_encoder, tiny_bert_vocabulary, write_bert_gguf
 from rerankd.engine.loader import load_engine
+from rerankd.engine.postprocess import sigmoid
 from rerankd.formats.gguf_writer import export_gguf
 from rerankd.settings import RuntimeSettings, load_settings
 
@@ -92,10 +92,6 @@ def reference_logits(model: Any, tokenizer: Any, documents: list[str], typed: bo
             .item()
             for pair in reference_pairs(tokenizer, documents)
         ]
-
-
-def sigmoid(value: float) -> float:
-    return 1.0 / (1.0 + math.exp(-value))
 
 
 @needs_llama_cpp

@@ -15,12 +15,11 @@ import torch
 from rerankd.backends import torch_backend
 from rerankd.bench.machine import describe_machine
 from rerankd.engine import precision
-from rerankd.engine.postprocess import sigmoid
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import MOCKINGBIRD, builtin_cases
 from rerankd.modeling.reference_rows import Float32Rows
 
-from conftest import engine_logits, load_backend_at
+from conftest import engine_logits, load_backend_at, score_error
 from memory import HAS_PROC_STATUS, load_memory
 
 # The real probe, taken before conftest's autouse fixture replaces it for every test.
@@ -68,9 +67,7 @@ def test_auto_takes_the_faster_dtype_where_it_holds(
     assert dtype == faster
     reference = engine_logits(xsmall_model_dir, "float32")[1]
     assert auto != reference  # really computed in the faster dtype ...
-    assert (
-        max(abs(sigmoid(a) - sigmoid(r)) for a, r in zip(auto, reference, strict=True)) <= 0.01
-    )  # ... and holds
+    assert score_error(auto, reference) <= 0.01  # ... and holds
 
 
 @pytest.mark.slow
