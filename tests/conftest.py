@@ -92,6 +92,17 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spread_xsmall(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random xsmall whose validation scores span 0.05-0.95, as a trained reranker's do: a wider init, so
+    documents differ inside the network, then the classifier rescaled."""
+    from rerankd.devtools.random_model import spread_scores, write_random_model
+
+    tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else None
+    folder = tmp_path_factory.mktemp("spread-xsmall")
+    return spread_scores(write_random_model(folder, "xsmall", tokenizer, seed=3, init_std=0.1))
+
+
+@pytest.fixture(scope="session")
 def xsmall_onnx(xsmall_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """xsmall exported by the command users run (`rerankd export --format onnx`): float32, float16 and
     dynamic int8 graphs in onnx/, config.json and the tokenizer beside them."""

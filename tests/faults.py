@@ -40,8 +40,8 @@ class FaultInjectingBackend(RerankBackend):
             raise InjectedFault("injected forward failure")
         return self._inner.relevance_logits(batch)
 
-    def faster_dtype(self) -> str | None:
-        return self._inner.faster_dtype()
+    def faster_dtypes(self) -> tuple[str, ...]:
+        return self._inner.faster_dtypes()
 
     def cast(self, dtype: str) -> None:
         self._inner.cast(dtype)

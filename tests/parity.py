@@ -232,14 +232,27 @@ def bf16_truth(config: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return tensors, reference_model(config, tensors, torch.float64)(input_ids, mask).logits.sigmoid()
 
 
-def bf16_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torch.Tensor) -> float:
-    """Max |Δscore| of our bf16 network, packed where oneDNN packs bf16, from the float64 truth (of
-    `bf16_truth`): what `--dtype auto` bounds by `MAX_SCORE_DELTA`."""
-    model = load_ours(config, tensors, torch.bfloat16)
-    pack_dense_layers(model, batch_rows=1024)  # declined where this kernel path has no oneDNN bf16
+def _score_drift(model: DebertaReranker, config: dict, truth: torch.Tensor) -> float:
+    """Max |Δscore| of `model` from the float64 truth of `bf16_truth`'s batch: what `--dtype auto` bounds by
+    `MAX_SCORE_DELTA`."""
     input_ids, mask = padded_batch(BF16_LENGTHS, config["vocab_size"], seed=7)
     with torch.inference_mode():
         return _max_error(model(input_ids, mask).double().sigmoid(), truth)
+
+
+def bf16_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torch.Tensor) -> float:
+    """Our bf16 network's, packed where oneDNN packs bf16."""
+    model = load_ours(config, tensors, torch.bfloat16)
+    pack_dense_layers(model, batch_rows=1024)  # declined where this kernel path has no oneDNN bf16
+    return _score_drift(model, config, truth)
+
+
+def mixed_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torch.Tensor) -> float:
+    """Our network in `--dtype bfloat16-mixed` (bf16 layers, float32 residual stream), packed likewise."""
+    model = load_ours(config, tensors)
+    model.compute_layers_in(torch.bfloat16)
+    pack_dense_layers(model, batch_rows=1024)
+    return _score_drift(model, config, truth)
 
 
 def int8_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torch.Tensor) -> dict:
@@ -247,10 +260,7 @@ def int8_score_drift(config: dict, tensors: dict[str, torch.Tensor], truth: torc
     truth of `bf16_truth`'s batch, and the weight width oneDNN's int8 sums took on this kernel path."""
     model = load_ours(config, tensors)
     assert quantize_dense_layers(model.layers, batch_rows=1024)
-    input_ids, mask = padded_batch(BF16_LENGTHS, config["vocab_size"], seed=7)
-    with torch.inference_mode():
-        drift = _max_error(model(input_ids, mask).double().sigmoid(), truth)
-    return {"drift": drift, "weight_levels": weight_levels()}
+    return {"drift": _score_drift(model, config, truth), "weight_levels": weight_levels()}
 
 
 @dataclass(frozen=True)
@@ -295,6 +305,7 @@ def kernel_path_report(case: KernelPathCase) -> dict:
         "bf16_units": cpu_has_bf16_units(),
         "errors": {name: asdict(error) for name, error in errors.items()},
         "bf16_score_drift": bf16_score_drift(config, case.bf16_tensors, case.bf16_truth),
+        "mixed_score_drift": mixed_score_drift(config, case.bf16_tensors, case.bf16_truth),
         "int8": int8_score_drift(config, case.bf16_tensors, case.bf16_truth),
     }
 

@@ -468,6 +468,30 @@ def test_on_a_cpu_without_bf16_units_the_ceiling_is_fp32s() -> None:
     assert faster.ceiling_dtype == "fp32" and faster.needs_share == pytest.approx(6 * 4.10 * 15.8 / 178.3)
 
 
+def test_pinned_precisions_are_held_against_bf16_and_mixed_against_the_bf16_ceiling() -> None:
+    """On a CPU with bf16 units: bf16-mixed at ≥ 0.85x and int8 at ≥ 1.5x rerankd bf16's pairs/s; `auto`
+    serving bf16-mixed is measured against the bf16 matmul ceiling, whose units its dense layers run on."""
+    result = _base_run(
+        _measured("rerankd", 40.0, dtype="bfloat16-mixed"),
+        _measured("rerankd bfloat16", 42.0),
+        _measured("rerankd bfloat16-mixed", 40.0, dtype="bfloat16-mixed"),
+        _measured("rerankd int8", 44.0, dtype="int8"),
+    )
+    targets = {t.description: t for t in targets_for(result, {"bfloat16": 2000.0, "float32": 200.0}, "cpu")}
+    mixed = targets["rerankd bf16-mixed, 1 client, ≥ 0.85× rerankd bf16's pairs/s"]
+    assert mixed.met and mixed.reached == pytest.approx(40 / 42)
+    int8 = targets["rerankd int8, 1 client, ≥ 1.5× rerankd bf16's pairs/s"]
+    assert not int8.met and int8.shortfall == pytest.approx(1 - 44 / 42 / 1.5)
+    ceiling = targets["rerankd, 1 client, ≥ 50% of the bf16 matmul ceiling"]
+    assert ceiling.reached == pytest.approx(40 * 15.8 / 2000)
+    without_bf16 = _base_run(
+        _measured("rerankd", 8.0, dtype="int8"), _measured("rerankd int8", 8.0, dtype="int8")
+    )
+    assert not [
+        t for t in targets_for(without_bf16, {"int8": 300.0}, "cpu") if "rerankd bf16's" in t.description
+    ]
+
+
 def test_rerankd_is_held_to_twice_the_fastest_onnx_runtime_on_every_workload() -> None:
     """The AVX2-only run in BENCHMARKS.md of 2026-12-06 04:03: rerankd float32 led the ONNX runtimes on
     passages (1.75x OpenVINO) and trailed them on long documents (0.69x OpenVINO)."""

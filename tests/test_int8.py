@@ -23,7 +23,6 @@ from rerankd.backends import torch_backend
 from rerankd.backends.base import ModelLoadError
 from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
-from rerankd.devtools.random_model import spread_scores, write_random_model
 from rerankd.engine import precision
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
@@ -36,7 +35,7 @@ from rerankd.modeling.quantized import (
     weight_levels,
 )
 
-from conftest import SHARED_TOKENIZER, engine_logits, load_backend_at
+from conftest import engine_logits, load_backend_at
 from serving import run_cli
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch has no oneDNN int8 matmul")
@@ -157,10 +156,12 @@ def test_validate_reports_int8_drift_within_the_auto_bound_and_onnx_runtimes_int
 def test_bf16_units_come_first_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    assert torch_backend.faster_dtype_on(torch.device("cpu")) == "bfloat16"
+    cpu = torch.device("cpu")
+    assert torch_backend.faster_dtypes_on(cpu) == ("bfloat16",)
+    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == ("bfloat16", "bfloat16-mixed")
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: False)
-    assert torch_backend.faster_dtype_on(torch.device("cpu")) == "int8"
-    assert torch_backend.faster_dtype_on(torch.device("cuda")) == "float16"
+    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == ("int8",)
+    assert torch_backend.faster_dtypes_on(torch.device("cuda"), mixes=True) == ("float16",)
 
 
 def test_int8_is_refused_off_the_cpu_and_by_openvino(xsmall_onnx: Path) -> None:
@@ -175,15 +176,6 @@ def test_onnx_runtime_serves_its_int8_graph_under_dtype_int8(xsmall_onnx: Path) 
     assert backend.info.backend == "onnx"
     with pytest.raises(ModelLoadError, match="in the precision it was exported in"):
         load_backend_at(xsmall_onnx, backend="onnx", dtype="int8")
-
-
-@pytest.fixture(scope="module")
-def spread_xsmall(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random xsmall whose validation scores span 0.05-0.95, as a trained reranker's do: a wider init, so
-    documents differ inside the network, then the classifier rescaled."""
-    tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else None
-    folder = tmp_path_factory.mktemp("spread-xsmall")
-    return spread_scores(write_random_model(folder, "xsmall", tokenizer, seed=3, init_std=0.1))
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""Parity, bf16 and int8 precision and the `--dtype auto` probe under the kernel paths of every CPU these
-tests run on, forced on this one: a change that only breaks on an AVX2 or an AMX machine fails wherever CI
-runs.
+"""Parity, bf16, bf16-mixed and int8 precision and the `--dtype auto` probe under the kernel paths of every
+CPU these tests run on, forced on this one: a change that only breaks on an AVX2 or an AMX machine fails
+wherever CI runs.
 
 Each path runs tests/parity.py in a fresh process (torch reads `ATEN_CPU_CAPABILITY`, and MKL and oneDNN
 read theirs, once, when first used), on one shared case whose float64 truth is computed here once. A path
@@ -108,6 +108,7 @@ def test_parity_precision_and_probe_hold_on_every_kernel_path(
     for name, error in errors.items():
         print(f"  {name}: {error}")
     print(f"  bf16 max |Δscore| {measured['bf16_score_drift']:.2e}; bf16 units: {measured['bf16_units']}")
+    print(f"  bf16-mixed max |Δscore| {measured['mixed_score_drift']:.2e}")
     int8 = measured["int8"]
     print(f"  int8 max |Δscore| {int8['drift']:.2e}, weights of ±{int8['weight_levels']}")
 
@@ -116,6 +117,7 @@ def test_parity_precision_and_probe_hold_on_every_kernel_path(
     for name in MUTANTS:
         assert not errors[name].holds, f"{path}: the mutant '{name}' passed: {errors[name]}"
     assert measured["bf16_score_drift"] <= MAX_SCORE_DELTA
+    assert measured["mixed_score_drift"] <= MAX_SCORE_DELTA
     assert int8["drift"] <= MAX_SCORE_DELTA
     # Without VNNI oneDNN's int8 sums saturate at 8-bit weights: capped below it, the probe takes 7 bits.
     if path not in PATHS_WITH_VNNI:

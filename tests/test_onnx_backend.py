@@ -298,10 +298,10 @@ def test_only_openvino_offers_bf16_and_only_on_cpus_with_bf16_units(
     """`--dtype auto`'s offer: OpenVINO recompiles at bf16 where the CPU has bf16 units and reports the
     precision its plugin took; ONNX Runtime runs the graph as exported."""
     openvino = load_backend_at(xsmall_onnx, backend="openvino", dtype="auto")
-    assert openvino.info.dtype == "float32" and openvino.faster_dtype() is None  # the fixture: no bf16 units
+    assert openvino.info.dtype == "float32" and openvino.faster_dtypes() == ()  # the fixture: no bf16 units
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    assert openvino.faster_dtype() == "bfloat16"
-    assert load_backend_at(xsmall_onnx, backend="onnx", dtype="auto").faster_dtype() is None
+    assert openvino.faster_dtypes() == ("bfloat16",)
+    assert load_backend_at(xsmall_onnx, backend="onnx", dtype="auto").faster_dtypes() == ()
     openvino.cast("bfloat16")  # an AVX2-only CPU's plugin keeps f32, and says so
     assert openvino.info.dtype in ("bfloat16", "float32")
     scores = openvino.relevance_logits(Batch([Pair([1, 5, 6, 2, 7, 2], 6)]))

@@ -64,11 +64,13 @@ class RuntimeSettings(BaseSettings):
     model_cache: Path = Field(Path("models"), description="where Hub downloads are kept")
     revision: str | None = Field(None, description="Hub branch, tag or commit to pin (default: main)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-mixed"] = Field(
         "auto",
-        description="compute dtype; int8 = the dense layers in int8 through oneDNN, on a CPU; auto = float16 "
-        "on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16, int8 on other x86 CPUs, when the model's validation "
-        "scores hold within 0.01 of float32, else float32",
+        description="compute dtype; int8 = the dense layers in int8 through oneDNN, on a CPU; bfloat16-mixed "
+        "= DeBERTa's dense layers and attention in bfloat16, its residual stream and norms in float32, on a "
+        "CPU; auto = the first that holds the model's validation scores within 0.01 of float32: float16 on "
+        "CUDA, bfloat16 then bfloat16-mixed on CPUs with AMX/AVX512-BF16, int8 on other x86 CPUs; else "
+        "float32",
     )
     max_length: int | None = Field(
         None, ge=8, description="truncate pairs to this many tokens (default: the model's, 512)"

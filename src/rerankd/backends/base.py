@@ -126,12 +126,13 @@ class RerankBackend(ABC):
         waiting for a running pass."""
         return None
 
-    def faster_dtype(self) -> str | None:
-        """A lower precision this hardware runs faster than the current one, if any (for `--dtype auto`)."""
-        return None
+    def faster_dtypes(self) -> tuple[str, ...]:
+        """Lower precisions this hardware runs faster than the current one, fastest first (for `--dtype
+        auto`)."""
+        return ()
 
     def cast(self, dtype: str) -> None:
-        """Convert the loaded weights to `dtype` in place (only called with what `faster_dtype` offered)."""
+        """Convert the loaded weights to `dtype` in place (only called with what `faster_dtypes` offered)."""
         raise NotImplementedError
 
     def prepare_for_serving(self) -> None:  # noqa: B027 (optional hook)

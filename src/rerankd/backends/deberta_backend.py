@@ -16,7 +16,7 @@ from rerankd.backends.torch_backend import (
     DTYPES,
     TorchBackend,
     apply_threads,
-    faster_dtype_on,
+    faster_dtypes_on,
     padded_batch,
     resolve_device,
     resolve_dtype,
@@ -41,6 +41,7 @@ class DebertaBackend(TorchBackend):
     bucketed shape of its graph."""
 
     model: DebertaReranker
+    mixes_precision = True
 
     def __init__(
         self, model: DebertaReranker, tokenizer: Tokenizer, info: BackendInfo, settings: RuntimeSettings
@@ -65,6 +66,9 @@ class DebertaBackend(TorchBackend):
         if isinstance(self.model.word_embeddings, Float32Rows):  # the table was loaded in `dtype` already
             self.model.word_embeddings = self.model.word_embeddings.serving
         super().cast(dtype)
+
+    def _mix_precision(self) -> None:
+        self.model.compute_layers_in(torch.bfloat16)
 
     def prepare_for_serving(self) -> None:
         super().prepare_for_serving()
@@ -95,11 +99,13 @@ def build_deberta_backend(
         dtype = resolve_dtype(settings.dtype, device)
         if device.type == "cpu":
             bound_kernel_caches()
-        faster = faster_dtype_on(device) if settings.dtype == "auto" else None
+        # The first precision `--dtype auto` tries; where it is the weights' own dtype (not int8's or
+        # bfloat16-mixed's), the word-embedding table is loaded in it.
+        faster = faster_dtypes_on(device, mixes=True)[:1] if settings.dtype == "auto" else ()
         split = None
-        if faster in DTYPES and reference_pairs:  # the weights' own dtype changes (not int8's)
+        if faster and faster[0] in DTYPES and reference_pairs:
             token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
-            split = SplitEmbeddings(DTYPES[faster], token_ids)
+            split = SplitEmbeddings(DTYPES[faster[0]], token_ids)
         model = load_reranker(config, reader, dtype, device, split)
     except (UnsupportedModelError, CheckpointError) as error:
         raise ModelLoadError(f"{source}: {error}") from error

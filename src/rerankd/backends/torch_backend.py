@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Computed in int8, stored in float32 until the dense layers are quantized (`modeling/quantized.py`).
 INT8 = "int8"
+# bf16 dense layers and attention around a float32 residual stream and norms; loaded in float32, then mixed
+# (`DebertaLayer.compute_in`): a quarter of bf16's drift at nearly its speed (docs/decisions.md).
+MIXED = "bfloat16-mixed"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -72,14 +75,15 @@ def cpu_has_int8_matmul() -> bool:
     return int8_available()
 
 
-def faster_dtype_on(device: torch.device) -> str | None:
-    """The precision `--dtype auto` tries on `device` before settling for float32: float16 on CUDA; on a CPU
-    bfloat16 where it has bf16 units, else int8 where oneDNN has an int8 matmul."""
+def faster_dtypes_on(device: torch.device, mixes: bool = False) -> tuple[str, ...]:
+    """The precisions `--dtype auto` tries on `device`, fastest first, before settling for float32: float16
+    on CUDA; on a CPU with bf16 units bfloat16, then bfloat16-mixed where the network `mixes`; on other CPUs
+    int8 where oneDNN has an int8 matmul."""
     if device.type == "cuda":
-        return "float16"
+        return ("float16",)
     if cpu_has_bf16_units():
-        return "bfloat16"
-    return INT8 if cpu_has_int8_matmul() else None
+        return ("bfloat16", MIXED) if mixes else ("bfloat16",)
+    return (INT8,) if cpu_has_int8_matmul() else ()
 
 
 def apply_threads(settings: RuntimeSettings) -> None:
@@ -92,14 +96,14 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """auto loads float32; the engine then keeps a faster dtype only if the model's scores hold in it."""
     if requested == "auto":
         return torch.float32
-    if requested == INT8:
+    if requested in (INT8, MIXED):
         if device.type != "cpu":
-            raise ModelLoadError(f"--dtype int8 runs on a CPU (oneDNN); on {device} use float16 or bfloat16")
-        if not int8_available():
+            raise ModelLoadError(f"--dtype {requested} runs on a CPU; on {device} use float16 or bfloat16")
+        if requested == INT8 and not int8_available():
             raise ModelLoadError("--dtype int8: this torch has no oneDNN int8 matmul on this CPU")
-        return torch.float32  # quantized once loaded (`TorchBackend.cast`)
+        return torch.float32  # quantized or mixed once loaded (`TorchBackend.cast`)
     if requested not in DTYPES:
-        raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}, {INT8}")
+        raise ModelLoadError(f"--dtype {requested}: choose one of auto, {', '.join(DTYPES)}, {INT8}, {MIXED}")
     return DTYPES[requested]
 
 
@@ -191,6 +195,9 @@ class TorchBackend(RerankBackend):
     graphs, to its graph's bucket) and run under `torch.inference_mode`. A subclass says how a padded batch
     reaches its network (`_pass`)."""
 
+    # Whether the network computes in `--dtype bfloat16-mixed` (`_mix_precision`).
+    mixes_precision = False
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -209,8 +216,8 @@ class TorchBackend(RerankBackend):
             self._heap.trim()
         self._settings = settings
         self._between_steps: BetweenSteps | None = None  # the running CPU pass's
-        if settings.dtype == INT8:
-            self.cast(INT8)
+        if settings.dtype in (INT8, MIXED):
+            self.cast(settings.dtype)
 
     def relevance_logits(self, batch: Batch) -> list[float]:
         return self.launch(batch).result()
@@ -261,18 +268,24 @@ class TorchBackend(RerankBackend):
             return f"{self._device}: {error}"
         return None
 
-    def faster_dtype(self) -> str | None:
-        return faster_dtype_on(self._device) if self.info.dtype == "float32" else None
+    def faster_dtypes(self) -> tuple[str, ...]:
+        return faster_dtypes_on(self._device, self.mixes_precision) if self.info.dtype == "float32" else ()
 
     def cast(self, dtype: str) -> None:
         if dtype == INT8:
             if not quantize_dense_layers(layer_stack(self.model), self._settings.batch_tokens):
                 raise ModelLoadError("--dtype int8: oneDNN's int8 matmul is missing or wrong in this torch")
+        elif dtype == MIXED:
+            self._mix_precision()
         else:  # tensor by tensor: the peak is the weights plus one converted tensor
             self.model.to(DTYPES[dtype])
         if self._heap is not None:  # the float32 weights' pages, freed in the heap, go back to the OS
             self._heap.trim()
         self.info = replace(self.info, dtype=dtype)
+
+    def _mix_precision(self) -> None:
+        """`--dtype bfloat16-mixed`, in the networks that have it."""
+        raise ModelLoadError(f"--dtype {MIXED}: only the DeBERTa network computes in mixed precision")
 
     def prepare_for_serving(self) -> None:
         """On a CPU: the dense layers packed for oneDNN, then `between_steps` hooked after each step of

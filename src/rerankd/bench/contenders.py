@@ -24,7 +24,7 @@ import rerankd
 from rerankd.bench.flops import CountedFlops, pair_flops
 from rerankd.bench.measure import Measurement, mean
 from rerankd.bench.processes import free_port, running_process
-from rerankd.bench.results import LLAMACPP_CONTENDER, RERANKD_FLOAT32, Fairness
+from rerankd.bench.results import LLAMACPP_CONTENDER, RERANKD_FLOAT32, RERANKD_PINNED, Fairness
 from rerankd.bench.served import http_measure, measure_fairness, served_scores, warm_up
 from rerankd.bench.settings import BenchSettings, Peer
 from rerankd.bench.workloads import Workload, short_warm_up
@@ -64,7 +64,11 @@ class BenchModel:
                 "heads": config.num_attention_heads,
             },
             lambda length: pair_flops(config, length).total,
-            {RERANKD_FLOAT32: (folder, ("--dtype", "float32")), "rerankd": (folder, ())},
+            {
+                RERANKD_FLOAT32: (folder, ("--dtype", "float32")),
+                "rerankd": (folder, ()),
+                **{f"rerankd {dtype}": (folder, ("--dtype", dtype)) for dtype in RERANKD_PINNED.values()},
+            },
         )
 
     @classmethod

@@ -35,7 +35,7 @@ OP_KINDS: dict[str, tuple[str, ...]] = {
     ),
     "attention matmuls (QK, relative terms, context)": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"),
     "softmax": ("aten::_softmax",),
-    "int8 input quantization": ("aten::aminmax", "aten::round_", "aten::clamp_"),
+    "int8 input quantization": ("aten::aminmax", "aten::quantize_per_tensor"),
     "element-wise (bias, mask and residual adds, GELU, scaling)": (
         "aten::add",
         "aten::add_",

@@ -11,6 +11,8 @@ from rerankd.bench.measure import Measurement
 LLAMACPP_CONTENDER = "rerankd (llama.cpp)"
 # rerankd pinned to float32, beside `--dtype auto`'s choice: the reference the other scores are compared with.
 RERANKD_FLOAT32 = "rerankd float32"
+# DeBERTa pinned to each faster precision a CPU may serve, by contender: what `auto` chooses between.
+RERANKD_PINNED = {"rerankd-bf16": "bfloat16", "rerankd-mixed": "bfloat16-mixed", "rerankd-int8": "int8"}
 
 
 @dataclass

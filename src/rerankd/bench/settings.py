@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rerankd.bench.results import LLAMACPP_CONTENDER, RERANKD_FLOAT32
+from rerankd.bench.results import LLAMACPP_CONTENDER, RERANKD_FLOAT32, RERANKD_PINNED
 from rerankd.bench.workloads import Workload, short_warm_up
 
 CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "float16"}
@@ -18,9 +18,12 @@ CROSSENCODER_DTYPES = {"st-fp32": "float32", "st-bf16": "bfloat16", "st-fp16": "
 ONNX_CONTENDERS = ("ort-fp32", "ort-int8", "openvino", "openvino-f32")
 # The LLM rerankers' references, named as their scorers in `rerankd.bench.peers`.
 LLM_PEERS = ("qwen3-card", "mxbai-rerank")
+# rerankd in precisions that need bf16 units to run at speed (emulated elsewhere, at a tenth of fp32's rate).
+BF16_CONTENDERS = ("rerankd-bf16", "rerankd-mixed", "st-bf16")
 CONTENDERS = (
     "rerankd",
     "rerankd-fp32",
+    *RERANKD_PINNED,
     *CROSSENCODER_DTYPES,
     *ONNX_CONTENDERS,
     "infinity",
@@ -33,6 +36,7 @@ DEFAULT_CONTENDERS = {
     "cpu": (
         "rerankd",
         "rerankd-fp32",
+        *RERANKD_PINNED,
         "st-fp32",
         "st-bf16",
         *ONNX_CONTENDERS,
@@ -89,7 +93,12 @@ class BenchSettings:
 
     def rerankd_contenders(self) -> list[str]:
         """rerankd's contenders in the run, by their names in the report."""
-        names = {"rerankd-fp32": RERANKD_FLOAT32, "rerankd": "rerankd", "llamacpp": LLAMACPP_CONTENDER}
+        names = {
+            "rerankd-fp32": RERANKD_FLOAT32,
+            "rerankd": "rerankd",
+            "llamacpp": LLAMACPP_CONTENDER,
+            **{contender: f"rerankd {dtype}" for contender, dtype in RERANKD_PINNED.items()},
+        }
         return [names[contender] for contender in self.contenders if contender in names]
 
     def crossencoder_peers(self) -> list[Peer]:

@@ -56,11 +56,13 @@ def add_parser(commands: Any) -> None:
         "--contenders",
         nargs="+",
         default=None,
-        help="subset of: rerankd (as --dtype auto serves) rerankd-fp32 (DeBERTa pinned to float32) st-fp32 "
-        "st-bf16 st-fp16 ort-fp32 ort-int8 openvino openvino-f32 (ONNX Runtime and OpenVINO on the ONNX "
-        "export; openvino-f32 where OpenVINO's default is bf16) infinity llamacpp (the BERT section's GGUF "
-        "on the llama.cpp backend) qwen3-card mxbai-rerank (the LLM rerankers' references); default: all "
-        "but st-fp16 on a CPU; rerankd, st-fp32, st-fp16, infinity and the LLM references on CUDA",
+        help="subset of: rerankd (as --dtype auto serves) rerankd-fp32 rerankd-bf16 rerankd-mixed "
+        "rerankd-int8 (DeBERTa pinned to float32, bfloat16, bfloat16-mixed, int8) st-fp32 st-bf16 st-fp16 "
+        "ort-fp32 ort-int8 openvino openvino-f32 (ONNX Runtime and OpenVINO on the ONNX export; openvino-f32 "
+        "where OpenVINO's default is bf16) infinity llamacpp (the BERT section's GGUF on the llama.cpp "
+        "backend) qwen3-card mxbai-rerank (the LLM rerankers' references); default: all but st-fp16 on a CPU "
+        "(and without rerankd-bf16, rerankd-mixed and st-bf16 where it has no bf16 units); rerankd, st-fp32, "
+        "st-fp16, infinity and the LLM references on CUDA",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where every contender runs (default: cpu)"
@@ -121,7 +123,13 @@ def run(args: argparse.Namespace) -> int:
     from rerankd.bench.report import render_json, render_markdown
     from rerankd.bench.results import result_from_json
     from rerankd.bench.run import run_bench
-    from rerankd.bench.settings import CONTENDERS, DEFAULT_CONTENDERS, ONNX_CONTENDERS, BenchSettings
+    from rerankd.bench.settings import (
+        BF16_CONTENDERS,
+        CONTENDERS,
+        DEFAULT_CONTENDERS,
+        ONNX_CONTENDERS,
+        BenchSettings,
+    )
 
     if args.from_json is not None:
         args.out.write_text(render_markdown(result_from_json(args.from_json.read_text())))
@@ -133,9 +141,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     contenders = tuple(args.contenders or DEFAULT_CONTENDERS[args.device])
     if args.contenders is None and args.device == "cpu" and not cpu_has_bf16_units():
-        # torch emulates bf16 there, at a tenth of fp32's rate: no peer a user of this CPU would pick.
-        print("rerankd bench: no st-bf16 by default: this CPU has no bf16 units", file=sys.stderr)
-        contenders = tuple(contender for contender in contenders if contender != "st-bf16")
+        # torch emulates bf16 there, at a tenth of fp32's rate: nothing a user of this CPU would pick.
+        print(
+            f"rerankd bench: no {', '.join(BF16_CONTENDERS)} by default: this CPU has no bf16 units",
+            file=sys.stderr,
+        )
+        contenders = tuple(contender for contender in contenders if contender not in BF16_CONTENDERS)
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         print(

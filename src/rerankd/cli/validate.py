@@ -24,7 +24,7 @@ def add_parser(commands: Any) -> None:
         "--compare-dtypes",
         nargs="+",
         default=[],
-        choices=["float32", "bfloat16", "float16", "int8"],
+        choices=["float32", "bfloat16", "float16", "int8", "bfloat16-mixed"],
         help="also compare the base with itself run in these dtypes (set the base's with --dtype)",
     )
     validate.add_argument(

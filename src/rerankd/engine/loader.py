@@ -12,7 +12,7 @@ from rerankd.backends.base import RerankBackend
 from rerankd.backends.onnx_backend import ONNX_RUNTIMES
 from rerankd.backends.registry import FileVariant, load_backend, plan_backend
 from rerankd.engine.engine import RerankEngine, max_pair_length
-from rerankd.engine.precision import keeps_faster_precision, reference_pairs
+from rerankd.engine.precision import load_in_auto_precision, reference_pairs
 from rerankd.engine.scheduler import BatchObserver
 from rerankd.engine.tokenize import PairTokenizer
 from rerankd.formats.onnx_graph import onnx_file_name
@@ -87,13 +87,15 @@ def load_engine(
     source = fetch_model_files(model, settings)
     plan = plan_backend(source.path, settings, split_selector(model)[1])
     settings = plan.settings
-    auto_dtype = settings.dtype == "auto"
-    backend = load_backend(plan, reference_pairs() if auto_dtype else ())
-    max_length = max_pair_length(settings, backend.info)
-    if auto_dtype and not keeps_faster_precision(backend, PairTokenizer(backend.tokenizer, max_length)):
-        del backend  # its weights are rounded now: freed before the float32 load, not held beside it
-        settings = settings.model_copy(update={"dtype": "float32"})
-        backend = load_backend(replace(plan, settings=settings))
+    if settings.dtype == "auto":
+        float32 = replace(plan, settings=settings.model_copy(update={"dtype": "float32"}))
+        backend = load_in_auto_precision(
+            lambda: load_backend(plan, reference_pairs()),
+            lambda: load_backend(float32),
+            lambda loaded: PairTokenizer(loaded.tokenizer, max_pair_length(settings, loaded.info)),
+        )
+    else:
+        backend = load_backend(plan)
     if wrap_backend is not None:
         backend = wrap_backend(backend)
     engine = RerankEngine(served_name or model, backend, settings, on_batch=on_batch)

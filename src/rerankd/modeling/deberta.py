@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,8 @@ class DebertaLayer(nn.Module):
         self.activation = ACTIVATIONS[config.hidden_act]
         self.scale = 1.0 / math.sqrt(self.head_size * config.attention_scale_factor)
         self.step_boundary = StepBoundary()
+        # What the dense layers and attention compute in; None: the hidden states' own (`compute_in`).
+        self.compute_dtype: torch.dtype | None = None
         # Per-head relative projections, filled at load by `set_relative_projections`.
         # c2p uses the keys of the relative table, p2c its queries (pre-multiplied by `scale`).
         self.register_buffer("relative_keys", None, persistent=False)
@@ -172,6 +175,18 @@ class DebertaLayer(nn.Module):
             queries = F.linear(table, query_projection[0].float(), query_projection[1].float()) * self.scale
             self.relative_queries = queries.view(heads).transpose(0, 1).to(dtype).contiguous()
 
+    def compute_in(self, dtype: torch.dtype) -> None:
+        """Compute the dense layers and attention in `dtype` while the hidden states between them (the
+        residual stream) and the norms keep theirs: `--dtype bfloat16-mixed` (docs/decisions.md)."""
+        for module in self.children():
+            if isinstance(module, nn.Linear):
+                module.to(dtype)
+        for name in ("relative_keys", "relative_queries"):
+            table = getattr(self, name)
+            if table is not None:
+                setattr(self, name, table.to(dtype))
+        self.compute_dtype = dtype
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -180,18 +195,21 @@ class DebertaLayer(nn.Module):
         relative: RelativeIndex | None,
     ) -> torch.Tensor:
         """Packed (tokens, hidden) in; packed out, or (batch, hidden) of the first tokens with
-        `first_token_only`."""
+        `first_token_only`. `key_mask_bias` comes in the compute dtype."""
         heads = self.num_heads
+        stream, compute = hidden.dtype, self.compute_dtype or hidden.dtype
+        inputs = hidden.to(compute)  # no copy unless the precision is mixed
         index: RelativeIndex | FirstQueryRelativeIndex | None = relative
         if self.first_token_only:
             residual = hidden.index_select(0, layout.first_tokens)
             # (heads, batch, 1, size)
-            query = self.query(residual).view(layout.batch, 1, heads, -1).permute(2, 0, 1, 3).contiguous()
-            key, value = layout.padded_heads(self.key_value(hidden), heads, self.head_size)
+            query = self.query(residual.to(compute)).view(layout.batch, 1, heads, -1)
+            query = query.permute(2, 0, 1, 3).contiguous()
+            key, value = layout.padded_heads(self.key_value(inputs), heads, self.head_size)
             index = relative.first_query() if relative is not None else None
         else:
             residual = hidden
-            query, key, value = layout.padded_heads(self.qkv(hidden), heads, self.head_size)
+            query, key, value = layout.padded_heads(self.qkv(inputs), heads, self.head_size)
         queries = query.shape[2]
 
         if index is None:
@@ -203,8 +221,9 @@ class DebertaLayer(nn.Module):
         context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
         if not self.first_token_only:
             context = layout.packed(context)
-        attended = self.attention_norm(self.attention_output(context) + residual)
-        return self.output_norm(self.output(self.activation(self.intermediate(attended))) + attended)
+        attended = self.attention_norm(self.attention_output(context).to(stream) + residual)
+        projected = self.output(self.activation(self.intermediate(attended.to(compute))))
+        return self.output_norm(projected.to(stream) + attended)
 
 
 class DebertaReranker(nn.Module):
@@ -250,6 +269,12 @@ class DebertaReranker(nn.Module):
             table, (table.shape[-1],), norm[0].float(), norm[1].float(), self.config.layer_norm_eps
         )
 
+    def compute_layers_in(self, dtype: torch.dtype) -> None:
+        """Every layer's dense layers and attention in `dtype`; the embeddings, the residual stream, the
+        norms and the head keep theirs (`DebertaLayer.compute_in`)."""
+        for layer in self.layers:
+            cast(DebertaLayer, layer).compute_in(dtype)
+
     def relative_index(self, length: int) -> RelativeIndex:
         """The relative-table slots each block of a length-L batch's relative products reaches."""
         return RelativeIndex.for_length(self.slot_table, self.config.max_position_embeddings, length)
@@ -262,7 +287,8 @@ class DebertaReranker(nn.Module):
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {length} exceeds {self.config.max_position_embeddings}")
-        dtype = self.classifier.weight.dtype
+        # The attention's dtype: the layers' compute dtype where the precision is mixed.
+        dtype = cast(DebertaLayer, self.layers[0]).compute_dtype or self.classifier.weight.dtype
         if layout is None:
             layout = TokenLayout.from_mask(attention_mask)
         hidden = self.word_embeddings(layout.packed(input_ids.reshape(-1)))
