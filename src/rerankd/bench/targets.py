@@ -18,6 +18,13 @@ TARGET_GEOMETRY = "base"
 SHORT_DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "bfloat16-mixed": "bf16-mixed"}
 # The matmul ceiling a precision's dense layers run against, where it is not its own name's.
 CEILING_DTYPES = {"bfloat16-mixed": "bfloat16"}
+
+
+def ceiling_of(ceilings: dict[str, float], dtype: str) -> float | None:
+    """The measured matmul ceiling a contender computing in `dtype` runs against, if the run has it."""
+    return ceilings.get(CEILING_DTYPES.get(dtype, dtype))
+
+
 # On a CPU with bf16 units: each pinned precision's pairs/s against rerankd's plain bf16 (issue 36).
 AGAINST_BF16 = {"bfloat16-mixed": 0.85, "int8": 1.5}
 RERANKD = "rerankd"
@@ -63,7 +70,7 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
         return []
     targets: list[Target] = []
     dtype = "bfloat16" if device == "cuda" else CEILING_DTYPES.get(single.dtype, single.dtype)
-    ceiling = ceilings.get(dtype)
+    ceiling = ceiling_of(ceilings, dtype)
     short = SHORT_DTYPES.get(dtype, dtype)
 
     def share(pairs_per_second: float) -> float | None:
