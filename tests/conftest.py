@@ -14,6 +14,8 @@ from rerankd.backends.base import RerankBackend
 from rerankd.backends.registry import FileVariant, load_backend, plan_backend
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import sigmoid
+from rerankd.engine.precision import case_scores
+from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
 from rerankd.settings import RuntimeSettings
 
@@ -142,6 +144,11 @@ def engine_logits(model_dir: Path, dtype: str) -> tuple[str, list[float]]:
         return engine.info.dtype, asyncio.run(engine.score(query, documents)).logits
     finally:
         engine.close()
+
+
+def validation_scores(backend: RerankBackend) -> list[list[float]]:
+    """The backend's scores of the model card's validation cases, as `--dtype auto`'s check scores them."""
+    return case_scores(backend, PairTokenizer(backend.tokenizer, 512), builtin_cases())
 
 
 def score_error(logits: list[float], expected: list[float]) -> float:

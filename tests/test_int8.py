@@ -24,7 +24,6 @@ from rerankd.backends.base import ModelLoadError
 from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
 from rerankd.engine import precision
-from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases
 from rerankd.modeling.quantized import (
     INT7_LEVELS,
@@ -35,7 +34,7 @@ from rerankd.modeling.quantized import (
     weight_levels,
 )
 
-from conftest import engine_logits, load_backend_at
+from conftest import engine_logits, load_backend_at, validation_scores
 from serving import run_cli
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch has no oneDNN int8 matmul")
@@ -185,11 +184,7 @@ def test_auto_serves_float32_where_int8_moves_spread_scores_past_the_bound(
     """Near-tie scores barely move under any precision; spread ones do. On this model int8 moved a score by
     0.07-0.21 (ONNX Runtime's int8 of it: 0.37), so auto's check refuses it and serves float32."""
     backend = load_backend_at(spread_xsmall, device="cpu", dtype="float32")
-    scores = [
-        score
-        for group in precision.case_scores(backend, PairTokenizer(backend.tokenizer, 512), builtin_cases())
-        for score in group
-    ]
+    scores = [score for group in validation_scores(backend) for score in group]
     assert min(scores) == pytest.approx(0.05, abs=1e-3) and max(scores) == pytest.approx(0.95, abs=1e-3)
     monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
     with caplog.at_level(logging.WARNING):

@@ -17,19 +17,14 @@ import torch
 from torch import nn
 
 from rerankd.backends import torch_backend
-from rerankd.backends.base import ModelLoadError, RerankBackend
+from rerankd.backends.base import ModelLoadError
 from rerankd.backends.torch_backend import MIXED, layer_stack, resolve_dtype
 from rerankd.devtools.random_encoders import write_random_encoder
 from rerankd.engine import precision
-from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import builtin_cases, drift
 
-from conftest import engine_logits, load_backend_at
+from conftest import engine_logits, load_backend_at, validation_scores
 from serving import run_cli
-
-
-def case_scores(backend: RerankBackend) -> list[list[float]]:
-    return precision.case_scores(backend, PairTokenizer(backend.tokenizer, 512), builtin_cases())
 
 
 def test_the_layers_compute_in_bf16_and_the_stream_stays_float32(xsmall_model_dir: Path) -> None:
@@ -47,7 +42,7 @@ def test_the_layers_compute_in_bf16_and_the_stream_stays_float32(xsmall_model_di
 
 
 def scored_in(folder: Path, dtype: str) -> list[list[float]]:
-    return case_scores(load_backend_at(folder, device="cpu", dtype=dtype))
+    return validation_scores(load_backend_at(folder, device="cpu", dtype=dtype))
 
 
 @pytest.mark.slow
@@ -56,7 +51,7 @@ def test_mixed_drifts_well_under_plain_bf16_from_the_float64_truth(spread_xsmall
     model (AMX): max |Δscore| bf16 0.101, bf16-mixed 0.038, float32 2e-6."""
     reference = load_backend_at(spread_xsmall, device="cpu", dtype="float32")
     reference.model.to(torch.float64)
-    truth = case_scores(reference)
+    truth = validation_scores(reference)
     drifts = {
         dtype: drift(truth, scored_in(spread_xsmall, dtype)).max_abs_delta
         for dtype in ("float32", "bfloat16", MIXED)

@@ -70,7 +70,7 @@ def targets_for(result: GeometryResult, ceilings: dict[str, float], device: str)
         return []
     targets: list[Target] = []
     dtype = "bfloat16" if device == "cuda" else CEILING_DTYPES.get(single.dtype, single.dtype)
-    ceiling = ceiling_of(ceilings, dtype)
+    ceiling = ceilings.get(dtype)
     short = SHORT_DTYPES.get(dtype, dtype)
 
     def share(pairs_per_second: float) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ def add_parser(commands: Any) -> None:
         "--compare-dtypes",
         nargs="+",
         default=[],
-        choices=["float32", "bfloat16", "float16", "int8", "bfloat16-mixed"],
+        # Every dtype `--dtype` takes but auto, which is no dtype of its own.
+        choices=[
+            dtype
+            for dtype in typing.get_args(RuntimeSettings.model_fields["dtype"].annotation)
+            if dtype != "auto"
+        ],
         help="also compare the base with itself run in these dtypes (set the base's with --dtype)",
     )
     validate.add_argument(
