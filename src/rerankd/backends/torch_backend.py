@@ -23,7 +23,7 @@ from rerankd.backends.base import (
     ReadyLogits,
     RerankBackend,
 )
-from rerankd.backends.heap import HeapTrimmer
+from rerankd.backends.heap import HeapTrimmer, keep_activations_in_heap
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.onednn import pack_dense_layers
 from rerankd.modeling.quantized import int8_available, quantize_dense_layers
@@ -214,6 +214,7 @@ class TorchBackend(RerankBackend):
         self._heap = HeapTrimmer() if self._device.type == "cpu" else None
         if self._heap is not None:  # what the load freed (read buffers, unfused projections) goes back
             self._heap.trim()
+            keep_activations_in_heap()
         self._settings = settings
         self._between_steps: BetweenSteps | None = None  # the running CPU pass's
         if settings.dtype in (INT8, MIXED):
