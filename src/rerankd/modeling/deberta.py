@@ -109,14 +109,13 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
     """softmax(query . key + bias) . value for (heads, batch, length, size) inputs with the scale applied, as
     `baddbmm` (the bias is the matmul's addend), softmax and `bmm` over heads x batch. On a CPU this is
     faster than SDPA with a bias; on a GPU, SDPA picks cuDNN's kernel, which builds a plan for every new
-    batch shape, and these matmuls match its speed without one (docs/decisions.md).
-
-    The scores overwrite `bias`, which spares copying it (on a CPU, attention is bound by memory traffic):
-    the caller passes a bias of its own, never a view of one it reads again."""
+    batch shape, and these matmuls match its speed without one (docs/decisions.md)."""
     heads, batch, queries, size = query.shape
     keys = (heads * batch, key.shape[2], size)
-    scores = bias.reshape(heads * batch, queries, keys[1]).baddbmm_(
-        query.view(heads * batch, queries, size), key.view(keys).transpose(1, 2)
+    scores = torch.baddbmm(
+        bias.reshape(heads * batch, queries, keys[1]),
+        query.view(heads * batch, queries, size),
+        key.view(keys).transpose(1, 2),
     )
     return torch.bmm(torch.softmax(scores, dim=-1), value.view(keys)).view(heads, batch, queries, size)
 
@@ -213,8 +212,8 @@ class DebertaLayer(nn.Module):
             query, key, value = layout.padded_heads(self.qkv(inputs), heads, self.head_size)
         queries = query.shape[2]
 
-        if index is None:  # a copy: attention overwrites its bias
-            bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length).clone()
+        if index is None:
+            bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
         else:
             bias = index.attention_bias(
                 key_mask_bias, query, key, self.relative_keys, self.relative_queries, self.step_boundary

@@ -77,8 +77,8 @@ class RelativeIndex:
         step: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The key mask plus the c2p and p2c terms of every (head, pair, i, j), (heads, batch, L, L), from the
-        layer's per-head relative projections (None: the config has no such term), in memory of its own
-        (attention overwrites it). `step` marks each term's end as a point where a pass may pause."""
+        layer's per-head relative projections (None: the config has no such term). `step` marks each term's
+        end as a point where a pass may pause."""
         heads, batch, length, _ = query.shape
         blocks, padded = self.c2p_windows.shape[0], self.padded_length
         if relative_queries is None:
@@ -97,7 +97,7 @@ class RelativeIndex:
                 return by_query[:, :, :length, :length]
             addend = by_query.unflatten(2, (blocks, self.block))[..., :length]
         if relative_keys is None:
-            return addend.squeeze(2).expand(heads, batch, length, length).clone()
+            return addend.squeeze(2).expand(heads, batch, length, length)
         bias = query.new_empty(heads, batch, padded, length)
         torch.add(
             self._banded(query, relative_keys, self.c2p_windows),
@@ -166,9 +166,8 @@ class FirstQueryRelativeIndex:
         relative_queries: torch.Tensor | None,
         step: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The key mask plus the first query's c2p and p2c terms, (heads, batch, 1, L), in memory of its
-        own."""
-        bias = key_mask_bias.expand(query.shape[0], query.shape[1], 1, key.shape[2]).clone()
+        """The key mask plus the first query's c2p and p2c terms, (heads, batch, 1, L)."""
+        bias = key_mask_bias.expand(query.shape[0], query.shape[1], 1, key.shape[2])
         if relative_keys is not None:
             bias = step(bias + self.c2p(relative_keys, query))
         if relative_queries is not None:
