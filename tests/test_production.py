@@ -356,9 +356,12 @@ def test_the_heap_trimmer_reaches_glibc() -> None:
 
 # Twelve rounds of a batch's activations (12-40 MB), allocated, written and freed: the page faults of the last
 # four. The first rounds settle the heap (blocks freed next to small ones in use are not merged at once).
+# Transparent huge pages are off in the probe (prctl PR_SET_THP_DISABLE): where the kernel backs mappings
+# with them always, a fresh mapping faults 2 MB at a time and the count would not show it.
 REFAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from rerankd.backends.heap import keep_activations_in_heap
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0
 print(keep_activations_in_heap() if sys.argv[1] == "keep" else None)
 faults = []
 for _ in range(12):
