@@ -14,9 +14,11 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
-- Attention is `baddbmm` (the relative bias enters as the matmul's addend) then softmax and `bmm`: on a CPU
-  faster than `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel
-  plans every new batch shape anew (see `attend`).
+- On a CPU, the scores (`bmm`), the two relative terms and the mask meet in one C kernel that writes the
+  probabilities (`fused_attention`). Elsewhere, and in the last layer, attention is `baddbmm` (the relative
+  bias enters as the matmul's addend) then softmax and `bmm`: on a CPU faster than
+  `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel plans every new
+  batch shape anew (see `attend`).
 """
 
 from __future__ import annotations
