@@ -4,8 +4,11 @@ without harm where no compiler is."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +202,20 @@ def test_the_kernel_refuses_tensors_it_does_not_expect() -> None:
         before = tensors[0].clone()
         assert not fused_attention.softmax_in_place(*tensors, index.block), name
         assert torch.equal(tensors[0], before), name
+
+
+@needs_compiler
+def test_loading_the_kernel_keeps_subnormal_floats(tmp_path: Path) -> None:
+    """Built with -ffast-math, the kernel must not bring GCC's crtfastmath along: its constructor would flush
+    subnormals to zero in the whole process (torch's float32, hypothesis' float strategies)."""
+    probe = (
+        "import torch\n"
+        "from rerankd.modeling import fused_attention\n"
+        "assert fused_attention.available(torch.empty(0))\n"
+        "tiny = torch.tensor([1e-40])\n"
+        "print(float(tiny * 1.0), 5e-324 * 1.0)\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    command = [sys.executable, "-c", probe]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    assert [float(value) for value in result.stdout.split()] == [pytest.approx(1e-40, rel=1e-3), 5e-324]

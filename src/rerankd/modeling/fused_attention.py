@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "attention_softmax.c"
 PREBUILT = SOURCE.with_suffix(".so")
-# -ffast-math: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
-FLAGS = ("-O3", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-shared", "-pthread")
+# -ffast-math to compile: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
+# Never when linking: there GCC adds crtfastmath, whose constructor flushes subnormals to zero in the whole
+# process that loads the library (torch's float32 included).
+COMPILE_FLAGS = ("-O3", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-pthread")
+LINK_FLAGS = ("-shared", "-pthread")
 # The kernel's copies, by the number it knows them by: 0 asks for the widest this CPU has.
 INSTRUCTION_SETS = {"widest": 0, "baseline": 1, "avx2": 2, "avx512": 3}
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -140,7 +143,8 @@ def compiled() -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, check=True, timeout=COMPILE_TIMEOUT_S
     ).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version])).hexdigest()
+    flags = " ".join((*COMPILE_FLAGS, *LINK_FLAGS)).encode()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), flags, version])).hexdigest()
     target = cache_directory() / f"attention_softmax-{key[:16]}.so"
     if not target.exists():
         _compile(target)
@@ -167,16 +171,16 @@ def _compile(target: Path) -> Path:
     """Compile the source to `target`, built beside it and renamed over it: processes starting together
     never load a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = _compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run(
-            [_compiler(), *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=COMPILE_TIMEOUT_S,
-        )
-        if result.returncode != 0:
-            raise OSError(f"the C compiler failed: {result.stderr.strip()[-500:]}")
+        built, compiled_object = Path(scratch) / target.name, Path(scratch) / "attention_softmax.o"
+        for command in (
+            [compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(compiled_object)],
+            [compiler, *LINK_FLAGS, str(compiled_object), "-o", str(built), "-lm"],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if result.returncode != 0:
+                raise OSError(f"the C compiler failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
     return target
 
