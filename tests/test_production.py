@@ -361,7 +361,8 @@ def test_the_heap_trimmer_reaches_glibc() -> None:
 REFAULTS = """
 import ctypes, resource, sys, torch
 from rerankd.backends.heap import keep_activations_in_heap
-assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0
+PR_SET_THP_DISABLE = 41  # from linux/prctl.h
+assert ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
 print(keep_activations_in_heap() if sys.argv[1] == "keep" else None)
 faults = []
 for _ in range(12):

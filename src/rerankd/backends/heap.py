@@ -7,8 +7,9 @@ next batch faults its pages back in); after every 8th, an eighth of that, and RS
 (docs/decisions.md).
 
 glibc's defaults give a block of a few megabytes or more its own mapping, returned to the OS when freed, and
-give the top of the heap back once over 128 KB: then every batch faults its activations' pages in anew (on
-base, 2 x 512 tokens, about 125,000 faults, a third of the pass). `keep_activations_in_heap` raises both
+give the top of the heap back once over 128 KB: then a batch can fault its activations' pages in anew (on
+base, 2 x 512 tokens in process, about 125,000 faults, a third of the pass; in a server how many depends on
+what the process freed before, since glibc's thresholds follow it). `keep_activations_in_heap` raises both
 limits, so a batch reuses the blocks the one before it freed; the trims above still bound RSS.
 """
 
