@@ -47,8 +47,10 @@ def scored_in(folder: Path, dtype: str) -> list[list[float]]:
 
 @pytest.mark.slow
 def test_mixed_drifts_well_under_plain_bf16_from_the_float64_truth(spread_xsmall: Path) -> None:
-    """Three quarters of bf16's drift is its residual stream and norms (docs/decisions.md). Measured on this
-    model (AMX): max |Δscore| bf16 0.101, bf16-mixed 0.038, float32 2e-6."""
+    """Most of bf16's drift is its residual stream and norms (docs/decisions.md). Measured on this model
+    (AMX; with the fused attention kernel and without): max |Δscore| bf16 0.036, bf16-mixed 0.0065-0.0074,
+    float32 under 1e-5; with oneDNN capped at AVX512-BF16 or AVX2, mixed 0.0045-0.0066. On seeds 0-3,
+    spread the same way, mixed stayed within 0.36x bf16 and under 0.0095: it holds `--dtype auto`'s bound."""
     reference = load_backend_at(spread_xsmall, device="cpu", dtype="float32")
     reference.model.to(torch.float64)
     truth = validation_scores(reference)
@@ -58,6 +60,7 @@ def test_mixed_drifts_well_under_plain_bf16_from_the_float64_truth(spread_xsmall
     }
     assert drifts["float32"] < 1e-4
     assert 0 < drifts[MIXED] <= 0.5 * drifts["bfloat16"]
+    assert drifts[MIXED] <= precision.MAX_SCORE_DELTA < drifts["bfloat16"]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from rerankd.engine.tokenize import PairTokenizer
 from rerankd.fidelity import MOCKINGBIRD, builtin_cases
 from rerankd.modeling.reference_rows import Float32Rows
 
-from conftest import engine_logits, load_backend_at, score_error
+from conftest import engine_logits, load_backend_at, score_error, validation_scores
 from memory import HAS_PROC_STATUS, load_memory
 
 # The real probe, taken before conftest's autouse fixture replaces it for every test.
@@ -131,3 +131,15 @@ def test_auto_loads_base_within_the_memory_of_bf16_not_float32(base_model_dir: P
     assert auto.dtype == "bfloat16"
     bf16 = load_memory(base_model_dir, "bfloat16", bf16_units=True)
     assert auto.peak < 1.5 * bf16.loaded, f"auto peaked at {auto.peak:.0f} MB; bf16 loaded, {bf16.loaded:.0f}"
+
+
+def test_spread_models_score_the_validation_pairs_evenly_apart(spread_xsmall: Path) -> None:
+    """`spread_scores` fits the classifier: the distinct validation pairs score at evenly spaced logits from
+    0.05 to 0.95 (within the float16 checkpoint's rounding of the fitted weights), so each case's documents
+    stand apart as a trained reranker's do."""
+    scores = validation_scores(load_backend_at(spread_xsmall, device="cpu", dtype="float32"))
+    by_pair = dict(zip(precision.reference_pairs(), (s for group in scores for s in group), strict=True))
+    logits = torch.tensor(sorted(by_pair.values()), dtype=torch.float64).logit()
+    low, high = torch.tensor([0.05, 0.95], dtype=torch.float64).logit().tolist()
+    evenly = torch.linspace(low, high, len(logits), dtype=torch.float64)
+    assert len(logits) == 14 and (logits - evenly).abs().max() < 0.01

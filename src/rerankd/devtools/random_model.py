@@ -108,27 +108,48 @@ def write_random_model(
 
 
 def spread_scores(folder: Path, low: float = 0.05, high: float = 0.95) -> Path:
-    """Rescale the classifier of the one-label model in `folder` so its float32 scores of the model card's
-    validation cases span `low`..`high`, as a trained reranker's do: a random model's sit near one value,
-    where a precision's drift moves no ranking and little score. Returns `folder`."""
+    """Fit the classifier of the one-label model in `folder` so that its scores of the model card's validation
+    pairs are evenly spaced from `low` to `high`, in the order the random network already ranks them: as a
+    trained reranker's are, spread and apart. Returns `folder`.
+
+    A random model scores every pair near one value, its documents apart by about what bf16 or int8 moves a
+    score: there a precision's drift flips a case's top document by chance, and a float32 change of 1e-6
+    flips it back. Rescaling the classifier cannot help (it scales the gaps and the drift alike); a
+    classifier fitted to the pooled features (least squares, float64, pairs the cases repeat fitted once)
+    weighs the directions in which the documents differ, and puts each case's top document ahead of the next
+    by several times any precision's drift (docs/decisions.md)."""
     from rerankd.backends.registry import load_backend, plan_backend
-    from rerankd.engine.precision import case_scores
+    from rerankd.backends.torch_backend import TorchBackend
+    from rerankd.engine.precision import case_scores, reference_pairs
     from rerankd.engine.tokenize import PairTokenizer
     from rerankd.fidelity import builtin_cases
     from rerankd.settings import RuntimeSettings
 
     backend = load_backend(plan_backend(folder, RuntimeSettings(device="cpu", dtype="float32")))
-    scores = case_scores(backend, PairTokenizer(backend.tokenizer, backend.info.max_length), builtin_cases())
-    logits = torch.tensor([score for group in scores for score in group], dtype=torch.float64).logit()
-    target = torch.tensor([low, high], dtype=torch.float64).logit()
-    gain = float((target[1] - target[0]) / (logits.max() - logits.min()))
-    shift = float(target[0] - gain * logits.min())
+    if not isinstance(backend, TorchBackend):
+        raise ValueError(f"{folder}: spreading scores needs a model the torch backend serves")
+    classifier = backend.model.to(torch.float64).get_submodule("classifier")
+    if not isinstance(classifier, torch.nn.Linear) or classifier.out_features != 1:
+        raise ValueError(f"{folder}: spreading scores needs a one-label classifier")
+    pooled: list[torch.Tensor] = []
+    hook = classifier.register_forward_hook(lambda _module, inputs, _output: pooled.append(inputs[0]))
+    with torch.inference_mode():
+        scores = case_scores(
+            backend, PairTokenizer(backend.tokenizer, backend.info.max_length), builtin_cases()
+        )
+    hook.remove()
+    pairs = reference_pairs()  # in the order case_scores scored them
+    network_scores = dict(zip(pairs, (score for group in scores for score in group), strict=True))
+    ranked = sorted(network_scores, key=network_scores.__getitem__)
+    low_logit, high_logit = torch.tensor([low, high], dtype=torch.float64).logit().tolist()
+    step = (high_logit - low_logit) / (len(ranked) - 1)
+    targets = torch.tensor([low_logit + step * ranked.index(pair) for pair in pairs], dtype=torch.float64)
+    features = torch.cat([torch.cat(pooled), torch.ones(len(pairs), 1, dtype=torch.float64)], dim=1)
+    fitted = torch.linalg.pinv(features) @ targets  # the least-norm exact fit: more unknowns than pairs
     checkpoint = folder / "model.safetensors"
     tensors = load_file(str(checkpoint))
     weight, bias = tensors["classifier.weight"], tensors["classifier.bias"]
-    if weight.shape[0] != 1:
-        raise ValueError(f"{folder}: spreading scores needs a one-label classifier, not {weight.shape[0]}")
-    tensors["classifier.weight"] = (weight.double() * gain).to(weight.dtype)
-    tensors["classifier.bias"] = (bias.double() * gain + shift).to(bias.dtype)
+    tensors["classifier.weight"] = fitted[:-1].view_as(weight).to(weight.dtype)
+    tensors["classifier.bias"] = fitted[-1:].to(bias.dtype)
     save_file(tensors, str(checkpoint), metadata={"format": "pt"})
     return folder
