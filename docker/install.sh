@@ -36,6 +36,15 @@ fi
 # The project itself, as a regular (not editable) install: the image carries no source tree.
 pip install ".${EXTRAS:+[$EXTRAS]}"
 
+# The fused attention kernel, compiled here into the package (one build for every x86-64 CPU), so the runtime
+# image needs no compiler. The slim bases have none: this stage borrows gcc from the distribution's packages.
+# Without one the image still works, with attention in torch alone (slower on long documents).
+if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev || true
+fi
+"$VENV/bin/python" -c "from rerankd.modeling import fused_attention as f; print('fused attention kernel:', f.prebuild())" \
+    || echo "no C compiler: the image computes attention with torch alone" >&2
+
 # Fail the build here, not at `docker run`: the entry point must start and torch must be the pinned one.
 "$VENV/bin/rerankd" serve --help >/dev/null
 "$VENV/bin/python" - "$TORCH_VERSION" <<'EOF'

@@ -21,6 +21,7 @@ from rerankd.bench.results import PassProfile
 from rerankd.bench.timing import timed_requests
 from rerankd.bench.workloads import Workload, served_pair_tokenizer
 from rerankd.engine.fair_queue import FairQueue
+from rerankd.modeling.relative import FUSED_OP
 from rerankd.settings import DEFAULT_BATCH_TOKENS, RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ OP_KINDS: dict[str, tuple[str, ...]] = {
     ),
     "attention matmuls (QK, relative terms, context)": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"),
     "softmax": ("aten::_softmax",),
+    "attention bias, mask and softmax (fused kernel)": (FUSED_OP,),
     "int8 input quantization": ("aten::aminmax", "aten::quantize_per_tensor"),
     "element-wise (bias, mask and residual adds, GELU, scaling)": (
         "aten::add",

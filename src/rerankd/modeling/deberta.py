@@ -14,9 +14,11 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
-- Attention is `baddbmm` (the relative bias enters as the matmul's addend) then softmax and `bmm`: on a CPU
-  faster than `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel
-  plans every new batch shape anew (see `attend`).
+- On a CPU, the scores (`bmm`), the two relative terms and the mask meet in one C kernel that writes the
+  probabilities (`fused_attention`). Elsewhere, and in the last layer, attention is `baddbmm` (the relative
+  bias enters as the matmul's addend) then softmax and `bmm`: on a CPU faster than
+  `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel plans every new
+  batch shape anew (see `attend`).
 """
 
 from __future__ import annotations
@@ -117,7 +119,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
         query.view(heads * batch, queries, size),
         key.view(keys).transpose(1, 2),
     )
-    return torch.bmm(torch.softmax(scores, dim=-1), value.view(keys)).view(heads, batch, queries, size)
+    return weighted_values(torch.softmax(scores, dim=-1), value)
+
+
+def weighted_values(probabilities: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """(heads x batch, queries, L) probabilities times (heads, batch, L, size) values, by head and pair."""
+    heads, batch, length, size = value.shape
+    context = torch.bmm(probabilities, value.view(heads * batch, length, size))
+    return context.view(heads, batch, -1, size)
 
 
 class StepBoundary(nn.Identity):
@@ -212,18 +221,35 @@ class DebertaLayer(nn.Module):
             query, key, value = layout.padded_heads(self.qkv(inputs), heads, self.head_size)
         queries = query.shape[2]
 
-        if index is None:
-            bias = key_mask_bias.expand(heads, layout.batch, queries, layout.length)
-        else:
-            bias = index.attention_bias(
-                key_mask_bias, query, key, self.relative_keys, self.relative_queries, self.step_boundary
-            )
-        context = attend(query, key, value, bias).permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
+        context = self.attention(query, key, value, key_mask_bias, index)
+        context = context.permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
         if not self.first_token_only:
             context = layout.packed(context)
         attended = self.attention_norm(self.attention_output(context).to(stream) + residual)
         projected = self.output(self.activation(self.intermediate(attended.to(compute))))
         return self.output_norm(projected.to(stream) + attended)
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask_bias: torch.Tensor,
+        index: RelativeIndex | FirstQueryRelativeIndex | None,
+    ) -> torch.Tensor:
+        """The attention's context, (heads, batch, queries, size): by the fused kernel where it runs (every
+        layer but the last, on a CPU), else the relative bias then `attend`."""
+        heads, batch, queries = query.shape[:3]
+        tables = (self.relative_keys, self.relative_queries)
+        if isinstance(index, RelativeIndex):
+            probabilities = index.probabilities(key_mask_bias, query, key, *tables, self.step_boundary)
+            if probabilities is not None:
+                return weighted_values(probabilities, value)
+        if index is None:
+            bias = key_mask_bias.expand(heads, batch, queries, key.shape[2])
+        else:
+            bias = index.attention_bias(key_mask_bias, query, key, *tables, self.step_boundary)
+        return attend(query, key, value, bias)
 
 
 class DebertaReranker(nn.Module):

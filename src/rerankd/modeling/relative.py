@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rerankd.modeling import fused_attention
 from rerankd.modeling.config import DebertaConfig
 
 
@@ -41,8 +42,13 @@ def relative_slot_table(config: DebertaConfig) -> torch.Tensor:
     return torch.clamp(distance + span, 0, 2 * span - 1)
 
 
+# The fused kernel's time, under torch's profiler.
+FUSED_OP = "rerankd::attention_softmax"
 # Queries (c2p) and keys (p2c) meet the relative table in blocks of about this many (docs/decisions.md).
 RELATIVE_BLOCK = 64
+# Each window is padded to a multiple of this many distances (never read): oneDNN's matmuls run up to 1.5x
+# (bf16) and 2.8x (float32) faster on a product 576 rather than 575 wide (docs/decisions.md).
+WINDOW_ALIGNMENT = 16
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,13 @@ class RelativeIndex:
     (i, j) is key_j . query_table[slot(i - j)]: blocks of keys against their distances in increasing order,
     the same view with rows and columns swapped. Blocks keep the rows no pair needs few: multiplied whole
     (one block), a row would meet all 2L - 1 distances for the L it uses; in blocks of 64, L + 63. The
-    sequence is cut into equal blocks, padded at its end by at most one position per block.
+    sequence is cut into equal blocks, padded at its end by at most one position per block. Each window runs
+    on past the distances its block reaches, to a multiple of `WINDOW_ALIGNMENT`: columns never read.
     """
 
     block: int  # T
-    c2p_windows: torch.Tensor  # (blocks, L + T - 1): each block of queries' distances' slots, falling
-    p2c_windows: torch.Tensor  # (blocks, padded L + T - 1): each block of keys' distances' slots, rising
+    c2p_windows: torch.Tensor  # (blocks, >= L + T - 1): each block of queries' distances' slots, falling
+    p2c_windows: torch.Tensor  # (blocks, >= padded L + T - 1): each block of keys' distances' slots, rising
     first_query_slots: torch.Tensor  # (L,): the slot of the distance -j, for key j
 
     @property
@@ -88,7 +95,7 @@ class RelativeIndex:
             key_rows = F.pad(key_mask_bias.reshape(1, batch, length), (0, padded - length))
             by_key = key.new_empty(heads, batch, padded, padded)
             torch.add(
-                self._banded(key, relative_queries, self.p2c_windows),
+                self._banded(key, relative_queries, self.p2c_windows, padded),
                 key_rows.view(1, batch, blocks, self.block, 1),
                 out=by_key.view(heads, batch, blocks, self.block, padded),
             )
@@ -100,15 +107,55 @@ class RelativeIndex:
             return addend.squeeze(2).expand(heads, batch, length, length)
         bias = query.new_empty(heads, batch, padded, length)
         torch.add(
-            self._banded(query, relative_keys, self.c2p_windows),
+            self._banded(query, relative_keys, self.c2p_windows, length),
             addend,
             out=bias.view(heads, batch, blocks, self.block, length),
         )
         return step(bias)[:, :, :length]
 
-    def _banded(self, content: torch.Tensor, table: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    def probabilities(
+        self,
+        key_mask_bias: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        relative_keys: torch.Tensor | None,
+        relative_queries: torch.Tensor | None,
+        step: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """softmax(query . key + c2p + p2c + key mask) of every (head, pair, i), (heads x batch, L, L), with
+        the bias, the mask and the softmax in one pass of the fused kernel (`fused_attention`). None where
+        that kernel cannot run (another device or dtype, no kernel on this machine, a config without both
+        terms): then `attention_bias` and `attend`."""
+        if relative_keys is None or relative_queries is None or not fused_attention.available(query):
+            return None
+        heads, batch, length, size = query.shape
+        rows = (heads * batch, length, size)
+        scores = torch.bmm(query.reshape(rows), key.reshape(rows).transpose(1, 2))
+        c2p = step(self._product(query, relative_keys, self.c2p_windows))
+        p2c = step(self._product(key, relative_queries, self.p2c_windows))
+        mask = key_mask_bias.reshape(batch, length).float()
+        with torch.profiler.record_function(FUSED_OP):
+            if fused_attention.softmax_in_place(scores, c2p, p2c, mask, self.block):
+                return scores
+        return None
+
+    def _banded(
+        self, content: torch.Tensor, table: torch.Tensor, windows: torch.Tensor, columns: int
+    ) -> torch.Tensor:
         """Each block of `content`'s (heads, batch, L, size) rows times its window of `table` rows, as the
-        (heads, batch, block, row in block, width - T + 1) view of each row's distances in window order."""
+        (heads, batch, block, row in block, `columns`) view of each row's distances in window order."""
+        heads, batch = content.shape[:2]
+        blocks, width = windows.shape
+        product = self._product(content, table, windows)
+        block_rows = batch * self.block * width
+        return product.as_strided(
+            (heads, batch, blocks, self.block, columns),
+            (blocks * block_rows, self.block * width, block_rows, width - 1, 1),
+            product.storage_offset() + self.block - 1,
+        )
+
+    def _product(self, content: torch.Tensor, table: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Each block of `content`'s rows times its window of `table`'s: (heads, blocks, batch x T, width)."""
         heads, batch, length, size = content.shape
         blocks, width = windows.shape
         padded = blocks * self.block
@@ -116,13 +163,7 @@ class RelativeIndex:
             content = F.pad(content, (0, 0, 0, padded - length))
         blocked = content.view(heads, batch, blocks, self.block, size).transpose(1, 2)
         rows = table.index_select(1, windows.reshape(-1)).view(heads, blocks, width, size)
-        product = torch.matmul(blocked.reshape(heads, blocks, batch * self.block, size), rows.transpose(2, 3))
-        block_rows = batch * self.block * width
-        return product.as_strided(
-            (heads, batch, blocks, self.block, width - self.block + 1),
-            (blocks * block_rows, self.block * width, block_rows, width - 1, 1),
-            product.storage_offset() + self.block - 1,
-        )
+        return torch.matmul(blocked.reshape(heads, blocks, batch * self.block, size), rows.transpose(2, 3))
 
     @classmethod
     def for_length(cls, slot_table: torch.Tensor, max_positions: int, length: int) -> RelativeIndex:
@@ -137,10 +178,13 @@ class RelativeIndex:
         def slots(distances: torch.Tensor) -> torch.Tensor:
             return slot_table[(distances + max_positions - 1).clamp(0, slot_table.shape[0] - 1)]
 
+        def width(distances: int) -> int:
+            return -(-distances // WINDOW_ALIGNMENT) * WINDOW_ALIGNMENT
+
         return cls(
             block,
-            slots(ends - torch.arange(length + block - 1, device=device)),
-            slots(torch.arange(blocks * block + block - 1, device=device) - ends),
+            slots(ends - torch.arange(width(length + block - 1), device=device)),
+            slots(torch.arange(width(blocks * block + block - 1), device=device) - ends),
             slots(-torch.arange(length, device=device)),
         )
 
