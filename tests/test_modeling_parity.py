@@ -16,7 +16,7 @@ from rerankd.catalog import CATALOG, deberta_v3_config
 from rerankd.devtools.random_model import random_checkpoint
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import DebertaReranker, TokenLayout, attend
+from rerankd.modeling.deberta import CPU_ROW_MULTIPLE, DebertaReranker, TokenLayout, attend
 from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
@@ -58,6 +58,20 @@ def test_parity_with_dense_layers_packed_for_onednn(truth: Truth) -> None:
     assert not any(type(module) is torch.nn.Linear for module in ours.modules())
     for lengths, errors in zip(truth.batches, truth.per_batch(ours), strict=True):
         assert errors.holds, f"packed {lengths}: {errors}"
+
+
+def test_parity_with_the_packed_rows_rounded_up_as_a_cpu_backend_lays_them_out(truth: Truth) -> None:
+    """The CPU backend's layout: the dense layers see a multiple of `CPU_ROW_MULTIPLE` rows, the tokens'
+    then repeats of the first token's, which no output reads."""
+    packed = packed_for_onednn(load_ours(truth.config, truth.tensors))
+
+    def ours(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        layout = TokenLayout.from_mask(mask, CPU_ROW_MULTIPLE)
+        assert len(layout.packed_rows) % CPU_ROW_MULTIPLE == 0
+        return packed(input_ids, mask, layout)
+
+    for lengths, errors in zip(truth.batches, truth.per_batch(ours), strict=True):
+        assert errors.holds, f"rounded up {lengths}: {errors}"
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
@@ -246,6 +260,19 @@ def test_token_layout_packs_the_tokens_and_pads_with_zeros() -> None:
     # attention's output, (heads, batch, length, size), back to the packed tokens
     by_position = per_head[1].permute(1, 2, 0, 3).reshape(12, 6)
     assert torch.equal(layout.packed(by_position), by_part_and_head[:, 1].reshape(8, 6))
+
+
+def test_token_layout_rounds_the_packed_rows_up_with_repeats_of_the_first_token() -> None:
+    """Packed rows past the tokens repeat the first token's; laid out by head, only the tokens' rows land."""
+    _, mask = padded_batch([3, 1, 4], vocab=10, seed=0)
+    exact, rounded = TokenLayout.from_mask(mask), TokenLayout.from_mask(mask, row_multiple=5)
+    padded = torch.arange(3 * 4 * 2, dtype=torch.float32).view(12, 2) + 1
+    assert rounded.packed(padded)[:, 0].tolist() == [1, 3, 5, 9, 17, 19, 21, 23, 1, 1]
+    assert torch.equal(rounded.first_tokens, exact.first_tokens)
+    projected = torch.arange(10 * 18, dtype=torch.float32).view(10, 18) + 1
+    per_head = rounded.padded_heads(projected, heads=2, size=3)
+    assert torch.equal(per_head, exact.padded_heads(projected[:8], heads=2, size=3))
+    assert TokenLayout.from_mask(mask, row_multiple=4).packed_rows.tolist() == exact.token_rows.tolist()
 
 
 def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None:

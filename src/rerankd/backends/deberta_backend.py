@@ -23,7 +23,7 @@ from rerankd.backends.torch_backend import (
     torch_backend_info,
 )
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
-from rerankd.modeling.deberta import DebertaReranker, TokenLayout
+from rerankd.modeling.deberta import CPU_ROW_MULTIPLE, DebertaReranker, TokenLayout
 from rerankd.modeling.onednn import bound_kernel_caches
 from rerankd.modeling.reference_rows import Float32Rows
 from rerankd.modeling.weights import CheckpointError, SplitEmbeddings, TensorReader, load_reranker
@@ -59,7 +59,8 @@ class DebertaBackend(TorchBackend):
         if self._graphs is not None:
             return self._graphs.run(padded, mask)
         # Laid out on the host, where finding the tokens costs no wait for the device.
-        layout = TokenLayout.from_mask(mask).to(self._device)
+        row_multiple = CPU_ROW_MULTIPLE if self._device.type == "cpu" else 1
+        layout = TokenLayout.from_mask(mask, row_multiple).to(self._device)
         return self.model.relevance_logits(self._on_device(padded), self._on_device(mask), layout)
 
     def cast(self, dtype: str) -> None:

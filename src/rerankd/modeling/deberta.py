@@ -46,26 +46,37 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# On a CPU the dense layers see a pass's tokens in a multiple of this many rows: oneDNN builds a kernel for
+# every row count it meets (4-10 ms a layer for base on AMX), so 16 counts up to the default budget of 1,024
+# tokens recur across passes, where each pass's own count would be new (docs/decisions.md).
+CPU_ROW_MULTIPLE = 64
+
+
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where a right-padded batch's tokens sit: the dense layers see them packed, (tokens, width), in row
+    """Where a right-padded batch's tokens sit: the dense layers see them packed, (rows, width), in row
     order; attention sees them padded, (batch, length, width), with zeros at the padding (finite, so masked
-    keys and values add exactly nothing)."""
+    keys and values add exactly nothing). Packed rows past the tokens repeat the first token's: computed,
+    never read."""
 
     batch: int
     length: int
     token_rows: torch.Tensor  # each token's row in the padded (batch x length) layout, in order
     first_tokens: torch.Tensor  # each pair's first token's row in the packed layout
+    packed_rows: torch.Tensor  # the padded layout's row of each packed row: the tokens', then repeats
     all_positions: bool = False  # every position is a token (`dense`): packing and padding are views
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
-        """The layout of a (batch, length) mask. Finding the tokens (`nonzero`) waits for the device, so a
-        backend feeding a GPU builds it from the host's mask and moves it over (`to`)."""
+    def from_mask(cls, attention_mask: torch.Tensor, row_multiple: int = 1) -> TokenLayout:
+        """The layout of a (batch, length) mask, its packed rows a multiple of `row_multiple`. Finding the
+        tokens (`nonzero`) waits for the device, so a backend feeding a GPU builds it from the host's mask
+        and moves it over (`to`)."""
         lengths = attention_mask.sum(1)
         batch, length = attention_mask.shape
         token_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
-        return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths)
+        repeats = -len(token_rows) % row_multiple
+        packed_rows = torch.cat([token_rows, token_rows[:1].expand(repeats)]) if repeats else token_rows
+        return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths, packed_rows)
 
     @classmethod
     def dense(cls, batch: int, length: int, device: torch.device) -> TokenLayout:
@@ -74,7 +85,7 @@ class TokenLayout:
         padding's own outputs are never read; as keys the attention mask hides them. Packing is then a
         view, and laying the projections out by head a plain copy, with no scatter."""
         rows = torch.arange(batch * length, device=device)
-        return cls(batch, length, rows, torch.arange(0, batch * length, length, device=device), True)
+        return cls(batch, length, rows, torch.arange(0, batch * length, length, device=device), rows, True)
 
     def to(self, device: torch.device) -> TokenLayout:
         """This layout on `device`; from the host to a GPU through page-locked memory, so the copies are
@@ -85,26 +96,32 @@ class TokenLayout:
         def moved(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.pin_memory().to(device, non_blocking=True)
 
-        return replace(self, token_rows=moved(self.token_rows), first_tokens=moved(self.first_tokens))
+        return replace(
+            self,
+            token_rows=moved(self.token_rows),
+            first_tokens=moved(self.first_tokens),
+            packed_rows=moved(self.packed_rows),
+        )
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
-        """(batch x length, ...) rows to the tokens' rows alone."""
+        """(batch x length, ...) rows to the packed rows: the tokens', then the repeats."""
         if self.all_positions:
             return padded
-        return padded.index_select(0, self.token_rows)
+        return padded.index_select(0, self.packed_rows)
 
     def padded_heads(self, packed: torch.Tensor, heads: int, size: int) -> torch.Tensor:
-        """Projected (tokens, parts x heads x size) Q/K/V to (parts, heads, batch, length, size), zeros at the
-        padding, in one copy: each head's relative terms are then one matmul over all of the batch's tokens,
-        and attention one batched matmul over heads x batch (docs/decisions.md)."""
-        tokens, width = packed.shape
+        """Projected (packed rows, parts x heads x size) Q/K/V to (parts, heads, batch, length, size), the
+        tokens' rows only, zeros at the padding, in one copy: each head's relative terms are then one matmul
+        over all of the batch's tokens, and attention one batched matmul over heads x batch
+        (docs/decisions.md)."""
+        rows, width = packed.shape
         parts = width // (heads * size)
-        by_head = packed.view(tokens, parts, heads, size).permute(1, 2, 0, 3)
+        by_head = packed.view(rows, parts, heads, size).permute(1, 2, 0, 3)
         shape = (parts, heads, self.batch, self.length, size)
         if self.all_positions:
             return by_head.contiguous().view(shape)
-        rows = packed.new_zeros(parts, heads, self.batch * self.length, size)
-        return rows.index_copy_(2, self.token_rows, by_head).view(shape)
+        padded = packed.new_zeros(parts, heads, self.batch * self.length, size)
+        return padded.index_copy_(2, self.token_rows, by_head[:, :, : len(self.token_rows)]).view(shape)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -319,7 +336,7 @@ class DebertaReranker(nn.Module):
             layout = TokenLayout.from_mask(attention_mask)
         hidden = self.word_embeddings(layout.packed(input_ids.reshape(-1)))
         if self.position_embeddings is not None:
-            hidden = hidden + self.position_embeddings(layout.token_rows % length)
+            hidden = hidden + self.position_embeddings(layout.packed_rows % length)
         if self.embed_proj is not None:
             hidden = self.embed_proj(hidden)
         hidden = self.embedding_norm(hidden)

@@ -27,18 +27,18 @@ logger = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
-# About a dozen batch shapes' kernels, so a request's batches hit on every repeat: memory stays flat, and
-# repeated requests run as fast as at the defaults (docs/decisions.md).
-KERNEL_CACHE_ENTRIES = 128
-# oneDNN's primitive cache, and ideep's cache of computations (torch's oneDNN wrapper).
-KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# Entries of oneDNN's primitive cache, and of ideep's cache of computations (torch's oneDNN wrapper). oneDNN's
+# holds a request's passes' kernels (about 130 for base's seven passes of 64 passages), so that they hit on
+# its repeat: at 128 each was evicted before its next use. ideep's stays at 128: at 256 too, long documents
+# ran 15% slower (docs/decisions.md). Memory stays flat at these sizes.
+KERNEL_CACHE_ENTRIES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 128}
 
 
 def bound_kernel_caches() -> None:
     """Cap oneDNN's kernel caches, unless the user set them. Both are sized when the first kernel is built, so
     this must run before the process's first oneDNN op."""
-    for variable in KERNEL_CACHE_VARIABLES:
-        os.environ.setdefault(variable, str(KERNEL_CACHE_ENTRIES))
+    for variable, entries in KERNEL_CACHE_ENTRIES.items():
+        os.environ.setdefault(variable, str(entries))
 
 
 class PackedLinear(nn.Module):
