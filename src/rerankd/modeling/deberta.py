@@ -96,11 +96,11 @@ class TokenLayout:
         def moved(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.pin_memory().to(device, non_blocking=True)
 
+        token_rows = moved(self.token_rows)
+        # Without rows to round up to, the packed rows are the token rows: one copy serves both.
+        packed_rows = token_rows if self.packed_rows is self.token_rows else moved(self.packed_rows)
         return replace(
-            self,
-            token_rows=moved(self.token_rows),
-            first_tokens=moved(self.first_tokens),
-            packed_rows=moved(self.packed_rows),
+            self, token_rows=token_rows, first_tokens=moved(self.first_tokens), packed_rows=packed_rows
         )
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
