@@ -40,12 +40,11 @@ os.environ["RERANKD_DTYPE"] = "float32"
 
 @pytest.fixture(autouse=True)
 def cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process models load as on a CPU without bf16 units, AMX or an int8 matmul, so `--dtype auto` means
-    float32 and passes take the plain CPU token budget here too."""
+    """In-process models load as on a CPU without bf16 units or an int8 matmul, so `--dtype auto` means
+    float32 here too."""
     from rerankd.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: False)
-    monkeypatch.setattr(torch_backend, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: False)
 
 

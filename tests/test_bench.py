@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rerankd.backends.torch_backend import cpu_has_amx, cpu_has_bf16_units
+from rerankd.backends.torch_backend import cpu_has_bf16_units
 from rerankd.bench.flops import CountedFlops, EncoderShape, pair_flops
 from rerankd.bench.machine import matmul_gflops
 from rerankd.bench.measure import Measurement, percentile
@@ -33,7 +33,7 @@ from rerankd.devtools.train_tokenizer import training_sentences
 from rerankd.engine.loader import load_engine
 from rerankd.modeling.quantized import int8_available
 from rerankd.quality.beir import load_beir
-from rerankd.settings import DEFAULT_BATCH_TOKENS, RuntimeSettings
+from rerankd.settings import RuntimeSettings
 
 from conftest import MXBAI_PYTHON, load_backend_at
 
@@ -261,12 +261,11 @@ def test_bench_end_to_end_writes_benchmarks_md(
     assert max(drift[peer] for peer in (*peers, "rerankd") if "float32" in peer or peer == "rerankd") < 1e-5
     assert drift[openvino] < 1e-2  # bf16 where it runs in bf16
     assert 0 < drift["onnxruntime int8"] < 0.05  # dynamic int8: reported, not hidden
-    budget = DEFAULT_BATCH_TOKENS["cpu-amx" if cpu_has_amx() else "cpu"]  # `auto`'s, by the real probe
-    assert result["ceiling_shape"] == [budget, 768, 3072]  # that many rows through base's FFN
+    assert result["ceiling_shape"] == [1024, 768, 3072]  # the CPU's default token budget through base's FFN
     assert set(result["ceilings"]) == {"float32", "bfloat16", *(["int8"] if int8_available() else [])}
     report = out.read_text()
     assert "| rerankd | float32 | 1 |" in report and "1.00×" in report
-    assert f"Matmul ceiling ({budget}×768 · 768×3072" in report
+    assert "Matmul ceiling (1024×768 · 768×3072" in report
     assert "Fairness:" in report and "Concurrency: 2 clients" in report and "in bfloat16" in report
     assert (
         "- rerankd, 1 client, by the server's own timing headers (median per request): tokenization" in report

@@ -11,12 +11,9 @@ import pytest
 import torch
 from transformers import DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
 
-from rerankd.backends import torch_backend
-from rerankd.backends.registry import plan_backend
 from rerankd.engine.engine import DocumentScore
 from rerankd.engine.loader import load_engine
 from rerankd.engine.postprocess import rank, sigmoid
-from rerankd.engine.scheduler import BatchStats
 from rerankd.modeling.onednn import PackedLinear
 from rerankd.settings import RuntimeSettings
 
@@ -53,32 +50,6 @@ def reference_logits(reference, query: str, documents: list[str]) -> list[float]
             inputs = tokenizer([query], [document], truncation=True, max_length=512, return_tensors="pt")
             logits.append(model(input_ids=inputs["input_ids"]).logits[0, 0].item())
     return logits
-
-
-def test_deberta_on_a_cpu_with_amx_runs_bigger_passes_unless_the_user_set_the_budget(
-    xsmall_model_dir: Path, msmarco_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """AMX's matmuls run nearer their ceiling in bigger passes: the torch backend's default budget there is
-    4,096 padded tokens a pass in bf16 or auto, and the scheduler fills it; float32 and int8, whose attention
-    runs in float32, keep the CPU's."""
-    monkeypatch.setattr(torch_backend, "cpu_has_amx", lambda: True)
-    passes: list[BatchStats] = []
-    settings = RuntimeSettings(device="cpu", dtype="auto")  # float32 here: bf16 units are probed as absent
-    engine = load_engine(str(xsmall_model_dir), settings, on_batch=passes.append)
-    try:
-        asyncio.run(engine.score(QUERY, passages(msmarco_dir, 64)))
-    finally:
-        engine.close()
-    assert engine.settings.batch_tokens == 4096
-    assert max(stats.padded_tokens for stats in passes) > 1024
-    assert all(stats.padded_tokens <= 4096 for stats in passes)
-    user_set = plan_backend(xsmall_model_dir, RuntimeSettings(device="cpu", max_batch_tokens=1024))
-    assert user_set.settings.batch_tokens == 1024
-    for dtype, budget in (("bfloat16", 4096), ("bfloat16-mixed", 4096), ("float32", 1024), ("int8", 1024)):
-        plan = plan_backend(xsmall_model_dir, RuntimeSettings(device="cpu", dtype=dtype))
-        assert plan.settings.batch_tokens == budget, dtype
-    monkeypatch.setattr(torch_backend, "cpu_has_amx", lambda: False)
-    assert plan_backend(xsmall_model_dir, settings).settings.batch_tokens == 1024
 
 
 @pytest.mark.slow

@@ -22,9 +22,8 @@ from rerankd.modeling.reference_rows import Float32Rows
 from conftest import engine_logits, load_backend_at, score_error, validation_scores
 from memory import HAS_PROC_STATUS, load_memory
 
-# The real probes, taken before conftest's autouse fixture replaces them for every test.
+# The real probe, taken before conftest's autouse fixture replaces it for every test.
 REAL_PROBE = torch_backend.cpu_has_bf16_units
-REAL_AMX_PROBE = torch_backend.cpu_has_amx
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -45,20 +44,6 @@ def test_the_probe_finds_none_where_onednn_is_capped_below_them(
     checks the probe under each kernel path, in fresh processes)."""
     monkeypatch.setenv(variable, isa)
     assert REAL_PROBE() is False
-
-
-@pytest.mark.skipif(not CPUINFO.exists(), reason="reads the CPU flags from /proc/cpuinfo")
-@pytest.mark.parametrize("cap", [None, "ALL", "AVX512_CORE_AMX", "avx512_core_bf16", "AVX2"])
-def test_the_amx_probe_follows_the_cpu_flags_and_onednns_cap(
-    monkeypatch: pytest.MonkeyPatch, cap: str | None
-) -> None:
-    """AMX is used where the CPU has it and oneDNN is not capped below it."""
-    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(variable, raising=False)
-    if cap is not None:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    has_amx = "amx_tile" in describe_machine()["cpu_features"]
-    assert REAL_AMX_PROBE() == (has_amx and cap in (None, "ALL", "AVX512_CORE_AMX"))
 
 
 def test_auto_stays_float32_without_bf16_units(

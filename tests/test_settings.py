@@ -85,9 +85,6 @@ def test_the_readme_lists_every_setting() -> None:
 
 def test_the_batching_limits_take_the_devices_defaults_unless_the_user_set_them() -> None:
     assert RuntimeSettings().for_device("cpu").batch_tokens == 1024
-    assert RuntimeSettings().for_device("cpu", "cpu-amx").batch_tokens == 4096
-    assert RuntimeSettings(max_batch_tokens=700).for_device("cpu", "cpu-amx").batch_tokens == 700
-    assert RuntimeSettings().for_device("cpu", "cpu-amx").batch_wait_seconds == 0.002
     assert RuntimeSettings().for_device("cuda:1").batch_tokens == 16384
     assert RuntimeSettings(max_batch_tokens=700).for_device("cuda").batch_tokens == 700
     assert RuntimeSettings().for_device("cpu").batch_wait_seconds == 0.002

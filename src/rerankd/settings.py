@@ -37,9 +37,8 @@ DEFAULT_CHUNK_OVERLAP = 64  # tokens shared by consecutive windows of a chunked 
 # Where the user sets none: padded tokens per forward pass, and how long an idle queue waits to gather
 # concurrent requests, per device type. Big CPU batches spill the caches while a GPU wants them big; a CPU
 # pass of a few requests takes long enough that gathering them first pays, while on a GPU concurrent
-# requests gather on their own behind the running pass. `cpu-amx`: a torch network in bf16 on a CPU with
-# AMX, whose matmuls run nearer their ceiling in bigger passes (measurements: docs/decisions.md).
-DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cpu-amx": 4096, "cuda": 16384}
+# requests gather on their own behind the running pass (measurements: docs/decisions.md).
+DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_BATCH_WAIT_MS = {"cpu": 2.0, "cuda": 0.0}
 DEFAULT_MAX_QUEUED_PAIRS = 4096
 
@@ -80,8 +79,7 @@ class RuntimeSettings(BaseSettings):
         None,
         ge=1,
         description="padded tokens per forward pass, batch x longest pair "
-        f"(default: {DEFAULT_BATCH_TOKENS['cpu']} on CPU, {DEFAULT_BATCH_TOKENS['cpu-amx']} for the torch "
-        f"and gguf backends in bf16 or auto on a CPU with AMX, {DEFAULT_BATCH_TOKENS['cuda']} on CUDA)",
+        f"(default: {DEFAULT_BATCH_TOKENS['cpu']} on CPU, {DEFAULT_BATCH_TOKENS['cuda']} on CUDA)",
     )
     max_batch_pairs: int = Field(64, ge=1, description="pairs per forward pass")
     batch_wait_ms: float | None = Field(
@@ -111,17 +109,12 @@ class RuntimeSettings(BaseSettings):
         "429 unless it is within its fair share of the queue, the limit over the requests waiting",
     )
 
-    def for_device(self, device: str, kind: str | None = None) -> Self:
+    def for_device(self, device: str) -> Self:
         """These settings for a model that runs on `device` (`cpu`, `cuda`, `cuda:N`): the device is set and
-        the batching limits the user left open take that device type's defaults, or those of `kind` (a key of
-        `DEFAULT_BATCH_TOKENS`) where the backend knows better than the device's type."""
-        device_type = "cuda" if device.split(":")[0] == "cuda" else "cpu"
-        tokens = (
-            DEFAULT_BATCH_TOKENS[kind or device_type]
-            if self.max_batch_tokens is None
-            else self.max_batch_tokens
-        )
-        wait = DEFAULT_BATCH_WAIT_MS[device_type] if self.batch_wait_ms is None else self.batch_wait_ms
+        the batching limits the user left open take that device type's defaults."""
+        kind = device.split(":")[0] if device.split(":")[0] in DEFAULT_BATCH_TOKENS else "cpu"
+        tokens = DEFAULT_BATCH_TOKENS[kind] if self.max_batch_tokens is None else self.max_batch_tokens
+        wait = DEFAULT_BATCH_WAIT_MS[kind] if self.batch_wait_ms is None else self.batch_wait_ms
         return self.model_copy(update={"device": device, "max_batch_tokens": tokens, "batch_wait_ms": wait})
 
     @property

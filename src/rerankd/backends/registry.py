@@ -86,11 +86,9 @@ def plan_backend(path: Path, settings: RuntimeSettings, variant: FileVariant | N
         source = gguf_file
     if backend == "llamacpp":
         device = llamacpp_backend.resolve_device(settings.device, source)
-        return BackendPlan(backend, source, settings.for_device(device))
-    device = str(torch_backend.resolve_device(settings.device))
-    return BackendPlan(
-        backend, source, settings.for_device(device, torch_backend.batch_kind(device, settings.dtype))
-    )
+    else:
+        device = str(torch_backend.resolve_device(settings.device))
+    return BackendPlan(backend, source, settings.for_device(device))
 
 
 def load_backend(plan: BackendPlan, reference_pairs: tuple[tuple[str, str], ...] = ()) -> RerankBackend:

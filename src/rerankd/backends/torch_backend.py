@@ -63,33 +63,10 @@ def cpu_has_bf16_units() -> bool:
 
     Without them (e.g. AVX2-only CPUs) bf16 is emulated, far slower than fp32 (docs/decisions.md).
     """
-    if _onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
         return False
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
-
-def cpu_has_amx() -> bool:
-    """AMX tiles, and oneDNN free to use them (no cap, or one naming an AMX instruction set)."""
-    cap = _onednn_isa_cap()
-    return torch.cpu._is_amx_tile_supported() and (cap in ("", "ALL", "DEFAULT") or "AMX" in cap)
-
-
-def _onednn_isa_cap() -> str:
-    """The instruction set oneDNN is capped at (`ONEDNN_MAX_CPU_ISA`, formerly `DNNL_MAX_CPU_ISA`), if any."""
-    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-
-
-# The precisions whose dense layers and attention run in bf16 on a CPU with bf16 units (`auto` tries bf16
-# first there); float32's and int8's attention runs in float32.
-BF16_ATTENTION_DTYPES = ("auto", "bfloat16", MIXED)
-
-
-def batch_kind(device: str, dtype: str) -> str:
-    """Which of the settings' per-device batching defaults a torch network on `device` in `dtype` takes:
-    `cpu-amx` in bf16 on a CPU with AMX, whose matmuls run nearer their ceiling in bigger passes (in float32
-    and int8, attention in float32 gains nothing or loses: docs/decisions.md); else the device's type."""
-    kind = torch.device(device).type
-    return "cpu-amx" if kind == "cpu" and dtype in BF16_ATTENTION_DTYPES and cpu_has_amx() else kind
 
 
 def cpu_has_int8_matmul() -> bool:

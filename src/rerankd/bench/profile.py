@@ -22,7 +22,7 @@ from rerankd.bench.timing import timed_requests
 from rerankd.bench.workloads import Workload, served_pair_tokenizer
 from rerankd.engine.fair_queue import FairQueue
 from rerankd.modeling.relative import FUSED_OP
-from rerankd.settings import RuntimeSettings
+from rerankd.settings import DEFAULT_BATCH_TOKENS, RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,16 @@ def _profiled(backend: RerankBackend, batch: Batch, workload: str) -> PassProfil
 def profile_passes(folder: Path, dtype: str, workloads: list[Workload]) -> list[PassProfile]:
     """A pass of each workload on a CPU (`middle_pass`), `folder`'s model loaded in `dtype` as the server
     prepares it."""
-    plan = plan_backend(folder, RuntimeSettings(device="cpu", dtype=dtype))
-    backend = load_backend(plan)
+    settings = RuntimeSettings(device="cpu", dtype=dtype)
+    backend = load_backend(plan_backend(folder, settings))
     backend.prepare_for_serving()
-    budget = plan.settings.batch_tokens
+    budget = DEFAULT_BATCH_TOKENS["cpu"]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiled-pass") as forward:
         profiles = [
             forward.submit(
                 _profiled,
                 backend,
-                middle_pass(workload, folder, budget, plan.settings.max_batch_pairs),
+                middle_pass(workload, folder, budget, settings.max_batch_pairs),
                 workload.name,
             ).result()
             for workload in workloads

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from rerankd.backends.torch_backend import batch_kind
 from rerankd.bench.contenders import (
     BenchModel,
     bench_infinity,
@@ -116,9 +115,9 @@ def bench_family(
 
 
 def ceiling_shape(device: str) -> tuple[int, int, int]:
-    """base's 768→3072 feed-forward over the scheduler's default token budget on `device` for `--dtype
-    auto`: the product the dense layers run against."""
-    return (DEFAULT_BATCH_TOKENS[batch_kind(device, "auto")], 768, 3072)
+    """base's 768→3072 feed-forward over the scheduler's default token budget on `device`: the product the
+    dense layers run against."""
+    return (DEFAULT_BATCH_TOKENS[device], 768, 3072)
 
 
 def measure_ceilings(device: str) -> dict[str, float]:
