@@ -24,7 +24,7 @@ from rerankd.backends.base import ModelLoadError
 from rerankd.backends.registry import FileVariant
 from rerankd.backends.torch_backend import layer_stack, resolve_dtype
 from rerankd.engine import precision
-from rerankd.fidelity import builtin_cases
+from rerankd.fidelity import builtin_cases, drift
 from rerankd.modeling.quantized import (
     INT7_LEVELS,
     UINT8_MAX,
@@ -74,13 +74,18 @@ def test_an_all_zero_input_quantizes_to_zeros() -> None:
     assert scale > 0 and zero_point == 0 and not levels.any()
 
 
-def test_an_int8_layer_gives_float32s_result_within_int8_rounding() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_layer_gives_float32s_result_within_int8_rounding_in_its_inputs_dtype(
+    dtype: torch.dtype,
+) -> None:
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(768, 256)
-    inputs = torch.randn(64, 768, generator=generator)
+    inputs = torch.randn(64, 768, generator=generator).to(dtype)
     with torch.inference_mode():
-        exact = linear(inputs)
-        error = (Int8Linear(linear, 64, weight_levels())(inputs) - exact).abs().max() / exact.abs().max()
+        exact = linear(inputs.float())
+        result = Int8Linear(linear, 64, weight_levels())(inputs)
+        error = (result.float() - exact).abs().max() / exact.abs().max()
+    assert result.dtype == dtype
     assert 0 < error < 0.03
 
 
@@ -122,6 +127,26 @@ def test_int8_quantizes_the_layers_and_keeps_the_head_in_float32(xsmall_model_di
         assert dense and all(isinstance(module, Int8Linear) for module in dense)
     assert type(backend.model.classifier) is nn.Linear
     assert backend.model.classifier.weight.dtype == torch.float32
+
+
+def test_with_bf16_units_int8_computes_attention_and_activations_in_bf16(
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with bf16 units, int8's dense layers write bf16 and attention runs in bf16 around the float32
+    residual stream (as bf16-mixed's), within the auto bound of the float64 truth (why: docs/decisions.md).
+    Without them, attention stays float32."""
+    reference = load_backend_at(xsmall_model_dir, device="cpu", dtype="float32")
+    reference.model.to(torch.float64)
+    truth = validation_scores(reference)
+    plain = load_backend_at(xsmall_model_dir, device="cpu", dtype="int8")
+    assert all(layer.compute_dtype is None for layer in layer_stack(plain.model))
+    monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    backend = load_backend_at(xsmall_model_dir, device="cpu", dtype="int8")
+    for layer in layer_stack(backend.model):
+        assert layer.compute_dtype == torch.bfloat16 and layer.relative_keys.dtype == torch.bfloat16
+        assert layer.attention_norm.weight.dtype == torch.float32
+    measured = drift(truth, validation_scores(backend))
+    assert measured.top1_preserved and 0 < measured.max_abs_delta <= precision.MAX_SCORE_DELTA
 
 
 def test_validate_reports_int8_drift_within_the_auto_bound_and_onnx_runtimes_int8(

@@ -66,7 +66,8 @@ class RuntimeSettings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "bfloat16-mixed"] = Field(
         "auto",
-        description="compute dtype; int8 = the dense layers in int8 through oneDNN, on a CPU; bfloat16-mixed "
+        description="compute dtype; int8 = the dense layers in int8 through oneDNN, on a CPU (DeBERTa's "
+        "attention in bfloat16 where the CPU has bf16 units); bfloat16-mixed "
         "= DeBERTa's dense layers and attention in bfloat16, its residual stream and norms in float32, on a "
         "CPU; auto = the first that holds the model's validation scores within 0.01 of float32: float16 on "
         "CUDA, bfloat16 then bfloat16-mixed on CPUs with AMX/AVX512-BF16, int8 on other x86 CPUs; else "

@@ -276,6 +276,8 @@ class TorchBackend(RerankBackend):
         if dtype == INT8:
             if not quantize_dense_layers(layer_stack(self.model), self._settings.batch_tokens):
                 raise ModelLoadError("--dtype int8: oneDNN's int8 matmul is missing or wrong in this torch")
+            if self.mixes_precision and cpu_has_bf16_units():  # attention and activations in bf16 too
+                self._mix_precision()
         elif dtype == MIXED:
             self._mix_precision()
         else:  # tensor by tensor: the peak is the weights plus one converted tensor
