@@ -195,7 +195,8 @@ class TorchBackend(RerankBackend):
     graphs, to its graph's bucket) and run under `torch.inference_mode`. A subclass says how a padded batch
     reaches its network (`_pass`)."""
 
-    # Whether the network computes in `--dtype bfloat16-mixed` (`_mix_precision`).
+    # Whether the network computes in bf16 around a float32 residual stream (`_mix_precision`): in
+    # `--dtype bfloat16-mixed`, and around int8's matmuls on CPUs with bf16 units.
     mixes_precision = False
 
     def __init__(
