@@ -18,8 +18,15 @@ import torch
 from rerankd.modeling import fused_attention
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.deberta import DebertaReranker
+from rerankd.modeling.relative import RelativeProjections
 
 from parity import geometry_config, load_ours, padded_batch, wide_checkpoint
+
+
+def unmarked(tensor: torch.Tensor) -> torch.Tensor:
+    """A step boundary that marks nothing."""
+    return tensor
+
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
@@ -131,14 +138,14 @@ def test_fused_probabilities_equal_a_float64_softmax(length: int, dtype: torch.d
     terms in bf16): lengths with partial tiles, one block (17, 37), two (86, 130) and eight (512)."""
     model, query, key, c2p, p2c, mask_bias = relative_terms(length, dtype)
     index = model.relative_index(length)
-    probabilities = index.probabilities(mask_bias, query, key, c2p, p2c, lambda tensor: tensor)
+    probabilities = index.probabilities(mask_bias, query, key, RelativeProjections(c2p, p2c, unmarked))
     assert probabilities is not None
     truth = real_query_rows(float64_probabilities(model, query, key, c2p, p2c))
     fused_error = real_query_rows(probabilities.view(truth.shape[0], 2, length, length)).double() - truth
     if dtype == torch.float32:
         assert fused_error.abs().max() <= 1e-5
         return
-    bias = index.attention_bias(mask_bias, query, key, c2p, p2c, lambda tensor: tensor)
+    bias = index.attention_bias(mask_bias, query, key, RelativeProjections(c2p, p2c, unmarked))
     rows = (-1, length, query.shape[-1])
     scores = torch.baddbmm(bias.reshape(-1, length, length), query.reshape(rows), key.reshape(rows).mT)
     eager = torch.softmax(scores, -1)
@@ -177,7 +184,7 @@ def test_without_a_compiler_attention_stays_in_torch(
     assert not fused_attention.available(torch.empty(0))
     model, query, key, c2p, p2c, mask_bias = relative_terms(37, torch.float32)
     index = model.relative_index(37)
-    assert index.probabilities(mask_bias, query, key, c2p, p2c, lambda tensor: tensor) is None
+    assert index.probabilities(mask_bias, query, key, RelativeProjections(c2p, p2c, unmarked)) is None
 
 
 @needs_compiler

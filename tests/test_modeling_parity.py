@@ -18,6 +18,7 @@ from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling.config import DebertaConfig, UnsupportedModelError
 from rerankd.modeling.deberta import CPU_ROW_MULTIPLE, DebertaReranker, TokenLayout, attend
 from rerankd.modeling.onednn import PackedLinear, pack_dense_layers
+from rerankd.modeling.relative import RelativeProjections
 from rerankd.modeling.weights import CheckpointError, load_reranker
 
 from parity import (
@@ -207,9 +208,8 @@ def test_blocked_relative_terms_equal_their_gathered_definition(length: int, ter
     }
     mask_bias = torch.zeros(1, batch, 1, length, dtype=torch.float64)
     mask_bias[..., length // 2 + 1 :] = -1e9
-    bias = model.relative_index(length).attention_bias(
-        mask_bias, query, key, tables.get("c2p"), tables.get("p2c"), lambda tensor: tensor
-    )
+    projections = RelativeProjections(tables.get("c2p"), tables.get("p2c"), lambda tensor: tensor)
+    bias = model.relative_index(length).attention_bias(mask_bias, query, key, projections)
     positions = torch.arange(length)
     offset = config.max_position_embeddings - 1
     slots = model.slot_table[positions[:, None] - positions[None, :] + offset]  # (i, j)

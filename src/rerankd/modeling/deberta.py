@@ -33,7 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.relative import FirstQueryRelativeIndex, RelativeIndex, relative_slot_table
+from rerankd.modeling.relative import (
+    FirstQueryRelativeIndex,
+    RelativeIndex,
+    RelativeProjections,
+    relative_slot_table,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -257,15 +262,15 @@ class DebertaLayer(nn.Module):
         """The attention's context, (heads, batch, queries, size): by the fused kernel where it runs (every
         layer but the last, on a CPU), else the relative bias then `attend`."""
         heads, batch, queries = query.shape[:3]
-        tables = (self.relative_keys, self.relative_queries)
+        projections = RelativeProjections(self.relative_keys, self.relative_queries, self.step_boundary)
         if isinstance(index, RelativeIndex):
-            probabilities = index.probabilities(key_mask_bias, query, key, *tables, self.step_boundary)
+            probabilities = index.probabilities(key_mask_bias, query, key, projections)
             if probabilities is not None:
                 return weighted_values(probabilities, value)
         if index is None:
             bias = key_mask_bias.expand(heads, batch, queries, key.shape[2])
         else:
-            bias = index.attention_bias(key_mask_bias, query, key, *tables, self.step_boundary)
+            bias = index.attention_bias(key_mask_bias, query, key, projections)
         return attend(query, key, value, bias)
 
 

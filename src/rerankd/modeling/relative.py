@@ -52,6 +52,17 @@ WINDOW_ALIGNMENT = 16
 
 
 @dataclass(frozen=True)
+class RelativeProjections:
+    """What one layer multiplies a batch's relative terms against: its per-head projections of the relative
+    table, (heads, 2 x span, size), None where the config has no such term, and `step`, which marks each
+    term's end as a point where a pass may pause."""
+
+    keys: torch.Tensor | None  # c2p: the table through the key projection
+    queries: torch.Tensor | None  # p2c: the table through the query projection, the attention scale folded in
+    step: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class RelativeIndex:
     """Which relative-table slots a length-L batch's relative products multiply against, block by block.
 
@@ -79,15 +90,13 @@ class RelativeIndex:
         key_mask_bias: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
-        relative_keys: torch.Tensor | None,
-        relative_queries: torch.Tensor | None,
-        step: Callable[[torch.Tensor], torch.Tensor],
+        projections: RelativeProjections,
     ) -> torch.Tensor:
         """The key mask plus the c2p and p2c terms of every (head, pair, i, j), (heads, batch, L, L), from the
-        layer's per-head relative projections (None: the config has no such term). `step` marks each term's
-        end as a point where a pass may pause."""
+        layer's `projections`."""
         heads, batch, length, _ = query.shape
         blocks, padded = self.c2p_windows.shape[0], self.padded_length
+        relative_keys, relative_queries, step = projections.keys, projections.queries, projections.step
         if relative_queries is None:
             addend = key_mask_bias.unsqueeze(2)  # (1, batch, 1, 1, L)
         else:
@@ -118,14 +127,13 @@ class RelativeIndex:
         key_mask_bias: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
-        relative_keys: torch.Tensor | None,
-        relative_queries: torch.Tensor | None,
-        step: Callable[[torch.Tensor], torch.Tensor],
+        projections: RelativeProjections,
     ) -> torch.Tensor | None:
         """softmax(query . key + c2p + p2c + key mask) of every (head, pair, i), (heads x batch, L, L), with
         the bias, the mask and the softmax in one pass of the fused kernel (`fused_attention`). None where
         that kernel cannot run (another device or dtype, no kernel on this machine, a config without both
         terms): then `attention_bias` and `attend`."""
+        relative_keys, relative_queries, step = projections.keys, projections.queries, projections.step
         if relative_keys is None or relative_queries is None or not fused_attention.available(query):
             return None
         heads, batch, length, size = query.shape
@@ -206,16 +214,14 @@ class FirstQueryRelativeIndex:
         key_mask_bias: torch.Tensor,
         query: torch.Tensor,
         key: torch.Tensor,
-        relative_keys: torch.Tensor | None,
-        relative_queries: torch.Tensor | None,
-        step: Callable[[torch.Tensor], torch.Tensor],
+        projections: RelativeProjections,
     ) -> torch.Tensor:
         """The key mask plus the first query's c2p and p2c terms, (heads, batch, 1, L)."""
         bias = key_mask_bias.expand(query.shape[0], query.shape[1], 1, key.shape[2])
-        if relative_keys is not None:
-            bias = step(bias + self.c2p(relative_keys, query))
-        if relative_queries is not None:
-            bias = step(bias + self.p2c(relative_queries, key))
+        if projections.keys is not None:
+            bias = projections.step(bias + self.c2p(projections.keys, query))
+        if projections.queries is not None:
+            bias = projections.step(bias + self.p2c(projections.queries, key))
         return bias
 
     def c2p(self, relative_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
