@@ -288,7 +288,8 @@ class TorchBackend(RerankBackend):
         self.info = replace(self.info, dtype=dtype)
 
     def _mix_precision(self) -> None:
-        """`--dtype bfloat16-mixed`, in the networks that have it."""
+        """Layers computing in bf16 around a float32 residual stream, in the networks that have it: `--dtype
+        bfloat16-mixed`, and int8 on CPUs with bf16 units (around its int8 matmuls)."""
         raise ModelLoadError(f"--dtype {MIXED}: only the DeBERTa network computes in mixed precision")
 
     def prepare_for_serving(self) -> None:
