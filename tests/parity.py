@@ -48,9 +48,10 @@ TRUTH_RATIO = 4.0
 TRUTH_FLOOR = 2e-5
 
 # Lengths 1…512 across padded batches: short (identity buckets), around the log-bucket boundary (128/129),
-# and the full 512 window.
+# and the full 512 window; and batches without padding, their token count a multiple of 64 or not (the
+# dense layers' row multiple on a CPU).
 BATCHES = {
-    "xsmall": [[1, 2, 3, 17], [64, 127, 128, 129, 130, 200], [511, 512, 300, 5]],
+    "xsmall": [[1, 2, 3, 17], [64, 127, 128, 129, 130, 200], [511, 512, 300, 5], [96, 96], [100]],
     "base": [[1, 9, 40], [129, 128, 250], [512, 77]],
 }
 # The same kinds of length in fewer rows, for the report run once per kernel path.

@@ -275,6 +275,25 @@ def test_token_layout_rounds_the_packed_rows_up_with_repeats_of_the_first_token(
     assert TokenLayout.from_mask(mask, row_multiple=4).packed_rows.tolist() == exact.token_rows.tolist()
 
 
+def test_token_layout_without_padding_copies_plainly_and_packs_as_a_view() -> None:
+    """Pairs of one length: every position is a token, so laying out by head is the scatter's result by a
+    plain copy, and packing a view unless rows were added to round the count up."""
+    mask = torch.ones(2, 3, dtype=torch.long)
+    exact, rounded = TokenLayout.from_mask(mask), TokenLayout.from_mask(mask, row_multiple=4)
+    assert exact.all_positions and rounded.all_positions
+    assert not TokenLayout.from_mask(padded_batch([3, 2], vocab=10, seed=0)[1]).all_positions
+    assert exact.first_tokens.tolist() == rounded.first_tokens.tolist() == [0, 3]
+    rows = torch.arange(6 * 2, dtype=torch.float32).view(6, 2)
+    assert exact.packed(rows).data_ptr() == rows.data_ptr()  # a view, not a copy
+    assert rounded.packed(rows)[:, 0].tolist() == [0, 2, 4, 6, 8, 10, 0, 0]
+    projected = torch.arange(8 * 12, dtype=torch.float32).view(8, 12)
+    # (parts, heads, batch, length, size)
+    by_part_and_head = projected[:6].view(2, 3, 3, 2, 2).permute(2, 3, 0, 1, 4)
+    for layout in (exact, rounded):
+        per_head = layout.padded_heads(projected[: len(layout.packed_rows)], heads=2, size=2)
+        assert per_head.is_contiguous() and torch.equal(per_head, by_part_and_head)
+
+
 def test_a_batch_padded_to_a_bucketed_shape_scores_as_the_packed_batch() -> None:
     """What a CUDA graph computes: the batch padded to its bucket (more columns, and rows holding one pad
     token), every position computed (`TokenLayout.dense`). Its pairs' logits hold the parity bound as the

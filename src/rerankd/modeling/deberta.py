@@ -69,19 +69,23 @@ class TokenLayout:
     token_rows: torch.Tensor  # each token's row in the padded (batch x length) layout, in order
     first_tokens: torch.Tensor  # each pair's first token's row in the packed layout
     packed_rows: torch.Tensor  # the padded layout's row of each packed row: the tokens', then repeats
-    all_positions: bool = False  # every position is a token (`dense`): packing and padding are views
+    # Every position is a token (no padding, or `dense`): laying the projections out by head is a plain
+    # copy, with no scatter, and packing a view unless rows were added to round the count up.
+    all_positions: bool = False
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, row_multiple: int = 1) -> TokenLayout:
         """The layout of a (batch, length) mask, its packed rows a multiple of `row_multiple`. Finding the
         tokens (`nonzero`) waits for the device, so a backend feeding a GPU builds it from the host's mask
-        and moves it over (`to`)."""
+        and moves it over (`to`). A mask without padding (pairs of one length, such as documents cut at the
+        model's limit) lays out as `dense` does, with plain copies (docs/decisions.md)."""
         lengths = attention_mask.sum(1)
         batch, length = attention_mask.shape
         token_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
         repeats = -len(token_rows) % row_multiple
         packed_rows = torch.cat([token_rows, token_rows[:1].expand(repeats)]) if repeats else token_rows
-        return cls(batch, length, token_rows, torch.cumsum(lengths, 0) - lengths, packed_rows)
+        first_tokens = torch.cumsum(lengths, 0) - lengths
+        return cls(batch, length, token_rows, first_tokens, packed_rows, len(token_rows) == batch * length)
 
     @classmethod
     def dense(cls, batch: int, length: int, device: torch.device) -> TokenLayout:
@@ -110,7 +114,7 @@ class TokenLayout:
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch x length, ...) rows to the packed rows: the tokens', then the repeats."""
-        if self.all_positions:
+        if self.all_positions and len(self.packed_rows) == len(padded):
             return padded
         return padded.index_select(0, self.packed_rows)
 
@@ -124,7 +128,7 @@ class TokenLayout:
         by_head = packed.view(rows, parts, heads, size).permute(1, 2, 0, 3)
         shape = (parts, heads, self.batch, self.length, size)
         if self.all_positions:
-            return by_head.contiguous().view(shape)
+            return by_head[:, :, : len(self.token_rows)].contiguous().view(shape)
         padded = packed.new_zeros(parts, heads, self.batch * self.length, size)
         return padded.index_copy_(2, self.token_rows, by_head[:, :, : len(self.token_rows)]).view(shape)
 
