@@ -25,7 +25,7 @@ from rerankd.backends.base import (
 )
 from rerankd.backends.heap import HeapTrimmer, keep_activations_in_heap
 from rerankd.catalog import UNTRAINED_KEY
-from rerankd.modeling.onednn import pack_dense_layers
+from rerankd.modeling.onednn import ROW_PIECE, pack_dense_layers, split_rows_where_faster
 from rerankd.modeling.quantized import int8_available, quantize_dense_layers
 from rerankd.settings import RuntimeSettings
 
@@ -301,6 +301,10 @@ class TorchBackend(RerankBackend):
             return
         if pack_dense_layers(self.model, self._settings.batch_tokens):
             logger.info("dense layers packed for oneDNN's %s kernels", self.info.dtype)
+            for shape in split_rows_where_faster(self.model, self._settings.batch_tokens):
+                logger.info(
+                    "dense layers %d -> %d run in pieces of %d rows (faster so here)", *shape, ROW_PIECE
+                )
         for layer in layer_stack(self.model):
             for step in (*layer.children(), layer):
                 step.register_forward_hook(self._after_step)
