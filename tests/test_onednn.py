@@ -15,34 +15,36 @@ from rerankd.modeling.onednn import (
 )
 
 
-def packed(*shapes: tuple[int, int]) -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(*(nn.Linear(inputs, outputs) for inputs, outputs in shapes)).eval()
+def packed(*layers: nn.Linear) -> nn.Sequential:
+    model = nn.Sequential(*layers).eval()
     if not pack_dense_layers(model, batch_rows=2 * ROW_PIECE):
         pytest.skip("oneDNN packing is unavailable in this torch")
     return model
 
 
 def test_a_layer_cut_into_pieces_of_rows_computes_what_one_call_does() -> None:
-    """Each row's output is its own dot products, however the rows are cut; fewer rows than two pieces run
-    in one call."""
+    """Each row's output is its own dot products, however the rows are cut; leading dimensions count as rows
+    (`transformers`' networks pass (batch, length, features)); fewer rows than two pieces run in one call."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
     weight, bias = linear.weight.detach().double(), linear.bias.detach().double()
-    model = nn.Sequential(linear)
-    if not pack_dense_layers(model, batch_rows=2 * ROW_PIECE):
-        pytest.skip("oneDNN packing is unavailable in this torch")
-    layer = model[0]
+    layer = packed(linear)[0]
     assert isinstance(layer, PackedLinear)
     layer.row_piece = 16
     inputs = torch.randn(40, 64)
     assert (layer(inputs).double() - (inputs.double() @ weight.T + bias)).abs().max() < 1e-5
     assert torch.equal(layer(inputs), torch.cat([layer.matmul(piece) for piece in inputs.split(16)]))
+    one_call, calls = layer.matmul, []
+    layer.matmul = lambda piece: calls.append(len(piece)) or one_call(piece)  # type: ignore[method-assign]
+    assert torch.equal(layer(inputs.view(2, 20, 64)), layer(inputs).view(2, 20, 32))
+    assert calls == [16, 16, 8] * 2
+    del layer.matmul
     assert torch.equal(layer(inputs[:31]), layer.matmul(inputs[:31]))
 
 
 def test_every_layer_of_a_split_shape_is_cut_and_no_other() -> None:
-    model = packed((64, 256), (256, 64), (64, 256))
+    torch.manual_seed(0)
+    model = packed(nn.Linear(64, 256), nn.Linear(256, 64), nn.Linear(64, 256))
     split = split_rows_where_faster(model, batch_rows=2 * ROW_PIECE)
     assert set(split) <= {(64, 256), (256, 64)}
     for layer in model:
@@ -52,7 +54,7 @@ def test_every_layer_of_a_split_shape_is_cut_and_no_other() -> None:
 
 
 def test_fewer_rows_than_two_pieces_are_never_timed_or_cut() -> None:
-    model = packed((64, 256))
+    model = packed(nn.Linear(64, 256))
     assert split_rows_where_faster(model, batch_rows=2 * ROW_PIECE - 1) == []
     assert model[0].row_piece is None
 

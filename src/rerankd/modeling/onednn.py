@@ -73,13 +73,15 @@ class PackedLinear(nn.Module):
         self.row_piece: int | None = None
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.row_piece is not None and inputs.dim() == 2 and len(inputs) >= 2 * self.row_piece:
+        if self.row_piece is not None and inputs.numel() >= 2 * self.row_piece * self.in_features:
             return self.in_pieces(inputs, self.row_piece)
         return self.matmul(inputs)
 
     def in_pieces(self, inputs: torch.Tensor, rows: int) -> torch.Tensor:
-        """The layer in one oneDNN call per `rows` rows of `inputs`."""
-        return torch.cat([self.matmul(piece) for piece in inputs.split(rows)])
+        """The layer in one oneDNN call per `rows` rows of `inputs`, its leading dimensions counted as rows
+        (`transformers`' networks pass (batch, length, features)), as oneDNN counts them in one call."""
+        pieces = inputs.reshape(-1, self.in_features).split(rows)
+        return torch.cat([self.matmul(piece) for piece in pieces]).view(*inputs.shape[:-1], self.out_features)
 
     def matmul(self, inputs: torch.Tensor) -> torch.Tensor:
         """The layer in one oneDNN call, whatever the rows."""
