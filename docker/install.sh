@@ -36,7 +36,7 @@ fi
 # The project itself, as a regular (not editable) install: the image carries no source tree.
 pip install ".${EXTRAS:+[$EXTRAS]}"
 
-# The fused attention kernel, compiled here into the package (one build for every x86-64 CPU), so the runtime
+# The fused attention kernels, compiled here into the package (one build for every x86-64 CPU), so the runtime
 # image needs no compiler. The slim bases have none: this stage borrows gcc from the distribution's packages.
 # Without one the image still works, with attention in torch alone (slower on long documents).
 if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

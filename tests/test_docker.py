@@ -367,7 +367,7 @@ def test_replayed_cpu_image_serves(
     port = _free_port()  # `docker run -e RERANKD_PORT=…`: the healthcheck must follow it
     env = {**host, **env, "RERANKD_PORT": str(port), "HF_HUB_OFFLINE": "1"}
 
-    kernel = "lib/python*/site-packages/rerankd/modeling/kernels/attention_softmax.so"
+    kernel = "lib/python*/site-packages/rerankd/modeling/kernels/attention.so"
     assert list(Path(venv).glob(kernel)), "docker/install.sh must prebuild the fused attention kernel"
     entrypoint = json.loads(runtime.only("ENTRYPOINT"))
     executable = shutil.which(entrypoint[0], path=env["PATH"])

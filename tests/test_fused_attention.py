@@ -38,7 +38,7 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
     """An empty kernel cache, no prebuilt kernel, and the process's loaded kernel forgotten before and after
     the test."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(fused_attention, "PREBUILT", tmp_path / "prebuilt" / "attention_softmax.so")
+    monkeypatch.setattr(fused_attention, "PREBUILT", tmp_path / "prebuilt" / "attention.so")
     fused_attention._library.cache_clear()
     yield tmp_path / "rerankd" / "kernels"
     fused_attention._library.cache_clear()

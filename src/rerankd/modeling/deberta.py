@@ -14,9 +14,12 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
-- On a CPU, the scores (`bmm`), the two relative terms and the mask meet in one C kernel that writes the
-  probabilities (`fused_attention`). Elsewhere, and in the last layer, attention is `baddbmm` (the relative
-  bias enters as the matmul's addend) then softmax and `bmm`: on a CPU faster than
+- In bfloat16 on a CPU with AMX, a layer's whole attention is one C kernel over the packed Q/K/V
+  (`fused_attention.packed_context`): scores, both relative terms, softmax and context block by block of
+  16 queries in AMX tiles, over each pair's own tokens, written straight into packed rows.
+- Elsewhere on a CPU, the scores (`bmm`), the two relative terms and the mask meet in one C kernel that
+  writes the probabilities (`fused_attention`). On a GPU, and in the last layer, attention is `baddbmm`
+  (the relative bias enters as the matmul's addend) then softmax and `bmm`: on a CPU faster than
   `scaled_dot_product_attention` with a bias at these lengths; on a GPU, SDPA's cuDNN kernel plans every new
   batch shape anew (see `attend`).
 """
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rerankd.modeling import fused_attention
 from rerankd.modeling.config import DebertaConfig
 from rerankd.modeling.relative import (
     FirstQueryRelativeIndex,
@@ -72,6 +76,9 @@ class TokenLayout:
     # Every position is a token (no padding, or `dense`): laying the projections out by head is a plain
     # copy, with no scatter, and packing a view unless rows were added to round the count up.
     all_positions: bool = False
+    # (2, batch) int32: each pair's first packed row and its token count, where each pair's tokens are its
+    # first positions (right padding); what the AMX attention kernel reads. None otherwise.
+    pair_spans: torch.Tensor | None = None
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, row_multiple: int = 1) -> TokenLayout:
@@ -85,7 +92,10 @@ class TokenLayout:
         repeats = -len(token_rows) % row_multiple
         packed_rows = torch.cat([token_rows, token_rows[:1].expand(repeats)]) if repeats else token_rows
         first_tokens = torch.cumsum(lengths, 0) - lengths
-        return cls(batch, length, token_rows, first_tokens, packed_rows, len(token_rows) == batch * length)
+        right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        spans = torch.stack([first_tokens, lengths]).int() if right_padded else None
+        all_positions = len(token_rows) == batch * length
+        return cls(batch, length, token_rows, first_tokens, packed_rows, all_positions, spans)
 
     @classmethod
     def dense(cls, batch: int, length: int, device: torch.device) -> TokenLayout:
@@ -108,8 +118,13 @@ class TokenLayout:
         token_rows = moved(self.token_rows)
         # Without rows to round up to, the packed rows are the token rows: one copy serves both.
         packed_rows = token_rows if self.packed_rows is self.token_rows else moved(self.packed_rows)
+        spans = None if self.pair_spans is None else moved(self.pair_spans)
         return replace(
-            self, token_rows=token_rows, first_tokens=moved(self.first_tokens), packed_rows=packed_rows
+            self,
+            token_rows=token_rows,
+            first_tokens=moved(self.first_tokens),
+            packed_rows=packed_rows,
+            pair_spans=spans,
         )
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
@@ -193,6 +208,8 @@ class DebertaLayer(nn.Module):
         # c2p uses the keys of the relative table, p2c its queries (pre-multiplied by `scale`).
         self.register_buffer("relative_keys", None, persistent=False)
         self.register_buffer("relative_queries", None, persistent=False)
+        # The two tables as the AMX kernel reads them, after the tensors they came from (`_amx_tables`).
+        self._amx_layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def set_relative_projections(
         self,
@@ -234,7 +251,6 @@ class DebertaLayer(nn.Module):
         heads = self.num_heads
         stream, compute = hidden.dtype, self.compute_dtype or hidden.dtype
         inputs = hidden.to(compute)  # no copy unless the precision is mixed
-        index: RelativeIndex | FirstQueryRelativeIndex | None = relative
         if self.first_token_only:
             residual = hidden.index_select(0, layout.first_tokens)
             # (heads, batch, 1, size)
@@ -242,18 +258,53 @@ class DebertaLayer(nn.Module):
             query = query.permute(2, 0, 1, 3).contiguous()
             key, value = layout.padded_heads(self.key_value(inputs), heads, self.head_size)
             index = relative.first_query() if relative is not None else None
+            context = self.rows_of(self.attention(query, key, value, key_mask_bias, index))
         else:
             residual = hidden
-            query, key, value = layout.padded_heads(self.qkv(inputs), heads, self.head_size)
-        queries = query.shape[2]
-
-        context = self.attention(query, key, value, key_mask_bias, index)
-        context = context.permute(1, 2, 0, 3).reshape(layout.batch * queries, -1)
-        if not self.first_token_only:
-            context = layout.packed(context)
+            qkv = self.qkv(inputs)
+            amx_context = self.amx_attention(qkv, layout, relative)
+            if amx_context is None:
+                query, key, value = layout.padded_heads(qkv, heads, self.head_size)
+                by_head = self.attention(query, key, value, key_mask_bias, relative)
+                context = layout.packed(self.rows_of(by_head))
+            else:
+                context = amx_context
         attended = self.attention_norm(self.attention_output(context).to(stream) + residual)
         projected = self.output(self.activation(self.intermediate(attended.to(compute))))
         return self.output_norm(projected.to(stream) + attended)
+
+    @staticmethod
+    def rows_of(context: torch.Tensor) -> torch.Tensor:
+        """(heads, batch, queries, size) context as (batch x queries, heads x size) rows."""
+        heads, batch, queries, size = context.shape
+        return context.permute(1, 2, 0, 3).reshape(batch * queries, heads * size)
+
+    def amx_attention(
+        self, qkv: torch.Tensor, layout: TokenLayout, relative: RelativeIndex | None
+    ) -> torch.Tensor | None:
+        """The whole attention's packed context by the AMX kernel, from the fused projection's packed output:
+        where it runs (bfloat16 on a CPU with AMX, right-padded pairs, both relative terms, heads of 64).
+        None elsewhere: then the projections are laid out by head and `attention` runs."""
+        if (
+            relative is None
+            or layout.pair_spans is None
+            or self.relative_keys is None
+            or self.relative_queries is None
+            or self.head_size != fused_attention.AMX_HEAD_SIZE
+            or not fused_attention.amx_available(qkv)
+        ):
+            return None
+        key_tiles, query_table = self._amx_tables(self.relative_keys, self.relative_queries)
+        return fused_attention.packed_context(
+            qkv, layout.pair_spans, key_tiles, query_table, relative.distance_slots, layout.length
+        )
+
+    def _amx_tables(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative tables laid out for the AMX kernel, once per pair of tables: kept with the tensors
+        they came from, and laid out anew when a load or a cast replaces them."""
+        if self._amx_layout is None or self._amx_layout[0] is not keys or self._amx_layout[1] is not queries:
+            self._amx_layout = (keys, queries, *fused_attention.amx_tables(keys, queries))
+        return self._amx_layout[2], self._amx_layout[3]
 
     def attention(
         self,

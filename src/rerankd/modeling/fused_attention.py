@@ -12,6 +12,12 @@ picks the widest the CPU has. An image built with `docker/install.sh` ships it p
 cache, keyed by its source, flags and compiler. Before it is trusted it must match torch on a probe. Where
 there is no compiler, or the build or the probe fails, `available()` is False and the model computes
 attention with torch alone.
+
+On CPUs with AMX-BF16, a bfloat16 layer's whole attention runs in one kernel instead
+(`kernels/amx_attention.c`, `packed_context`): it reads the fused projection's packed output, computes each
+block of 16 queries' scores, relative terms, softmax and context in AMX tiles, and writes the context in
+packed rows, so no (heads, batch, L, L) tensor is written and no padding computed. It too must match a
+float64 reference on a probe before it is used.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "attention_softmax.c"
-PREBUILT = SOURCE.with_suffix(".so")
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "attention_softmax.c", KERNELS / "amx_attention.c")
+PREBUILT = KERNELS / "attention.so"
 # -ffast-math to compile: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
 # Never when linking: there GCC adds crtfastmath, whose constructor flushes subnormals to zero in the whole
 # process that loads the library (torch's float32 included).
@@ -45,6 +52,14 @@ WORKSPACE_ROW_PADDING = 16
 COMPILE_TIMEOUT_S = 120
 # The probe's largest |Δprobability| against eager torch: bf16 rounding of probabilities below 1.
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# The AMX kernel's head size, and the rows of a tile: tables are laid out in groups of this many slots.
+AMX_HEAD_SIZE = 64
+AMX_TILE_ROWS = 16
+# How far past a pass's length (in distances, either way) the AMX kernel reads its slots.
+AMX_SLOT_REACH = 2 * AMX_TILE_ROWS
+# The AMX probe's largest |Δcontext| against float64, for contexts of magnitude about 1: bf16 inputs to the
+# products, bf16 probabilities and a bf16 context.
+AMX_PROBE_TOLERANCE = 3e-2
 
 
 def cache_directory() -> Path:
@@ -132,20 +147,22 @@ def _library() -> ctypes.CDLL | None:
 
 
 def prebuild() -> Path:
-    """Compile the kernel beside its source, where an installed package finds it without a compiler (the
-    images' builder stage runs this)."""
+    """Compile the kernels beside their sources, where an installed package finds them without a compiler
+    (the images' builder stage runs this)."""
     return _compile(PREBUILT)
 
 
 def compiled() -> Path:
-    """The kernel's shared library, compiled once into the user's cache."""
+    """The kernels' shared library, compiled once into the user's cache."""
     compiler = _compiler()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, check=True, timeout=COMPILE_TIMEOUT_S
     ).stdout
     flags = " ".join((*COMPILE_FLAGS, *LINK_FLAGS)).encode()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), flags, version])).hexdigest()
-    target = cache_directory() / f"attention_softmax-{key[:16]}.so"
+    key = hashlib.sha256(
+        b"\0".join([*(source.read_bytes() for source in SOURCES), flags, version])
+    ).hexdigest()
+    target = cache_directory() / f"attention-{key[:16]}.so"
     if not target.exists():
         _compile(target)
         logger.info("fused attention kernel compiled: %s", target)
@@ -157,6 +174,11 @@ def load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.attention_softmax.restype = ctypes.c_int
     library.attention_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
+    library.amx_attention_ready.restype = ctypes.c_int
+    library.amx_attention_workspace.restype = ctypes.c_size_t
+    library.amx_attention_workspace.argtypes = [ctypes.c_int]
+    library.amx_attention.restype = ctypes.c_int
+    library.amx_attention.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5
     return library
 
 
@@ -168,15 +190,19 @@ def _compiler() -> str:
 
 
 def _compile(target: Path) -> Path:
-    """Compile the source to `target`, built beside it and renamed over it: processes starting together
+    """Compile the sources into `target`, built beside it and renamed over it: processes starting together
     never load a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     compiler = _compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built, compiled_object = Path(scratch) / target.name, Path(scratch) / "attention_softmax.o"
+        built = Path(scratch) / target.name
+        objects = [str(Path(scratch) / source.with_suffix(".o").name) for source in SOURCES]
         for command in (
-            [compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(compiled_object)],
-            [compiler, *LINK_FLAGS, str(compiled_object), "-o", str(built), "-lm"],
+            *(
+                [compiler, *COMPILE_FLAGS, "-c", str(source), "-o", compiled_object]
+                for source, compiled_object in zip(SOURCES, objects, strict=True)
+            ),
+            [compiler, *LINK_FLAGS, *objects, "-o", str(built), "-lm"],
         ):
             result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             if result.returncode != 0:
@@ -219,3 +245,178 @@ def reference_softmax(
     logits = scores.double().view(heads, batch, length, length) + c2p_terms + p2c_terms
     logits = logits + key_mask_bias.double()[None, :, None, :]
     return torch.softmax(logits, -1).view(heads * batch, length, length)
+
+
+def amx_available(like: torch.Tensor) -> bool:
+    """Whether the AMX kernel attends tensors like `like` (bfloat16 on a CPU) on this machine: a CPU with
+    AMX-BF16 whose kernel matched float64 on the probe."""
+    return like.device.type == "cpu" and like.dtype == torch.bfloat16 and _amx_library() is not None
+
+
+def amx_tables(
+    relative_keys: torch.Tensor, relative_queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's (heads, slots, 64) relative tables as the AMX kernel reads them: the key projection's
+    `tiled` (the B operand of the c2p products), the query projection's as rows (their A operand, against
+    the keys), both padded with zero rows to a multiple of 16 slots."""
+    return tiled(relative_keys), padded_slots(relative_queries).contiguous()
+
+
+def padded_slots(table: torch.Tensor) -> torch.Tensor:
+    """A (heads, slots, 64) table with zero rows added to a multiple of 16 slots."""
+    return torch.nn.functional.pad(table, (0, 0, 0, -table.shape[1] % AMX_TILE_ROWS))
+
+
+def tiled(table: torch.Tensor) -> torch.Tensor:
+    """A (heads, slots, 64) relative table as the AMX kernel's B operands: (heads, slots / 16, 2, 16, 32),
+    group g, half s, row kk holding (t[16g + n, 32s + 2kk], t[16g + n, 32s + 2kk + 1]) for n < 16; slots
+    padded with zero rows to a multiple of 16."""
+    table = padded_slots(table)
+    heads, groups = table.shape[0], table.shape[1] // AMX_TILE_ROWS
+    half = AMX_HEAD_SIZE // 2
+    by_pair = table.reshape(heads, groups, AMX_TILE_ROWS, 2, half // 2, 2)
+    return by_pair.permute(0, 1, 3, 4, 2, 5).contiguous().view(heads, groups, 2, AMX_TILE_ROWS, half)
+
+
+def packed_context(
+    qkv: torch.Tensor,
+    spans: torch.Tensor,
+    key_tiles: torch.Tensor,
+    query_table: torch.Tensor,
+    distance_slots: torch.Tensor,
+    length: int,
+) -> torch.Tensor | None:
+    """The attention context of every pair's tokens, (rows of `qkv`, heads x 64), by the AMX kernel: `qkv`
+    is the fused projection's output over a batch's packed tokens (Q, K, V, each heads x 64 wide, the scale
+    in Q), `spans` (2, pairs) int32 each pair's first row and token count, `key_tiles` and `query_table` the
+    layer's relative tables through the key and query projections (`amx_tables`), and `distance_slots`
+    int32, the slot of the distance -k at k + reach for |k| <= reach = `length` + `AMX_SLOT_REACH`. Rows
+    past the tokens are zeros.
+    None where the kernel cannot run them: the caller attends another way."""
+    library = _amx_library()
+    return (
+        None
+        if library is None
+        else run_amx(library, qkv, spans, key_tiles, query_table, distance_slots, length)
+    )
+
+
+def run_amx(
+    library: ctypes.CDLL,
+    qkv: torch.Tensor,
+    spans: torch.Tensor,
+    key_tiles: torch.Tensor,
+    query_table: torch.Tensor,
+    distance_slots: torch.Tensor,
+    length: int,
+) -> torch.Tensor | None:
+    """`packed_context` by `library`, once the tensors are checked to hold what the kernel reads by raw
+    pointer: a shape, dtype or layout it does not expect is refused, never run."""
+    heads, groups = key_tiles.shape[:2]
+    hidden = heads * AMX_HEAD_SIZE
+    reach = length + AMX_SLOT_REACH
+    pairs = spans.shape[1]
+    if (
+        any(not tensor.is_contiguous() for tensor in (qkv, spans, key_tiles, query_table, distance_slots))
+        or any(tensor.dtype != torch.bfloat16 for tensor in (qkv, key_tiles, query_table))
+        or spans.dtype != torch.int32
+        or distance_slots.dtype != torch.int32
+        or qkv.dim() != 2
+        or qkv.shape[1] != 3 * hidden
+        or key_tiles.shape != (heads, groups, 2, AMX_TILE_ROWS, AMX_HEAD_SIZE // 2)
+        or query_table.shape != (heads, groups * AMX_TILE_ROWS, AMX_HEAD_SIZE)
+        or spans.shape != (2, pairs)
+        or distance_slots.shape != (2 * reach + 1,)
+        or pairs == 0
+        or int(spans[1].max()) > length
+        or int(spans[1].min()) < 1
+        or int((spans[0] + spans[1]).max()) > qkv.shape[0]
+        or int(distance_slots.min()) < 0
+        or int(distance_slots.max()) >= groups * AMX_TILE_ROWS
+    ):
+        return None
+    threads = torch.get_num_threads()
+    context = qkv.new_empty(qkv.shape[0], hidden)
+    tokens = int(spans[0, -1] + spans[1, -1])
+    context[tokens:] = 0
+    # Each thread's buffers, from torch's allocator: no thread grows a heap of its own.
+    workspace = torch.empty(threads * library.amx_attention_workspace(length), dtype=torch.uint8)
+    failed = library.amx_attention(
+        *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (qkv, context, spans[0], spans[1], spans[1])),
+        *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (key_tiles, query_table)),
+        ctypes.c_void_p(distance_slots.data_ptr() + reach * distance_slots.element_size()),
+        ctypes.c_void_p(workspace.data_ptr()),
+        heads,
+        pairs,
+        groups,
+        length,
+        threads,
+    )
+    return None if failed else context
+
+
+def onednn_allows_amx() -> bool:
+    """False where `ONEDNN_MAX_CPU_ISA` caps oneDNN below AMX: the AMX kernel then stands down as well, so a
+    capped process runs what a CPU without AMX runs (the tests check those paths on an AMX machine so)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return cap == "ALL" or "AMX" in cap
+
+
+@functools.cache
+def _amx_library() -> ctypes.CDLL | None:
+    library = _library()
+    if library is None or not onednn_allows_amx() or not library.amx_attention_ready():
+        return None
+    if not matches_reference(library):
+        logger.warning("AMX attention kernel disagrees with float64 on a probe; attention stays as before")
+        return None
+    return library
+
+
+def matches_reference(library: ctypes.CDLL) -> bool:
+    """The AMX kernel against `reference_context` on a random case: pairs of 5, 40 and 17 tokens (partial
+    tiles, a partial step of 32 keys, three blocks), two heads, a bucketed slot map."""
+    generator = torch.Generator().manual_seed(0)
+    heads, lengths, slots = 2, [5, 40, 17], 48
+    spans = torch.tensor([[0, 5, 45], lengths], dtype=torch.int32)
+    qkv = (0.5 * torch.randn(sum(lengths), 3 * heads * AMX_HEAD_SIZE, generator=generator)).bfloat16()
+    key_table, query_table = (
+        (0.3 * torch.randn(heads, slots, AMX_HEAD_SIZE, generator=generator)).bfloat16() for _ in "kq"
+    )
+    length = max(lengths)
+    reach = length + AMX_SLOT_REACH
+    distances = -torch.arange(-reach, reach + 1)
+    # slot(d): d itself near 0, halved beyond 8 either way, within the table
+    distance_slots = torch.where(distances.abs() <= 8, distances, distances // 2 + 4 * distances.sign())
+    distance_slots = (distance_slots + slots // 2).clamp(0, slots - 1).int()
+    context = run_amx(library, qkv, spans, *amx_tables(key_table, query_table), distance_slots, length)
+    if context is None:
+        return False
+    expected = reference_context(qkv, spans, key_table, query_table, distance_slots)
+    return bool((context.double() - expected).abs().max() <= AMX_PROBE_TOLERANCE)
+
+
+def reference_context(
+    qkv: torch.Tensor,
+    spans: torch.Tensor,
+    key_table: torch.Tensor,
+    query_table: torch.Tensor,
+    distance_slots: torch.Tensor,
+) -> torch.Tensor:
+    """What `packed_context` computes, in float64 by plain indexing, from the untiled (heads, slots, 64)
+    tables."""
+    heads = key_table.shape[0]
+    reach = (len(distance_slots) - 1) // 2
+    context = torch.zeros(qkv.shape[0], heads * AMX_HEAD_SIZE, dtype=torch.float64)
+    key_table, query_table = key_table.double(), query_table.double()
+    for first, count in spans.t().tolist():
+        rows = qkv[first : first + count].double().view(count, 3, heads, AMX_HEAD_SIZE)
+        positions = torch.arange(count)
+        slots = distance_slots[reach + positions[None, :] - positions[:, None]]  # (i, j): slot of i - j
+        query, key, value = rows.unbind(1)  # (count, heads, 64)
+        logits = torch.einsum("ihs,jhs->hij", query, key)
+        logits += torch.einsum("ihs,hijs->hij", query, key_table[:, slots])
+        logits += torch.einsum("jhs,hijs->hij", key, query_table[:, slots])
+        weighted = torch.einsum("hij,jhs->ihs", torch.softmax(logits, -1), value)
+        context[first : first + count] = weighted.reshape(count, -1)
+    return context

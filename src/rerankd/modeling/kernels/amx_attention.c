@@ -1,0 +1,488 @@
+/* DeBERTa's whole self-attention of a layer in bfloat16 on AMX tiles (rerankd.modeling.fused_attention):
+ *
+ *   context[i] = sum_j softmax_j(q_i . k_j + q_i . Kr[slot(i - j)] + k_j . Qr[slot(i - j)]) v_j
+ *
+ * for each (head, pair), over the pair's own tokens: no padding is computed, and nothing of size L x L
+ * leaves a thread's cache. The eager path's five steps (the scores' matmul, the two banded relative
+ * products, the fused softmax of attention_softmax.c, the context's matmul) each wrote and read tensors of
+ * (heads, batch, L, L); here one block of 16 queries at a time is scored, biased, normalized and multiplied
+ * by the values while its rows are in L1.
+ *
+ * The relative terms: slot(d) never falls as the distance d rises, so the distances a block of 16 queries
+ * meets (i0 - keys + 1 .. i0 + 15) fall on one run of table rows, and the block is multiplied against that
+ * run alone (at most keys + 45 rows). Its c2p term for (i, j) is then read back from the product at column
+ * slot(i - j), by a gather. The p2c terms are a product of each block of 16 keys against its run, for all
+ * the pair's queries at once, kept per thread (L x (L + 45) floats) and gathered likewise.
+ *
+ * Inputs (all contiguous):
+ *   qkv      (tokens, 3 x heads x 64) bfloat16: the fused projection's output over the batch's packed tokens;
+ *            pair b's tokens are rows offsets[b] .. offsets[b] + queries[b], its first keys[b] of them keys
+ *   tables   (heads, slots / 16, 2, 16, 32) bfloat16, twice: the relative table through the key projection
+ *            (c2p) and through the query projection (p2c), each 16 rows laid out as AMX's B operand
+ *   slots    int32, slots[k] = slot(-k) for |k| <= the kernel's reach: passed at k = 0
+ *   context  (tokens, heads x 64) bfloat16, written at each pair's rows
+ * The attention scale is in the query projection and in the p2c table already. */
+#include <stddef.h>
+#include <stdint.h>
+
+/* The tile intrinsics came with GCC 11 and clang 12; elsewhere (another architecture, an older compiler) the
+ * library builds without this kernel, and says so (amx_attention_ready() is 0). */
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#include <immintrin.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum {
+    HEAD_SIZE = 64,       /* AMX here takes heads of 64: two 32-deep steps */
+    ROWS = 16,            /* a tile's rows: queries in a block, keys in a group */
+    STEP = 32,            /* keys per step of probabilities x values */
+    RUN_SLACK = 48,       /* a run of table rows is at most keys + 45 long, in whole tiles */
+    MAX_THREADS = 256,
+    ARCH_REQ_XCOMP_PERM = 0x1023,
+    XFEATURE_XTILEDATA = 18,
+};
+
+/* GCC's tile intrinsics are asm statements that name no memory: this barrier keeps plain C's stores to a
+ * buffer before a tile reads it, and its reads after a tile writes it. */
+#define MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
+
+#define AMX_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,amx-tile,amx-bf16"
+
+typedef struct {
+    const uint16_t *qkv;
+    uint16_t *context;
+    const int32_t *offsets, *queries, *keys;
+    const uint16_t *key_table, *query_table;
+    const int32_t *slots;
+    uint8_t *workspace;
+    size_t workspace_bytes; /* per thread */
+    int heads, pairs, table_groups, max_length, threads;
+    int next_unit;
+} Job;
+
+typedef struct {
+    Job *job;
+    int index;
+} Worker;
+
+/* One thread's buffers, for pairs of at most `max_length` tokens. */
+typedef struct {
+    uint16_t *keys;      /* (groups of 16, 2, 16, 32): K as B operands of the scores */
+    uint16_t *values;    /* (steps of 32, 4, 16, 32): V as B operands of probabilities x values */
+    float *p2c;          /* (group of 16 keys, run, 16): the group's products with its run of table rows */
+    int32_t *p2c_at;     /* key j's term of slot s is p2c[p2c_at[j] + 16 s] */
+    float *c2p;          /* (16, run) */
+    float *scores;       /* (16, padded L) */
+    uint16_t *probabilities; /* (16, padded L) */
+    float *out;          /* (16, 64) */
+    uint16_t *rows;      /* (16, 64): a block's last rows, padded with zeros */
+    int run, padded;     /* row strides in floats: `p2c`, `c2p`; `scores`, `probabilities` */
+} Buffers;
+
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+static int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+static size_t buffers_for(int max_length, Buffers *buffers, uint8_t *base) {
+    const int padded = round_up(max_length, STEP), run = round_up(max_length + RUN_SLACK, ROWS);
+    const size_t sizes[] = {
+        (size_t)padded * HEAD_SIZE * 2, (size_t)padded * HEAD_SIZE * 2, (size_t)padded * run * 4,
+        (size_t)padded * 4,             (size_t)ROWS * run * 4,          (size_t)ROWS * padded * 4,
+        (size_t)ROWS * padded * 2,      (size_t)ROWS * HEAD_SIZE * 4,    (size_t)ROWS * HEAD_SIZE * 2,
+    };
+    void **slots[] = {
+        (void **)&buffers->keys,   (void **)&buffers->values, (void **)&buffers->p2c,
+        (void **)&buffers->p2c_at, (void **)&buffers->c2p,    (void **)&buffers->scores,
+        (void **)&buffers->probabilities, (void **)&buffers->out, (void **)&buffers->rows,
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        if (base != NULL) *slots[i] = base + total;
+        total += aligned(sizes[i]);
+    }
+    buffers->padded = padded;
+    buffers->run = run;
+    return total;
+}
+
+/* The bytes of workspace each thread needs for pairs of at most `max_length` tokens. */
+size_t amx_attention_workspace(int max_length) {
+    Buffers buffers;
+    return buffers_for(max_length, &buffers, NULL);
+}
+
+/* 16 rows of 64 values from `first` on (a row every `stride` elements), as a tile reads them: in place where
+ * all 16 are the pair's, else copied with zeros past the `available` ones (the rows after a pair's last
+ * token belong to the next pair, or lie past the tensor). */
+static const uint16_t *block_rows(const uint16_t *first, size_t stride, int available, uint16_t *copy,
+                                  size_t *row_bytes) {
+    if (available >= ROWS) {
+        *row_bytes = stride * 2;
+        return first;
+    }
+    memset(copy, 0, ROWS * HEAD_SIZE * 2);
+    for (int r = 0; r < available; r++) memcpy(copy + r * HEAD_SIZE, first + r * stride, HEAD_SIZE * 2);
+    *row_bytes = HEAD_SIZE * 2;
+    return copy;
+}
+
+/* Tiles 0 and 1 hold a block's 16 rows (both 32-deep halves); each group of 16 columns of `groups` B
+ * operands (2 x 16 x 32 each) is multiplied into tile 2 or 5 in turn and stored at `out` + 16 x group. */
+__attribute__((target(AMX_TARGET))) static void rows_times_groups(const uint16_t *groups, int count, float *out,
+                                                                 size_t out_bytes) {
+    MEMORY_BARRIER();
+    int g = 0;
+    for (; g + 1 < count; g += 2) {
+        const uint16_t *b = groups + (size_t)g * 2 * ROWS * STEP;
+        _tile_zero(2);
+        _tile_zero(5);
+        _tile_loadd(3, b, 64);
+        _tile_loadd(4, b + ROWS * STEP, 64);
+        _tile_loadd(6, b + 2 * ROWS * STEP, 64);
+        _tile_loadd(7, b + 3 * ROWS * STEP, 64);
+        _tile_dpbf16ps(2, 0, 3);
+        _tile_dpbf16ps(5, 0, 6);
+        _tile_dpbf16ps(2, 1, 4);
+        _tile_dpbf16ps(5, 1, 7);
+        _tile_stored(2, out + g * ROWS, out_bytes);
+        _tile_stored(5, out + (g + 1) * ROWS, out_bytes);
+    }
+    if (g < count) {
+        const uint16_t *b = groups + (size_t)g * 2 * ROWS * STEP;
+        _tile_zero(2);
+        _tile_loadd(3, b, 64);
+        _tile_loadd(4, b + ROWS * STEP, 64);
+        _tile_dpbf16ps(2, 0, 3);
+        _tile_dpbf16ps(2, 1, 4);
+        _tile_stored(2, out + g * ROWS, out_bytes);
+    }
+    MEMORY_BARRIER();
+}
+
+/* Table rows (16 x `groups`, 64 wide, in order) times a group of 16 keys (`keys`, their B operands): the
+ * (16 x groups, 16) products into `out`, row after row, by tiles 0/1 and 6/7 (rows), 3/4 (keys), 2 and 5. */
+__attribute__((target(AMX_TARGET))) static void table_rows_times_keys(const uint16_t *rows, int groups,
+                                                                     const uint16_t *keys, float *out) {
+    MEMORY_BARRIER();
+    _tile_loadd(3, keys, 64);
+    _tile_loadd(4, keys + ROWS * STEP, 64);
+    const size_t row_bytes = HEAD_SIZE * 2, group = (size_t)ROWS * HEAD_SIZE;
+    int t = 0;
+    for (; t + 1 < groups; t += 2) {
+        const uint16_t *a = rows + t * group;
+        _tile_zero(2);
+        _tile_zero(5);
+        _tile_loadd(0, a, row_bytes);
+        _tile_loadd(1, a + STEP, row_bytes);
+        _tile_loadd(6, a + group, row_bytes);
+        _tile_loadd(7, a + group + STEP, row_bytes);
+        _tile_dpbf16ps(2, 0, 3);
+        _tile_dpbf16ps(5, 6, 3);
+        _tile_dpbf16ps(2, 1, 4);
+        _tile_dpbf16ps(5, 7, 4);
+        _tile_stored(2, out + (size_t)t * ROWS * ROWS, ROWS * 4);
+        _tile_stored(5, out + (size_t)(t + 1) * ROWS * ROWS, ROWS * 4);
+    }
+    if (t < groups) {
+        const uint16_t *a = rows + t * group;
+        _tile_zero(2);
+        _tile_loadd(0, a, row_bytes);
+        _tile_loadd(1, a + STEP, row_bytes);
+        _tile_dpbf16ps(2, 0, 3);
+        _tile_dpbf16ps(2, 1, 4);
+        _tile_stored(2, out + (size_t)t * ROWS * ROWS, ROWS * 4);
+    }
+    MEMORY_BARRIER();
+}
+
+__attribute__((target(AMX_TARGET))) static void load_block(const uint16_t *rows, size_t row_bytes) {
+    MEMORY_BARRIER();
+    _tile_loadd(0, rows, row_bytes);
+    _tile_loadd(1, rows + STEP, row_bytes);
+}
+
+/* rows[i][k] becomes rows[k][i] for 16 x 16 32-bit values: each stage swaps one bit of the index between
+ * row and column (the lane p of a stage's low half takes a[p] or b[p - d], its high half a[p + d] or b[p]). */
+__attribute__((target(AMX_TARGET))) static inline void transpose16(__m512i rows[ROWS]) {
+    for (int distance = 1; distance < ROWS; distance <<= 1) {
+        int32_t low_lanes[ROWS], high_lanes[ROWS];
+        for (int p = 0; p < ROWS; p++) {
+            low_lanes[p] = p & distance ? ROWS + p - distance : p;
+            high_lanes[p] = p & distance ? ROWS + p : p + distance;
+        }
+        const __m512i low = _mm512_loadu_si512(low_lanes), high = _mm512_loadu_si512(high_lanes);
+        for (int i = 0; i < ROWS; i++) {
+            if (i & distance) continue;
+            const __m512i a = rows[i], b = rows[i + distance];
+            rows[i] = _mm512_permutex2var_epi32(a, low, b);
+            rows[i + distance] = _mm512_permutex2var_epi32(a, high, b);
+        }
+    }
+}
+
+/* K of one (head, pair) as B operands of q . k: group g, half s, row kk holds the 32-bit pairs
+ * (k_j[32s + 2kk], k_j[32s + 2kk + 1]) for the group's 16 keys j, a 16 x 16 transpose of 32-bit values;
+ * keys past the pair's are zeros. */
+__attribute__((target(AMX_TARGET))) static void pack_keys(const uint16_t *key, size_t stride, int keys,
+                                                         uint16_t *out) {
+    for (int j0 = 0; j0 < keys; j0 += ROWS)
+        for (int half = 0; half < 2; half++) {
+            __m512i rows[ROWS];
+            for (int n = 0; n < ROWS; n++)
+                rows[n] = j0 + n < keys ? _mm512_loadu_si512(key + (size_t)(j0 + n) * stride + half * STEP)
+                                        : _mm512_setzero_si512();
+            transpose16(rows);
+            for (int kk = 0; kk < ROWS; kk++) _mm512_storeu_si512(out + (size_t)kk * STEP, rows[kk]);
+            out += ROWS * STEP;
+        }
+}
+
+/* V of one (head, pair) as B operands of probabilities x values: step t (32 keys), columns 16c .. 16c + 15,
+ * row kk holds (v_{32t + 2kk}[col], v_{32t + 2kk + 1}[col]) for each column: two rows interleaved. Keys past
+ * the pair's are zeros (their probabilities are zeros too, and 0 x 0 keeps the sums finite). */
+__attribute__((target(AMX_TARGET))) static void pack_values(const uint16_t *value, size_t stride, int keys,
+                                                           uint16_t *out) {
+    int16_t first_lanes[STEP], second_lanes[STEP];
+    for (int p = 0; p < STEP; p++) {
+        first_lanes[p] = (int16_t)(p / 2 + (p % 2) * STEP);
+        second_lanes[p] = (int16_t)(first_lanes[p] + ROWS);
+    }
+    const __m512i first = _mm512_loadu_si512(first_lanes), second = _mm512_loadu_si512(second_lanes);
+    const int steps = (keys + STEP - 1) / STEP;
+    for (int t = 0; t < steps; t++)
+        for (int kk = 0; kk < ROWS; kk++) {
+            const int j = t * STEP + 2 * kk;
+            __m512i even[2], odd[2];
+            for (int half = 0; half < 2; half++) {
+                even[half] = j < keys ? _mm512_loadu_si512(value + (size_t)j * stride + half * STEP)
+                                      : _mm512_setzero_si512();
+                odd[half] = j + 1 < keys ? _mm512_loadu_si512(value + (size_t)(j + 1) * stride + half * STEP)
+                                         : _mm512_setzero_si512();
+            }
+            uint16_t *row = out + ((size_t)t * 4 * ROWS + kk) * STEP;
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_si512(row + (size_t)c * ROWS * STEP,
+                                    _mm512_permutex2var_epi16(even[c / 2], c % 2 ? second : first, odd[c / 2]));
+        }
+}
+
+/* e^x for x <= 0, within 2e-7 relatively (far inside the bfloat16 rounding the probabilities take):
+ * 2^k 2^f with k = round(x log2 e) and |f| <= 1/2, 2^f by its Taylor series to the 6th power. */
+__attribute__((target(AMX_TARGET))) static inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.693147181f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* x[j] += c2p[slot(i - j)] + p2c[p2c_at[j] + 16 slot(i - j)] for the row's keys, then softmax into bfloat16
+ * probabilities, zeros past the keys up to `padded`. */
+__attribute__((target(AMX_TARGET))) static void softmax_row(float *x, const float *c2p, const float *p2c,
+                                                           const int32_t *p2c_at, const int32_t *slot_of,
+                                                           int keys, int padded, uint16_t *probabilities) {
+    __m512 top = _mm512_set1_ps(-3.0e38f);
+    for (int j = 0; j < keys; j += 16) {
+        const __mmask16 lanes = keys - j >= 16 ? 0xFFFF : (__mmask16)((1u << (keys - j)) - 1);
+        const __m512i slot = _mm512_maskz_loadu_epi32(lanes, slot_of + j);
+        const __m512i at = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, p2c_at + j), _mm512_slli_epi32(slot, 4));
+        __m512 sum = _mm512_maskz_loadu_ps(lanes, x + j);
+        sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, slot, c2p, 4));
+        sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, p2c, 4));
+        _mm512_mask_storeu_ps(x + j, lanes, sum);
+        top = _mm512_mask_max_ps(top, lanes, top, sum);
+    }
+    const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int j = 0; j < keys; j += 16) {
+        const __mmask16 lanes = keys - j >= 16 ? 0xFFFF : (__mmask16)((1u << (keys - j)) - 1);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + j), largest));
+        _mm512_mask_storeu_ps(x + j, lanes, e);
+        total = _mm512_mask_add_ps(total, lanes, total, e);
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int j = 0; j < padded; j += 16) {
+        const __mmask16 lanes = keys - j >= 16 ? 0xFFFF : keys > j ? (__mmask16)((1u << (keys - j)) - 1) : 0;
+        const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + j), scale);
+        _mm256_storeu_si256((__m256i *)(probabilities + j), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+}
+
+/* probabilities (16 x steps x 32) x values into `out` (16 x 64 floats), by tiles 4 to 7. */
+__attribute__((target(AMX_TARGET))) static void weigh_values(const uint16_t *probabilities, size_t row_bytes,
+                                                            const uint16_t *values, int steps, float *out) {
+    MEMORY_BARRIER();
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int t = 0; t < steps; t++) {
+        const uint16_t *b = values + (size_t)t * 4 * ROWS * STEP;
+        _tile_loadd(0, probabilities + t * STEP, row_bytes);
+        _tile_loadd(1, b, 64);
+        _tile_loadd(2, b + ROWS * STEP, 64);
+        _tile_loadd(3, b + 2 * ROWS * STEP, 64);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_dpbf16ps(5, 0, 2);
+        _tile_loadd(1, b + 3 * ROWS * STEP, 64);
+        _tile_dpbf16ps(6, 0, 3);
+        _tile_dpbf16ps(7, 0, 1);
+    }
+    _tile_stored(4, out, HEAD_SIZE * 4);
+    _tile_stored(5, out + ROWS, HEAD_SIZE * 4);
+    _tile_stored(6, out + 2 * ROWS, HEAD_SIZE * 4);
+    _tile_stored(7, out + 3 * ROWS, HEAD_SIZE * 4);
+    MEMORY_BARRIER();
+}
+
+__attribute__((target(AMX_TARGET))) static void store_context(const float *out, int rows, uint16_t *context,
+                                                             size_t stride) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < HEAD_SIZE; c += 16) {
+            const __m512 value = _mm512_loadu_ps(out + r * HEAD_SIZE + c);
+            _mm256_storeu_si256((__m256i *)(context + (size_t)r * stride + c), (__m256i)_mm512_cvtneps_pbh(value));
+        }
+}
+
+/* A table's run of rows from slot `low` (a multiple of 16) through `high`: its groups and their count. */
+static const uint16_t *run_of(const uint16_t *table, int low, int high, int *groups) {
+    *groups = high / ROWS - low / ROWS + 1;
+    return table + (size_t)(low / ROWS) * 2 * ROWS * STEP;
+}
+
+__attribute__((target(AMX_TARGET))) static void attend_unit(const Job *job, int unit, const Buffers *buf) {
+    const int h = unit % job->heads, b = unit / job->heads;
+    const int queries = job->queries[b], keys = job->keys[b], hidden = job->heads * HEAD_SIZE;
+    const size_t stride = (size_t)3 * hidden;
+    const uint16_t *query = job->qkv + (size_t)job->offsets[b] * stride + h * HEAD_SIZE;
+    const uint16_t *key = query + hidden, *value = query + 2 * hidden;
+    const size_t table_size = (size_t)job->table_groups * 2 * ROWS * STEP;
+    const uint16_t *key_table = job->key_table + h * table_size, *query_table = job->query_table + h * table_size;
+    const int32_t *slots = job->slots;
+    const int key_groups = (keys + ROWS - 1) / ROWS, steps = (keys + STEP - 1) / STEP;
+
+    pack_keys(key, stride, keys, buf->keys);
+    pack_values(value, stride, keys, buf->values);
+
+    /* p2c: the run of table rows the distances from every query to a group of 16 keys fall on, times the
+     * group's keys: (run, 16) per group, so that a block of queries finds its terms in a few KB */
+    for (int g = 0; g < key_groups; g++) {
+        const int j0 = g * ROWS, low = slots[j0 + ROWS - 1] & ~(ROWS - 1), high = slots[j0 - queries + 1];
+        float *terms = buf->p2c + (size_t)g * buf->run * ROWS;
+        table_rows_times_keys(query_table + (size_t)low * HEAD_SIZE, high / ROWS - low / ROWS + 1,
+                              buf->keys + (size_t)g * 2 * ROWS * STEP, terms);
+        for (int n = 0; n < ROWS; n++) buf->p2c_at[j0 + n] = (g * buf->run - low) * ROWS + n;
+    }
+
+    for (int i0 = 0; i0 < queries; i0 += ROWS) {
+        const int rows = queries - i0 < ROWS ? queries - i0 : ROWS;
+        size_t row_bytes;
+        const uint16_t *block = block_rows(query + (size_t)i0 * stride, stride, rows, buf->rows, &row_bytes);
+        load_block(block, row_bytes);
+        rows_times_groups(buf->keys, key_groups, buf->scores, (size_t)buf->padded * 4);
+        /* c2p: the block against the run of slots of distances i0 - keys + 1 .. i0 + 15 */
+        const int low = slots[keys - 1 - i0] & ~(ROWS - 1), high = slots[-(i0 + ROWS - 1)];
+        int groups;
+        const uint16_t *run = run_of(key_table, low, high, &groups);
+        rows_times_groups(run, groups, buf->c2p, (size_t)buf->run * 4);
+        for (int r = 0; r < ROWS; r++) {
+            uint16_t *probabilities = buf->probabilities + (size_t)r * buf->padded;
+            if (r >= rows) {
+                memset(probabilities, 0, (size_t)steps * STEP * 2);
+                continue;
+            }
+            const int i = i0 + r;
+            softmax_row(buf->scores + (size_t)r * buf->padded, buf->c2p + (size_t)r * buf->run - low, buf->p2c,
+                        buf->p2c_at, slots - i, keys, steps * STEP, probabilities);
+        }
+        weigh_values(buf->probabilities, (size_t)buf->padded * 2, buf->values, steps, buf->out);
+        store_context(buf->out, rows,
+                      job->context + ((size_t)job->offsets[b] + i0) * hidden + h * HEAD_SIZE, hidden);
+    }
+}
+
+__attribute__((target(AMX_TARGET))) static void *work(void *argument) {
+    const Worker *worker = argument;
+    Job *job = worker->job;
+    Buffers buffers;
+    buffers_for(job->max_length, &buffers, job->workspace + (size_t)worker->index * job->workspace_bytes);
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = ROWS;
+    }
+    _tile_loadconfig(&config);
+    const int units = job->heads * job->pairs;
+    for (int unit; (unit = __atomic_fetch_add(&job->next_unit, 1, __ATOMIC_RELAXED)) < units;)
+        attend_unit(job, unit, &buffers);
+    _tile_release();
+    return NULL;
+}
+
+/* Set once Linux has granted this process the tiles' state: a tile instruction before that faults. */
+static int tiles_granted;
+
+/* 1 where this CPU has AMX-BF16 and the kernel may use its tiles (Linux grants a process the tile state on
+ * request), else 0: the caller then attends by the other path. */
+int amx_attention_ready(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
+        return 0;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
+        __atomic_store_n(&tiles_granted, 1, __ATOMIC_RELEASE);
+    return __atomic_load_n(&tiles_granted, __ATOMIC_ACQUIRE);
+}
+
+/* Every (head, pair)'s context, by `threads` threads (the caller's among them) taking units in turn.
+ * `workspace` holds threads x amx_attention_workspace(max_length) bytes, allocated by the caller so that no
+ * thread grows a heap of its own. 0 when every context row is written; nonzero, with nothing written, before
+ * amx_attention_ready() has granted the tiles, and with rows unwritten when a thread could not be started
+ * (the caller then attends another way). */
+int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *queries,
+                  const int32_t *keys, const void *key_table, const void *query_table, const int32_t *slots,
+                  void *workspace, int heads, int pairs, int table_groups, int max_length, int threads) {
+    if (!__atomic_load_n(&tiles_granted, __ATOMIC_ACQUIRE)) return 2;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Job job = {qkv, context, offsets, queries, keys, key_table, query_table, slots, workspace,
+               amx_attention_workspace(max_length), heads, pairs, table_groups, max_length, threads, 0};
+    pthread_t ids[MAX_THREADS];
+    Worker workers[MAX_THREADS];
+    int started = 1;
+    for (int t = 0; t < threads; t++) workers[t] = (Worker){&job, t};
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, work, &workers[started]) != 0) break;
+    work(&workers[0]);
+    for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
+    return started < threads;
+}
+#else
+int amx_attention_ready(void) { return 0; }
+
+size_t amx_attention_workspace(int max_length) { return (size_t)max_length * 0; }
+
+int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *queries,
+                  const int32_t *keys, const void *key_table, const void *query_table, const int32_t *slots,
+                  void *workspace, int heads, int pairs, int table_groups, int max_length, int threads) {
+    (void)qkv, (void)context, (void)offsets, (void)queries, (void)keys, (void)key_table, (void)query_table;
+    (void)slots, (void)workspace, (void)heads, (void)pairs, (void)table_groups, (void)max_length, (void)threads;
+    return 1;
+}
+#endif

@@ -1,0 +1,192 @@
+"""The AMX attention kernel (rerankd.modeling.fused_attention.packed_context): a bfloat16 layer's whole
+attention over packed pairs, equal to a float64 softmax of the same terms within its bf16 roundings, in use
+in every full layer of a bf16 model on a CPU with AMX, and standing down where it must. Skipped, but for the
+tests of when it stands down, on CPUs without AMX-BF16 (the AMD EPYCs): there the other paths run, and
+tests/test_fused_attention.py checks them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rerankd.engine.precision import MAX_SCORE_DELTA
+from rerankd.modeling import fused_attention
+from rerankd.modeling.config import DebertaConfig
+from rerankd.modeling.deberta import DebertaReranker, TokenLayout
+
+from parity import (
+    bf16_score_drift,
+    bf16_truth,
+    geometry_config,
+    load_ours,
+    padded_batch,
+    wide_checkpoint,
+)
+
+needs_amx = pytest.mark.skipif(
+    not fused_attention.amx_available(torch.empty(0, dtype=torch.bfloat16)),
+    reason="this CPU lacks AMX-BF16 (or the kernel is not built here)",
+)
+
+HEADS = 3
+
+
+def base_model() -> DebertaReranker:
+    """The base geometry's relative slots (256 buckets over 512 positions): its distances' slot map."""
+    return DebertaReranker(DebertaConfig.from_dict(geometry_config("base")))
+
+
+def packed_case(
+    lengths: list[int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed batch's fused projection output, its spans, random relative tables of the base geometry's
+    512 slots, and its distances' slots."""
+    generator = torch.Generator().manual_seed(seed)
+    spans = torch.tensor([[sum(lengths[:pair]) for pair in range(len(lengths))], lengths], dtype=torch.int32)
+    width = HEADS * fused_attention.AMX_HEAD_SIZE
+    qkv = (0.5 * torch.randn(sum(lengths), 3 * width, generator=generator)).bfloat16()
+    key_table, query_table = (
+        (0.3 * torch.randn(HEADS, 512, fused_attention.AMX_HEAD_SIZE, generator=generator)).bfloat16()
+        for _ in "kq"
+    )
+    distance_slots = base_model().relative_index(max(lengths)).distance_slots
+    return qkv, spans, key_table, query_table, distance_slots
+
+
+@needs_amx
+@pytest.mark.parametrize("lengths", [[1], [5, 40, 17], [17, 33], [100, 64, 3], [512], [300, 512, 7]], ids=str)
+def test_the_context_equals_a_float64_softmax(lengths: list[int]) -> None:
+    """Within the two bf16 roundings it makes: each probability's and the context's own, each at most 2^-9
+    relatively, so |Δ| <= 2^-8 max |v| (with a quarter's margin for the float32 sums): partial tiles, a
+    partial step of 32 keys, pairs longer and shorter than the batch's longest, one at the model's limit."""
+    qkv, spans, key_table, query_table, distance_slots = packed_case(lengths)
+    context = fused_attention.packed_context(
+        qkv, spans, *fused_attention.amx_tables(key_table, query_table), distance_slots, max(lengths)
+    )
+    assert context is not None
+    expected = fused_attention.reference_context(qkv, spans, key_table, query_table, distance_slots)
+    values = qkv[:, 2 * HEADS * fused_attention.AMX_HEAD_SIZE :].double()
+    assert (context.double() - expected).abs().max() <= 1.25 * 2**-8 * values.abs().max()
+
+
+@needs_amx
+def test_a_wrong_term_is_caught() -> None:
+    """The bound bites: the reference with the p2c table's slots shifted by one, or c2p left out, is far
+    outside it."""
+    qkv, spans, key_table, query_table, distance_slots = packed_case([5, 40, 17])
+    context = fused_attention.packed_context(
+        qkv, spans, *fused_attention.amx_tables(key_table, query_table), distance_slots, 40
+    )
+    assert context is not None
+    bound = 1.25 * 2**-8 * qkv[:, 2 * HEADS * fused_attention.AMX_HEAD_SIZE :].double().abs().max()
+    mutants = {
+        "p2c one slot off": (key_table, query_table.roll(1, 1)),
+        "no c2p": (torch.zeros_like(key_table), query_table),
+    }
+    for name, (keys, queries) in mutants.items():
+        wrong = fused_attention.reference_context(qkv, spans, keys, queries, distance_slots)
+        assert (context.double() - wrong).abs().max() > 10 * bound, name
+
+
+@needs_amx
+def test_the_kernel_refuses_tensors_it_does_not_expect() -> None:
+    """It reads by raw pointer: a wrong shape, dtype or span is refused before it runs."""
+    qkv, spans, key_table, query_table, distance_slots = packed_case([5, 40, 17])
+    key_tiles, query_rows = fused_attention.amx_tables(key_table, query_table)
+    arguments = (qkv, spans, key_tiles, query_rows, distance_slots, 40)
+    assert fused_attention.packed_context(*arguments) is not None
+    past_the_rows = spans.clone()
+    past_the_rows[1, -1] += 1
+    wrong = {
+        "qkv in float32": (qkv.float(), *arguments[1:]),
+        "qkv one head short": (qkv[:, :-64].contiguous(), *arguments[1:]),
+        "a pair past the rows": (qkv, past_the_rows, *arguments[2:]),
+        "a pair longer than the length": (*arguments[:5], 39),
+        "the query table tiled": (qkv, spans, key_tiles, key_tiles, distance_slots, 40),
+        "slots of a shorter batch": (*arguments[:4], distance_slots[1:-1].contiguous(), 40),
+        "spans in int64": (qkv, spans.long(), *arguments[2:]),
+    }
+    for name, tensors in wrong.items():
+        assert fused_attention.packed_context(*tensors) is None, name
+
+
+@needs_amx
+def test_before_linux_grants_the_tiles_the_kernel_refuses_rather_than_faults(tmp_path) -> None:
+    """A tile instruction before the process asked for the tiles' state kills it (SIGILL): the library,
+    loaded afresh in a new process, refuses until `amx_attention_ready` has run."""
+    probe = (
+        "import torch\n"
+        "from rerankd.modeling import fused_attention as f\n"
+        "library = f.load(f.compiled())\n"
+        "qkv = torch.randn(8, 3 * 64).bfloat16()\n"
+        "spans = torch.tensor([[0], [8]], dtype=torch.int32)\n"
+        "tables = f.amx_tables(*torch.randn(2, 1, 16, 64).bfloat16())\n"
+        "slots = torch.full((2 * (8 + f.AMX_SLOT_REACH) + 1,), 7, dtype=torch.int32)\n"
+        "arguments = (library, qkv, spans, *tables, slots, 8)\n"
+        "print(f.run_amx(*arguments) is None)\n"
+        "print(library.amx_attention_ready(), f.run_amx(*arguments) is not None)\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.split() == ["True", "1", "True"]
+
+
+@needs_amx
+def test_every_full_layer_of_a_bf16_model_runs_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All layers but the last (which attends from the first token alone), on right-padded pairs; and the
+    model's scores hold `--dtype auto`'s bound against the float64 reference."""
+    calls: list[int] = []
+    kernel = fused_attention.packed_context
+
+    def counted(qkv: torch.Tensor, *args: object) -> torch.Tensor | None:
+        calls.append(len(qkv))
+        return kernel(qkv, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused_attention, "packed_context", counted)
+    config = geometry_config("xsmall")
+    drift = bf16_score_drift(config, *bf16_truth(config))
+    assert len(calls) == config["num_hidden_layers"] - 1
+    assert drift <= MAX_SCORE_DELTA
+
+
+def test_left_padded_pairs_are_not_given_to_the_kernel() -> None:
+    """The kernel takes each pair's tokens as its first positions: a right-padded mask gives it the pairs'
+    spans, any other none (those pairs attend by the other path)."""
+    _, right = padded_batch([3, 5, 2], vocab=100, seed=0)
+    layout = TokenLayout.from_mask(right, row_multiple=64)
+    assert layout.pair_spans is not None and layout.pair_spans.tolist() == [[0, 3, 8], [3, 5, 2]]
+    assert TokenLayout.from_mask(right.flip(1)).pair_spans is None
+
+
+def test_the_kernel_stands_down_where_onednn_is_capped_below_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ONEDNN_MAX_CPU_ISA` below AMX gives the paths a CPU without AMX runs (how the kernel-path tests check
+    them on an AMX machine)."""
+    for cap, allowed in [
+        ("AVX512_CORE_BF16", False),
+        ("AVX2", False),
+        ("AVX512_CORE_AMX", True),
+        ("ALL", True),
+    ]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert fused_attention.onednn_allows_amx() is allowed, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert fused_attention.onednn_allows_amx()
+
+
+@needs_amx
+def test_a_float32_model_keeps_the_other_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is bf16's: float32 layers attend by the fused softmax kernel and torch, as before."""
+    calls: list[object] = []
+    monkeypatch.setattr(fused_attention, "packed_context", lambda *args: calls.append(args))
+    config = {**geometry_config("xsmall"), "num_hidden_layers": 2}
+    model = load_ours(config, wide_checkpoint(config))
+    input_ids, mask = padded_batch([9, 4], config["vocab_size"], seed=1)
+    with torch.inference_mode():
+        model(input_ids, mask)
+    assert calls == []
