@@ -295,13 +295,21 @@ __attribute__((target(AMX_TARGET))) static inline __m512 exp_nonpositive(__m512 
 __attribute__((target(AMX_TARGET))) static void softmax_row(float *x, const float *c2p, const float *p2c,
                                                            const int32_t *p2c_at, const int32_t *slot_of,
                                                            int keys, int padded, uint16_t *probabilities) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i reversed = _mm512_sub_epi32(_mm512_set1_epi32(15), lane);
     __m512 top = _mm512_set1_ps(-3.0e38f);
     for (int j = 0; j < keys; j += 16) {
         const __mmask16 lanes = keys - j >= 16 ? 0xFFFF : (__mmask16)((1u << (keys - j)) - 1);
         const __m512i slot = _mm512_maskz_loadu_epi32(lanes, slot_of + j);
         const __m512i at = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, p2c_at + j), _mm512_slli_epi32(slot, 4));
         __m512 sum = _mm512_maskz_loadu_ps(lanes, x + j);
-        sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, slot, c2p, 4));
+        /* near the diagonal each distance has a slot of its own: 16 slots falling by one, one load reversed */
+        const int first = _mm512_cvtsi512_si32(slot);
+        const __m512i falling = _mm512_sub_epi32(_mm512_set1_epi32(first), lane);
+        if (lanes == 0xFFFF && _mm512_cmpeq_epi32_mask(slot, falling) == 0xFFFF)
+            sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(reversed, _mm512_loadu_ps(c2p + first - 15)));
+        else
+            sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, slot, c2p, 4));
         sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, at, p2c, 4));
         _mm512_mask_storeu_ps(x + j, lanes, sum);
         top = _mm512_mask_max_ps(top, lanes, top, sum);
