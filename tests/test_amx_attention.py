@@ -12,11 +12,13 @@ import sys
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from rerankd.bench.profile import OTHER, kind_of
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling import fused_attention
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import DebertaReranker, TokenLayout
+from rerankd.modeling.deberta import AMX_ATTENTION_OP, DebertaReranker, TokenLayout
 
 from parity import (
     bf16_score_drift,
@@ -150,9 +152,14 @@ def test_every_full_layer_of_a_bf16_model_runs_the_kernel(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(fused_attention, "packed_context", counted)
     config = geometry_config("xsmall")
-    drift = bf16_score_drift(config, *bf16_truth(config))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        drift = bf16_score_drift(config, *bf16_truth(config))
     assert len(calls) == config["num_hidden_layers"] - 1
     assert drift <= MAX_SCORE_DELTA
+    # its time is named where the bench's profile finds it
+    (event,) = [event for event in profiler.key_averages() if event.key == AMX_ATTENTION_OP]
+    assert event.count == len(calls)
+    assert kind_of(AMX_ATTENTION_OP) != OTHER
 
 
 def test_left_padded_pairs_are_not_given_to_the_kernel() -> None:

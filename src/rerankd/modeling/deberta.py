@@ -55,6 +55,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The AMX attention kernel's time, under torch's profiler.
+AMX_ATTENTION_OP = "rerankd::amx_attention"
 # On a CPU the dense layers see a pass's tokens in a multiple of this many rows: oneDNN builds a kernel for
 # every row count it meets (4-10 ms a layer for base on AMX), so 16 counts up to the default budget of 1,024
 # tokens recur across passes, where each pass's own count would be new (docs/decisions.md).
@@ -295,9 +297,10 @@ class DebertaLayer(nn.Module):
         ):
             return None
         key_tiles, query_table = self._amx_tables(self.relative_keys, self.relative_queries)
-        return fused_attention.packed_context(
-            qkv, layout.pair_spans, key_tiles, query_table, relative.distance_slots, layout.length
-        )
+        with torch.profiler.record_function(AMX_ATTENTION_OP):
+            return fused_attention.packed_context(
+                qkv, layout.pair_spans, key_tiles, query_table, relative.distance_slots, layout.length
+            )
 
     def _amx_tables(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The relative tables laid out for the AMX kernel, once per pair of tables: kept with the tensors

@@ -11,16 +11,21 @@
  * The relative terms: slot(d) never falls as the distance d rises, so the distances a block of 16 queries
  * meets (i0 - keys + 1 .. i0 + 15) fall on one run of table rows, and the block is multiplied against that
  * run alone (at most keys + 45 rows). Its c2p term for (i, j) is then read back from the product at column
- * slot(i - j), by a gather. The p2c terms are a product of each block of 16 keys against its run, for all
- * the pair's queries at once, kept per thread (L x (L + 45) floats) and gathered likewise.
+ * slot(i - j): by a gather, or, near the diagonal where 16 keys fall on 16 slots of their own, by one load
+ * reversed. The p2c terms: for each group of 16 keys, the run of table rows its distances to every query
+ * fall on times the group's keys, (run, 16), kept per thread for the whole pair, so that a block of queries
+ * gathers its terms from a few KB of each group's.
  *
  * Inputs (all contiguous):
- *   qkv      (tokens, 3 x heads x 64) bfloat16: the fused projection's output over the batch's packed tokens;
- *            pair b's tokens are rows offsets[b] .. offsets[b] + queries[b], its first keys[b] of them keys
- *   tables   (heads, slots / 16, 2, 16, 32) bfloat16, twice: the relative table through the key projection
- *            (c2p) and through the query projection (p2c), each 16 rows laid out as AMX's B operand
- *   slots    int32, slots[k] = slot(-k) for |k| <= the kernel's reach: passed at k = 0
- *   context  (tokens, heads x 64) bfloat16, written at each pair's rows
+ *   qkv          (tokens, 3 x heads x 64) bfloat16: the fused projection's output over the batch's packed
+ *                tokens; pair b's tokens are rows offsets[b] .. offsets[b] + queries[b], its first keys[b]
+ *                of them keys
+ *   key_table    (heads, slots / 16, 2, 16, 32) bfloat16: the relative table through the key projection
+ *                (c2p), each 16 rows laid out as AMX's B operand
+ *   query_table  (heads, slots, 64) bfloat16: the relative table through the query projection (p2c), as rows
+ *                (AMX's A operand, against the keys); slots a multiple of 16 in both
+ *   slots        int32, slots[k] = slot(-k) for |k| <= the batch's longest pair + 16: passed at k = 0
+ *   context      (tokens, heads x 64) bfloat16, written at each pair's rows
  * The attention scale is in the query projection and in the p2c table already. */
 #include <stddef.h>
 #include <stdint.h>
