@@ -101,6 +101,9 @@ def test_the_kernel_refuses_tensors_it_does_not_expect() -> None:
     key_tiles, query_rows = fused_attention.amx_tables(key_table, query_table)
     arguments = (qkv, spans, key_tiles, query_rows, distance_slots, 40)
     assert fused_attention.packed_context(*arguments) is not None
+    jumping = distance_slots.clone()  # near k = 0 the slots fall by 2 from one distance to the next
+    middle = len(jumping) // 2
+    jumping[:middle] = (jumping[:middle] + 1).clamp(max=int(distance_slots.max()))
     past_the_rows = spans.clone()
     past_the_rows[1, -1] += 1
     wrong = {
@@ -110,6 +113,8 @@ def test_the_kernel_refuses_tensors_it_does_not_expect() -> None:
         "a pair longer than the length": (*arguments[:5], 39),
         "the query table tiled": (qkv, spans, key_tiles, key_tiles, distance_slots, 40),
         "slots of a shorter batch": (*arguments[:4], distance_slots[1:-1].contiguous(), 40),
+        "slots rising with k": (*arguments[:4], distance_slots.flip(0).contiguous(), 40),
+        "slots falling by 2 once": (*arguments[:4], jumping, 40),
         "spans in int64": (qkv, spans.long(), *arguments[2:]),
     }
     for name, tensors in wrong.items():

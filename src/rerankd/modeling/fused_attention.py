@@ -333,6 +333,7 @@ def run_amx(
         or int((spans[0] + spans[1]).max()) > qkv.shape[0]
         or int(distance_slots.min()) < 0
         or int(distance_slots.max()) >= groups * AMX_TILE_ROWS
+        or not unit_steps(distance_slots)
     ):
         return None
     threads = torch.get_num_threads()
@@ -360,6 +361,13 @@ def onednn_allows_amx() -> bool:
     capped process runs what a CPU without AMX runs (the tests check those paths on an AMX machine so)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     return cap == "ALL" or "AMX" in cap
+
+
+def unit_steps(distance_slots: torch.Tensor) -> bool:
+    """Whether the slot of the distance -k falls by 0 or 1 at each step of k: so the slots a run of distances
+    reaches are no more than the distances, and a run's products fit the kernel's buffers."""
+    steps = distance_slots[:-1] - distance_slots[1:]
+    return bool(((steps == 0) | (steps == 1)).all())
 
 
 @functools.cache
