@@ -104,12 +104,15 @@ def test_the_kernel_refuses_tensors_it_does_not_expect() -> None:
     jumping = distance_slots.clone()  # near k = 0 the slots fall by 2 from one distance to the next
     middle = len(jumping) // 2
     jumping[:middle] = (jumping[:middle] + 1).clamp(max=int(distance_slots.max()))
+    before_the_rows = spans.clone()
+    before_the_rows[0, 0] = -1
     past_the_rows = spans.clone()
     past_the_rows[1, -1] += 1
     wrong = {
         "qkv in float32": (qkv.float(), *arguments[1:]),
         "qkv one head short": (qkv[:, :-64].contiguous(), *arguments[1:]),
         "a pair past the rows": (qkv, past_the_rows, *arguments[2:]),
+        "a pair before the first row": (qkv, before_the_rows, *arguments[2:]),
         "a pair longer than the length": (*arguments[:5], 39),
         "the query table tiled": (qkv, spans, key_tiles, key_tiles, distance_slots, 40),
         "slots of a shorter batch": (*arguments[:4], distance_slots[1:-1].contiguous(), 40),
@@ -133,9 +136,9 @@ def test_before_linux_grants_the_tiles_the_kernel_refuses_rather_than_faults(tmp
         "spans = torch.tensor([[0], [8]], dtype=torch.int32)\n"
         "tables = f.amx_tables(*torch.randn(2, 1, 16, 64).bfloat16())\n"
         "slots = torch.full((2 * (8 + f.AMX_SLOT_REACH) + 1,), 7, dtype=torch.int32)\n"
-        "arguments = (library, qkv, spans, *tables, slots, 8)\n"
-        "print(f.run_amx(*arguments) is None)\n"
-        "print(library.amx_attention_ready(), f.run_amx(*arguments) is not None)\n"
+        "arguments = (qkv, spans, *tables, slots, 8, library)\n"
+        "print(f.packed_context(*arguments) is None)\n"
+        "print(library.amx_attention_ready(), f.packed_context(*arguments) is not None)\n"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     result = subprocess.run(

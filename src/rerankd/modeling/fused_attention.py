@@ -285,33 +285,20 @@ def packed_context(
     query_table: torch.Tensor,
     distance_slots: torch.Tensor,
     length: int,
+    library: ctypes.CDLL | None = None,
 ) -> torch.Tensor | None:
     """The attention context of every pair's tokens, (rows of `qkv`, heads x 64), by the AMX kernel: `qkv`
     is the fused projection's output over a batch's packed tokens (Q, K, V, each heads x 64 wide, the scale
     in Q), `spans` (2, pairs) int32 each pair's first row and token count, `key_tiles` and `query_table` the
     layer's relative tables through the key and query projections (`amx_tables`), and `distance_slots`
     int32, the slot of the distance -k at k + reach for |k| <= reach = `length` + `AMX_SLOT_REACH`. Rows
-    past the tokens are zeros.
-    None where the kernel cannot run them: the caller attends another way."""
-    library = _amx_library()
-    return (
-        None
-        if library is None
-        else run_amx(library, qkv, spans, key_tiles, query_table, distance_slots, length)
-    )
+    past the tokens are zeros. By `library` where given, else by this machine's probed kernel.
 
-
-def run_amx(
-    library: ctypes.CDLL,
-    qkv: torch.Tensor,
-    spans: torch.Tensor,
-    key_tiles: torch.Tensor,
-    query_table: torch.Tensor,
-    distance_slots: torch.Tensor,
-    length: int,
-) -> torch.Tensor | None:
-    """`packed_context` by `library`, once the tensors are checked to hold what the kernel reads by raw
-    pointer: a shape, dtype or layout it does not expect is refused, never run."""
+    The kernel reads by raw pointer: tensors of a shape, dtype or layout it does not expect are refused,
+    never run. None then, and where the kernel cannot run them: the caller attends another way."""
+    library = library or _amx_library()
+    if library is None:
+        return None
     heads, groups = key_tiles.shape[:2]
     hidden = heads * AMX_HEAD_SIZE
     reach = length + AMX_SLOT_REACH
@@ -330,6 +317,7 @@ def run_amx(
         or pairs == 0
         or int(spans[1].max()) > length
         or int(spans[1].min()) < 1
+        or int(spans[0].min()) < 0
         or int((spans[0] + spans[1]).max()) > qkv.shape[0]
         or int(distance_slots.min()) < 0
         or int(distance_slots.max()) >= groups * AMX_TILE_ROWS
@@ -397,7 +385,7 @@ def matches_reference(library: ctypes.CDLL) -> bool:
     # slot(d): d itself near 0, halved beyond 8 either way, within the table
     distance_slots = torch.where(distances.abs() <= 8, distances, distances // 2 + 4 * distances.sign())
     distance_slots = (distance_slots + slots // 2).clamp(0, slots - 1).int()
-    context = run_amx(library, qkv, spans, *amx_tables(key_table, query_table), distance_slots, length)
+    context = packed_context(qkv, spans, *amx_tables(key_table, query_table), distance_slots, length, library)
     if context is None:
         return False
     expected = reference_context(qkv, spans, key_table, query_table, distance_slots)
