@@ -178,7 +178,7 @@ def load(path: Path) -> ctypes.CDLL:
     library.amx_attention_workspace.restype = ctypes.c_size_t
     library.amx_attention_workspace.argtypes = [ctypes.c_int]
     library.amx_attention.restype = ctypes.c_int
-    library.amx_attention.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5
+    library.amx_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
     return library
 
 
@@ -331,7 +331,7 @@ def packed_context(
     # Each thread's buffers, from torch's allocator: no thread grows a heap of its own.
     workspace = torch.empty(threads * library.amx_attention_workspace(length), dtype=torch.uint8)
     failed = library.amx_attention(
-        *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (qkv, context, spans[0], spans[1], spans[1])),
+        *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (qkv, context, spans[0], spans[1])),
         *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (key_tiles, query_table)),
         ctypes.c_void_p(distance_slots.data_ptr() + reach * distance_slots.element_size()),
         ctypes.c_void_p(workspace.data_ptr()),

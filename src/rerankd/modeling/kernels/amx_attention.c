@@ -18,8 +18,8 @@
  *
  * Inputs (all contiguous):
  *   qkv          (tokens, 3 x heads x 64) bfloat16: the fused projection's output over the batch's packed
- *                tokens; pair b's tokens are rows offsets[b] .. offsets[b] + queries[b], its first keys[b]
- *                of them keys
+ *                tokens; pair b's tokens, each a query and a key, are rows offsets[b] .. offsets[b] +
+ *                lengths[b]
  *   key_table    (heads, slots / 16, 2, 16, 32) bfloat16: the relative table through the key projection
  *                (c2p), each 16 rows laid out as AMX's B operand
  *   query_table  (heads, slots, 64) bfloat16: the relative table through the query projection (p2c), as rows
@@ -58,7 +58,7 @@ enum {
 typedef struct {
     const uint16_t *qkv;
     uint16_t *context;
-    const int32_t *offsets, *queries, *keys;
+    const int32_t *offsets, *lengths;
     const uint16_t *key_table, *query_table;
     const int32_t *slots;
     uint8_t *workspace;
@@ -379,7 +379,7 @@ static const uint16_t *run_of(const uint16_t *table, int low, int high, int *gro
 
 __attribute__((target(AMX_TARGET))) static void attend_unit(const Job *job, int unit, const Buffers *buf) {
     const int h = unit % job->heads, b = unit / job->heads;
-    const int queries = job->queries[b], keys = job->keys[b], hidden = job->heads * HEAD_SIZE;
+    const int queries = job->lengths[b], keys = queries, hidden = job->heads * HEAD_SIZE;
     const size_t stride = (size_t)3 * hidden;
     const uint16_t *query = job->qkv + (size_t)job->offsets[b] * stride + h * HEAD_SIZE;
     const uint16_t *key = query + hidden, *value = query + 2 * hidden;
@@ -469,12 +469,12 @@ int amx_attention_ready(void) {
  * thread grows a heap of its own. 0 when every context row is written; nonzero, with nothing written, before
  * amx_attention_ready() has granted the tiles, and with rows unwritten when a thread could not be started
  * (the caller then attends another way). */
-int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *queries,
-                  const int32_t *keys, const void *key_table, const void *query_table, const int32_t *slots,
+int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *lengths,
+                  const void *key_table, const void *query_table, const int32_t *slots,
                   void *workspace, int heads, int pairs, int table_groups, int max_length, int threads) {
     if (!__atomic_load_n(&tiles_granted, __ATOMIC_ACQUIRE)) return 2;
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    Job job = {qkv, context, offsets, queries, keys, key_table, query_table, slots, workspace,
+    Job job = {qkv, context, offsets, lengths, key_table, query_table, slots, workspace,
                amx_attention_workspace(max_length), heads, pairs, table_groups, max_length, threads, 0};
     pthread_t ids[MAX_THREADS];
     Worker workers[MAX_THREADS];
@@ -489,12 +489,15 @@ int amx_attention(const void *qkv, void *context, const int32_t *offsets, const 
 #else
 int amx_attention_ready(void) { return 0; }
 
-size_t amx_attention_workspace(int max_length) { return (size_t)max_length * 0; }
+size_t amx_attention_workspace(int max_length) {
+    (void)max_length;
+    return 0;
+}
 
-int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *queries,
-                  const int32_t *keys, const void *key_table, const void *query_table, const int32_t *slots,
+int amx_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *lengths,
+                  const void *key_table, const void *query_table, const int32_t *slots,
                   void *workspace, int heads, int pairs, int table_groups, int max_length, int threads) {
-    (void)qkv, (void)context, (void)offsets, (void)queries, (void)keys, (void)key_table, (void)query_table;
+    (void)qkv, (void)context, (void)offsets, (void)lengths, (void)key_table, (void)query_table;
     (void)slots, (void)workspace, (void)heads, (void)pairs, (void)table_groups, (void)max_length, (void)threads;
     return 1;
 }
