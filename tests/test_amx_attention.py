@@ -18,7 +18,8 @@ from rerankd.bench.profile import OTHER, kind_of
 from rerankd.engine.precision import MAX_SCORE_DELTA
 from rerankd.modeling import fused_attention
 from rerankd.modeling.config import DebertaConfig
-from rerankd.modeling.deberta import AMX_ATTENTION_OP, DebertaReranker, TokenLayout
+from rerankd.modeling.deberta import AMX_ATTENTION_OP, TokenLayout
+from rerankd.modeling.relative import RelativeIndex, relative_slot_table
 
 from parity import (
     bf16_score_drift,
@@ -37,9 +38,12 @@ needs_amx = pytest.mark.skipif(
 HEADS = 3
 
 
-def base_model() -> DebertaReranker:
-    """The base geometry's relative slots (256 buckets over 512 positions): its distances' slot map."""
-    return DebertaReranker(DebertaConfig.from_dict(geometry_config("base")))
+def base_distance_slots(length: int) -> torch.Tensor:
+    """The base geometry's relative slots (256 buckets over 512 positions) of a length-`length` batch's
+    distances, as the model hands them to the kernel."""
+    config = DebertaConfig.from_dict(geometry_config("base"))
+    slot_table = relative_slot_table(config)
+    return RelativeIndex.for_length(slot_table, config.max_position_embeddings, length).distance_slots
 
 
 def packed_case(
@@ -55,7 +59,7 @@ def packed_case(
         (0.3 * torch.randn(HEADS, 512, fused_attention.AMX_HEAD_SIZE, generator=generator)).bfloat16()
         for _ in "kq"
     )
-    distance_slots = base_model().relative_index(max(lengths)).distance_slots
+    distance_slots = base_distance_slots(max(lengths))
     return qkv, spans, key_table, query_table, distance_slots
 
 
