@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,22 @@ def shared_configs_dir() -> Path:
 def msmarco_dir() -> Path:
     """BEIR-format MS MARCO DL19 subset (corpus.jsonl, queries.jsonl, qrels/)."""
     return _require(SHARED_DATA / "msmarco-dl19-subset")
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """New folders for a test module's heavy fixtures (models, exports), removed once the module is done:
+    kept to the end of the run, the suite's models and exports add up to several GB, more than a CI machine's
+    disk may have free."""
+    folders: list[Path] = []
+
+    def new_folder(name: str) -> Path:
+        folders.append(tmp_path_factory.mktemp(name))
+        return folders[-1]
+
+    yield new_folder
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _random_model(tmp_path_factory: pytest.TempPathFactory, geometry: str, seed: int = 0) -> Path:

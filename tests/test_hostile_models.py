@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -69,13 +69,13 @@ def with_nan_weight(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nan_model_dir(xsmall_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_nan_weight(xsmall_model_dir, tmp_path_factory.mktemp("nan") / "model")
+def nan_model_dir(xsmall_model_dir: Path, module_folder: Callable[[str], Path]) -> Path:
+    return with_nan_weight(xsmall_model_dir, module_folder("nan") / "model")
 
 
 @pytest.fixture(scope="module")
-def absurd_model_dir(xsmall_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("absurd") / "model"
+def absurd_model_dir(xsmall_model_dir: Path, module_folder: Callable[[str], Path]) -> Path:
+    target = module_folder("absurd") / "model"
     return with_config(xsmall_model_dir, target, max_position_embeddings=ABSURD_POSITIONS)
 
 

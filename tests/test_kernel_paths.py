@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,9 +90,9 @@ def measure(case: Path, path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[dict]]:
+def reports(module_folder: Callable[[str], Path]) -> dict[str, Future[dict]]:
     """Every path's measurements, running as many at a time as there are cores."""
-    case = tmp_path_factory.mktemp("kernel-paths") / "case.pt"
+    case = module_folder("kernel-paths") / "case.pt"
     KernelPathCase.build().save(case)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         yield {path: pool.submit(measure, case, path) for path in KERNEL_PATHS}

@@ -56,8 +56,8 @@ def sigmoid(logit: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def base_onnx(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("base-onnx")
+def base_onnx(base_model_dir: Path, module_folder: Callable[[str], Path]) -> Path:
+    out = module_folder("base-onnx")
     export_onnx(base_model_dir, out, ["f32"])
     return out
 
