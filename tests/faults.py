@@ -40,7 +40,7 @@ class FaultInjectingBackend(RerankBackend):
             raise InjectedFault("injected forward failure")
         return self._inner.relevance_logits(batch)
 
-    def faster_dtypes(self) -> tuple[str, ...]:
+    def faster_dtypes(self) -> tuple[tuple[str, ...], ...]:
         return self._inner.faster_dtypes()
 
     def cast(self, dtype: str) -> None:

@@ -21,6 +21,7 @@ def status_mb(key):
             return int(line.split()[1]) / 1024
 
 torch_backend.cpu_has_bf16_units = lambda: sys.argv[3] == "bf16-units"
+torch_backend.int8_may_outrun_bf16 = lambda: False  # auto tries bf16 alone, as on AMX
 engine = load_engine(sys.argv[1], RuntimeSettings(dtype=sys.argv[2]))
 print(json.dumps({"dtype": engine.info.dtype, "peak": status_mb("VmHWM"), "loaded": status_mb("VmRSS")}))
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from rerankd.modeling.quantized import (
     UINT8_MAX,
     Int8Linear,
     int8_available,
+    int8_dense_speedup,
     quantize_activations,
     weight_levels,
 )
@@ -177,15 +179,28 @@ def test_validate_reports_int8_drift_within_the_auto_bound_and_onnx_runtimes_int
     assert ours_drift <= 2 * theirs_drift
 
 
-def test_bf16_units_come_first_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_races_int8_against_bf16_only_where_its_dense_layers_may_outrun_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(torch_backend, "cpu_has_int8_matmul", lambda: True)
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(torch_backend, "int8_dense_speedup", lambda: torch_backend.MIN_INT8_DENSE_SPEEDUP)
     cpu = torch.device("cpu")
-    assert torch_backend.faster_dtypes_on(cpu) == ("bfloat16",)
-    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == ("bfloat16", "bfloat16-mixed")
+    assert torch_backend.faster_dtypes_on(cpu) == (("bfloat16",), ("int8",))
+    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == (("bfloat16", "bfloat16-mixed"), ("int8",))
+    monkeypatch.setattr(
+        torch_backend, "int8_dense_speedup", lambda: 0.99 * torch_backend.MIN_INT8_DENSE_SPEEDUP
+    )
+    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == (("bfloat16", "bfloat16-mixed"),)
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: False)
-    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == ("int8",)
-    assert torch_backend.faster_dtypes_on(torch.device("cuda"), mixes=True) == ("float16",)
+    assert torch_backend.faster_dtypes_on(cpu, mixes=True) == (("int8",),)
+    assert torch_backend.faster_dtypes_on(torch.device("cuda"), mixes=True) == (("float16",),)
+
+
+def test_the_int8_speed_probe_times_both_layers() -> None:
+    """A ratio of two real timings (its value depends on the CPU, so only its sanity is checked)."""
+    speedup = int8_dense_speedup()
+    assert math.isfinite(speedup) and speedup > 0
 
 
 def test_int8_is_refused_off_the_cpu_and_by_openvino(xsmall_onnx: Path) -> None:

@@ -300,7 +300,7 @@ def test_only_openvino_offers_bf16_and_only_on_cpus_with_bf16_units(
     openvino = load_backend_at(xsmall_onnx, backend="openvino", dtype="auto")
     assert openvino.info.dtype == "float32" and openvino.faster_dtypes() == ()  # the fixture: no bf16 units
     monkeypatch.setattr(torch_backend, "cpu_has_bf16_units", lambda: True)
-    assert openvino.faster_dtypes() == ("bfloat16",)
+    assert openvino.faster_dtypes() == (("bfloat16",),)
     assert load_backend_at(xsmall_onnx, backend="onnx", dtype="auto").faster_dtypes() == ()
     openvino.cast("bfloat16")  # an AVX2-only CPU's plugin keeps f32, and says so
     assert openvino.info.dtype in ("bfloat16", "float32")

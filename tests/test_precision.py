@@ -7,6 +7,8 @@ is checked against the CPU flags the kernel reports and oneDNN's instruction-set
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,26 @@ def test_auto_falls_back_to_float32_weights_when_scores_drift(
     monkeypatch.setattr(precision, "MAX_SCORE_DELTA", 0.0)
     assert engine_logits(xsmall_model_dir, "auto") == engine_logits(xsmall_model_dir, "float32")
     assert f"{faster} drifts" in caplog.text
+
+
+@pytest.mark.slow
+def test_where_bf16_and_int8_both_hold_auto_serves_the_faster_measured(
+    xsmall_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both hold on this model; each scores the cases as it would serve, timed, and the faster is served."""
+    for probe in ("cpu_has_bf16_units", "cpu_has_int8_matmul", "int8_may_outrun_bf16"):
+        monkeypatch.setattr(torch_backend, probe, lambda: True)
+    with caplog.at_level(logging.INFO, logger=precision.__name__):
+        dtype, auto = engine_logits(xsmall_model_dir, "auto")
+    timed = re.search(
+        r"serving (\S+), the fastest that holds \(bfloat16 ([\d.]+) s, int8 ([\d.]+) s\)", caplog.text
+    )
+    assert timed is not None, caplog.text
+    seconds = {"bfloat16": float(timed[2]), "int8": float(timed[3])}
+    assert dtype == timed[1] == min(seconds, key=seconds.__getitem__)
+    reference = engine_logits(xsmall_model_dir, "float32")[1]
+    assert auto != reference  # really computed in the faster dtype ...
+    assert score_error(auto, reference) <= 0.01  # ... and holds
 
 
 def test_explicit_dtype_is_never_second_guessed(

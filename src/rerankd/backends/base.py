@@ -126,9 +126,9 @@ class RerankBackend(ABC):
         waiting for a running pass."""
         return None
 
-    def faster_dtypes(self) -> tuple[str, ...]:
-        """Lower precisions this hardware runs faster than the current one, fastest first (for `--dtype
-        auto`)."""
+    def faster_dtypes(self) -> tuple[tuple[str, ...], ...]:
+        """Lower precisions this hardware may run faster than the current one, for `--dtype auto`: rivals,
+        each a precision followed by its fallbacks (tried in order where it drifts)."""
         return ()
 
     def cast(self, dtype: str) -> None:

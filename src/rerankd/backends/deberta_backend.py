@@ -102,11 +102,11 @@ def build_deberta_backend(
             bound_kernel_caches()
         # The first precision `--dtype auto` tries; where it is the weights' own dtype (not int8's or
         # bfloat16-mixed's), the word-embedding table is loaded in it.
-        faster = faster_dtypes_on(device, mixes=True)[:1] if settings.dtype == "auto" else ()
+        rivals = faster_dtypes_on(device, mixes=True) if settings.dtype == "auto" else ()
         split = None
-        if faster and faster[0] in DTYPES and reference_pairs:
+        if rivals and rivals[0][0] in DTYPES and reference_pairs:
             token_ids = reference_token_ids(tokenizer, reference_pairs, config.pad_token_id)
-            split = SplitEmbeddings(DTYPES[faster[0]], token_ids)
+            split = SplitEmbeddings(DTYPES[rivals[0][0]], token_ids)
         model = load_reranker(config, reader, dtype, device, split)
     except (UnsupportedModelError, CheckpointError) as error:
         raise ModelLoadError(f"{source}: {error}") from error

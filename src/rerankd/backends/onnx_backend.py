@@ -200,14 +200,14 @@ class OnnxBackend(RerankBackend):
         column = logits[:, 0] if self._graph.labels == 1 else logits[:, 1] - logits[:, 0]
         return column.tolist()
 
-    def faster_dtypes(self) -> tuple[str, ...]:
+    def faster_dtypes(self) -> tuple[tuple[str, ...], ...]:
         """OpenVINO's bf16 on CPUs with bf16 units (AMX, AVX512-BF16), when it computes in float32 now."""
         if (
             isinstance(self._session, OpenVinoSession)
             and self.info.dtype == "float32"
             and torch_backend.cpu_has_bf16_units()
         ):
-            return ("bfloat16",)
+            return (("bfloat16",),)
         return ()
 
     def cast(self, dtype: str) -> None:

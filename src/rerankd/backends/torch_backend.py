@@ -26,7 +26,7 @@ from rerankd.backends.base import (
 from rerankd.backends.heap import HeapTrimmer, keep_activations_in_heap
 from rerankd.catalog import UNTRAINED_KEY
 from rerankd.modeling.onednn import ROW_PIECE, pack_dense_layers, split_rows_where_faster
-from rerankd.modeling.quantized import int8_available, quantize_dense_layers
+from rerankd.modeling.quantized import int8_available, int8_dense_speedup, quantize_dense_layers
 from rerankd.settings import RuntimeSettings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Computed in int8, stored in float32 until the dense layers are quantized (`modeling/quantized.py`).
 INT8 = "int8"
+# On a CPU with bf16 units, `--dtype auto` times int8 against bf16 only where int8's dense layer runs at least
+# this many times bf16's: the rest of an int8 pass is bfloat16-mixed's, slower than bf16's. Between two CPUs
+# measured: 1.24x on AMX (int8 served 0.90x bf16), 1.89x on an AMD EPYC with AVX512-BF16 (1.34x).
+MIN_INT8_DENSE_SPEEDUP = 1.5
 # bf16 dense layers and attention around a float32 residual stream and norms; loaded in float32, then mixed
 # (`DebertaLayer.compute_in`): a quarter of bf16's drift at nearly its speed (docs/decisions.md).
 MIXED = "bfloat16-mixed"
@@ -75,15 +79,23 @@ def cpu_has_int8_matmul() -> bool:
     return int8_available()
 
 
-def faster_dtypes_on(device: torch.device, mixes: bool = False) -> tuple[str, ...]:
-    """The precisions `--dtype auto` tries on `device`, fastest first, before settling for float32: float16
-    on CUDA; on a CPU with bf16 units bfloat16, then bfloat16-mixed where the network `mixes`; on other CPUs
-    int8 where oneDNN has an int8 matmul."""
+def faster_dtypes_on(device: torch.device, mixes: bool = False) -> tuple[tuple[str, ...], ...]:
+    """The precisions `--dtype auto` tries on `device` before settling for float32, as rivals: each a
+    precision and its fallbacks, in order. float16 on CUDA; on a CPU with bf16 units bfloat16 (then
+    bfloat16-mixed where the network `mixes`), against int8 where its dense layers may outrun bf16's, since
+    which of the two runs faster depends on the CPU; on other CPUs int8 where oneDNN has an int8 matmul."""
     if device.type == "cuda":
-        return ("float16",)
-    if cpu_has_bf16_units():
-        return ("bfloat16", MIXED) if mixes else ("bfloat16",)
-    return (INT8,) if cpu_has_int8_matmul() else ()
+        return (("float16",),)
+    if not cpu_has_bf16_units():
+        return ((INT8,),) if cpu_has_int8_matmul() else ()
+    bf16 = ("bfloat16", MIXED) if mixes else ("bfloat16",)
+    return (bf16, (INT8,)) if cpu_has_int8_matmul() and int8_may_outrun_bf16() else (bf16,)
+
+
+def int8_may_outrun_bf16() -> bool:
+    """Whether int8's dense layers run enough faster than bf16's here that an int8 pass may beat a bf16 one,
+    the rest of it computed as in bfloat16-mixed (docs/decisions.md)."""
+    return int8_dense_speedup() >= MIN_INT8_DENSE_SPEEDUP
 
 
 def apply_threads(settings: RuntimeSettings) -> None:
@@ -270,7 +282,7 @@ class TorchBackend(RerankBackend):
             return f"{self._device}: {error}"
         return None
 
-    def faster_dtypes(self) -> tuple[str, ...]:
+    def faster_dtypes(self) -> tuple[tuple[str, ...], ...]:
         return faster_dtypes_on(self._device, self.mixes_precision) if self.info.dtype == "float32" else ()
 
     def cast(self, dtype: str) -> None:

@@ -122,7 +122,7 @@ def split_rows_where_faster(model: nn.Module, batch_rows: int) -> list[tuple[int
     for shape, layers in by_shape.items():
         layer = layers[0]
         inputs = torch.randn(batch_rows, shape[0], generator=generator).to(layer.weight.dtype)
-        whole, pieces = _alternate_timings(
+        whole, pieces = alternate_timings(
             functools.partial(layer.matmul, inputs), functools.partial(layer.in_pieces, inputs, ROW_PIECE)
         )
         if faster_in_pieces(whole, pieces):
@@ -138,14 +138,14 @@ def faster_in_pieces(whole: list[float], pieces: list[float]) -> bool:
     return statistics.median(whole) >= MIN_PIECES_SPEEDUP * statistics.median(pieces)
 
 
-def _alternate_timings(*calls: Callable[[], torch.Tensor]) -> list[list[float]]:
-    """Seconds of `TIMED_CALLS` runs of each call, alternated so that a drift in the machine's speed falls on
-    all of them, after one untimed run each (its kernels are built then)."""
+def alternate_timings(*calls: Callable[[], torch.Tensor], runs: int = TIMED_CALLS) -> list[list[float]]:
+    """Seconds of `runs` runs of each call, alternated so that a drift in the machine's speed falls on all of
+    them, after one untimed run each (its kernels are built then)."""
     timings: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
         for call in calls:
             call()
-        for _ in range(TIMED_CALLS):
+        for _ in range(runs):
             for call, seconds in zip(calls, timings, strict=True):
                 start = time.perf_counter()
                 call()

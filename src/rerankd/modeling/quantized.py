@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rerankd.modeling.onednn import alternate_timings, pack_dense_layers
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ INT7_LEVELS = 63  # where they can: 255 x 63 x 2 fits int16
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.* deprecated", category=UserWarning)
 # A probe layer's int8 result may differ from float32 by this much, relative to the output's largest value.
 PROBE_TOLERANCE = 0.05
+# The dense layer `int8_dense_speedup` times, base's 768 -> 3,072 over a CPU batch's 1,024 rows, and how
+# many times in each precision (a few milliseconds each on AVX512-BF16).
+SPEEDUP_PROBE_SHAPE = (1024, 768, 3072)
+SPEEDUP_PROBE_RUNS = 15
 
 
 class Int8Linear(nn.Module):
@@ -147,3 +154,24 @@ def _quantizes(linear: nn.Linear, batch_rows: int) -> bool:
         logger.info("oneDNN int8 matmul is unavailable in this torch (%s)", error)
         return False
     return bool((quantized - plain).abs().max() <= PROBE_TOLERANCE * plain.abs().max())
+
+
+@functools.cache
+def int8_dense_speedup() -> float:
+    """How many times faster a dense layer runs in int8 than in bf16 on this CPU, each as a bf16 network
+    runs it (packed for oneDNN where it can be; int8's input and output in bf16): medians of alternated
+    calls, on `SPEEDUP_PROBE_SHAPE`, once per process. `--dtype auto` reads it to tell whether int8 may
+    outrun bf16 here (docs/decisions.md)."""
+    rows, inner, outer = SPEEDUP_PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(inner, outer)
+    inputs = torch.randn(rows, inner, generator=generator).to(torch.bfloat16)
+    int8 = Int8Linear(linear, rows, weight_levels())
+    bf16 = nn.Sequential(linear.to(torch.bfloat16))
+    pack_dense_layers(bf16, rows)
+    int8_seconds, bf16_seconds = alternate_timings(
+        functools.partial(int8, inputs), functools.partial(bf16, inputs), runs=SPEEDUP_PROBE_RUNS
+    )
+    speedup = statistics.median(bf16_seconds) / statistics.median(int8_seconds)
+    logger.info("int8's dense layer runs %.2fx bf16's on this CPU", speedup)
+    return speedup
