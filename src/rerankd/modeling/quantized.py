@@ -160,18 +160,22 @@ def _quantizes(linear: nn.Linear, batch_rows: int) -> bool:
 def int8_dense_speedup() -> float:
     """How many times faster a dense layer runs in int8 than in bf16 on this CPU, each as a bf16 network
     runs it (packed for oneDNN where it can be; int8's input and output in bf16): medians of alternated
-    calls, on `SPEEDUP_PROBE_SHAPE`, once per process. `--dtype auto` reads it to tell whether int8 may
-    outrun bf16 here (docs/decisions.md)."""
+    calls, on `SPEEDUP_PROBE_SHAPE`, once per process; 0 where oneDNN's int8 ops fail. `--dtype auto` reads it
+    to tell whether int8 may outrun bf16 here (docs/decisions.md)."""
     rows, inner, outer = SPEEDUP_PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(inner, outer)
     inputs = torch.randn(rows, inner, generator=generator).to(torch.bfloat16)
-    int8 = Int8Linear(linear, rows, weight_levels())
-    bf16 = nn.Sequential(linear.to(torch.bfloat16))
-    pack_dense_layers(bf16, rows)
-    int8_seconds, bf16_seconds = alternate_timings(
-        functools.partial(int8, inputs), functools.partial(bf16, inputs), runs=SPEEDUP_PROBE_RUNS
-    )
+    try:
+        int8 = Int8Linear(linear, rows, weight_levels())
+        bf16 = nn.Sequential(linear.to(torch.bfloat16))
+        pack_dense_layers(bf16, rows)
+        int8_seconds, bf16_seconds = alternate_timings(
+            functools.partial(int8, inputs), functools.partial(bf16, inputs), runs=SPEEDUP_PROBE_RUNS
+        )
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        logger.info("oneDNN int8 matmul is unavailable in this torch (%s)", error)
+        return 0.0
     speedup = statistics.median(bf16_seconds) / statistics.median(int8_seconds)
     logger.info("int8's dense layer runs %.2fx bf16's on this CPU", speedup)
     return speedup
