@@ -99,7 +99,9 @@ def test_where_bf16_and_int8_both_hold_auto_serves_the_faster_measured(
     )
     assert timed is not None, caplog.text
     seconds = {"bfloat16": float(timed[2]), "int8": float(timed[3])}
-    assert dtype == timed[1] == min(seconds, key=seconds.__getitem__)
+    # rounded in the log, so the two may print alike: rounding keeps their order, never reverses it
+    assert dtype == timed[1]
+    assert seconds[dtype] == min(seconds.values())
     reference = engine_logits(xsmall_model_dir, "float32")[1]
     assert auto != reference  # really computed in the faster dtype ...
     assert score_error(auto, reference) <= 0.01  # ... and holds

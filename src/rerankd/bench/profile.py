@@ -21,7 +21,7 @@ from rerankd.bench.results import PassProfile
 from rerankd.bench.timing import timed_requests
 from rerankd.bench.workloads import Workload, served_pair_tokenizer
 from rerankd.engine.fair_queue import FairQueue
-from rerankd.modeling.deberta import AMX_ATTENTION_OP
+from rerankd.modeling.deberta import PACKED_ATTENTION_OP
 from rerankd.modeling.relative import FUSED_OP
 from rerankd.settings import DEFAULT_BATCH_TOKENS, RuntimeSettings
 
@@ -38,7 +38,7 @@ OP_KINDS: dict[str, tuple[str, ...]] = {
     "attention matmuls (QK, relative terms, context)": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"),
     "softmax": ("aten::_softmax",),
     "attention bias, mask and softmax (fused kernel)": (FUSED_OP,),
-    "whole attention (AMX kernel: QK, relative terms, softmax, context)": (AMX_ATTENTION_OP,),
+    "whole attention (packed kernel: QK, relative terms, softmax, context)": (PACKED_ATTENTION_OP,),
     "int8 input quantization": ("aten::aminmax", "aten::quantize_per_tensor"),
     "element-wise (bias, mask and residual adds, GELU, scaling)": (
         "aten::add",

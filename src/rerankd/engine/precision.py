@@ -150,4 +150,4 @@ def _pass_seconds(backend: RerankBackend, batch: Batch) -> float:
 
 
 def _seconds_of(held: dict[str, float]) -> str:
-    return ", ".join(f"{dtype} {seconds:.2f} s" for dtype, seconds in held.items())
+    return ", ".join(f"{dtype} {seconds:.3f} s" for dtype, seconds in held.items())

@@ -14,9 +14,10 @@ Equal to transformers' `DebertaV2ForSequenceClassification` (eager) but shaped f
 - The last layer computes the first token alone (its output is all the pooler reads): keys and values come
   from every token, but the query, attention, output projection and feed-forward network only from the
   first, which skips about three quarters of that layer's work.
-- In bfloat16 on a CPU with AMX, a layer's whole attention is one C kernel over the packed Q/K/V
-  (`fused_attention.packed_context`): scores, both relative terms, softmax and context block by block of
-  16 queries in AMX tiles, over each pair's own tokens, written straight into packed rows.
+- In bfloat16 on a CPU with AVX512-BF16 or AMX, a layer's whole attention is one C kernel over the packed
+  Q/K/V (`fused_attention.packed_context`): scores, both relative terms, softmax and context block by block
+  of 16 queries (in AMX tiles where the CPU has them), over each pair's own tokens, written straight into
+  packed rows.
 - Elsewhere on a CPU, the scores (`bmm`), the two relative terms and the mask meet in one C kernel that
   writes the probabilities (`fused_attention`). On a GPU, and in the last layer, attention is `baddbmm`
   (the relative bias enters as the matmul's addend) then softmax and `bmm`: on a CPU faster than
@@ -55,8 +56,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# The AMX attention kernel's time, under torch's profiler.
-AMX_ATTENTION_OP = "rerankd::amx_attention"
+# The packed attention kernel's time, under torch's profiler.
+PACKED_ATTENTION_OP = "rerankd::packed_attention"
 # On a CPU the dense layers see a pass's tokens in a multiple of this many rows: oneDNN builds a kernel for
 # every row count it meets (4-10 ms a layer for base on AMX), so 16 counts up to the default budget of 1,024
 # tokens recur across passes, where each pass's own count would be new (docs/decisions.md).
@@ -79,7 +80,7 @@ class TokenLayout:
     # copy, with no scatter, and packing a view unless rows were added to round the count up.
     all_positions: bool = False
     # (2, batch) int32: each pair's first packed row and its token count, where each pair's tokens are its
-    # first positions (right padding); what the AMX attention kernel reads. None otherwise.
+    # first positions (right padding); what the packed attention kernel reads. None otherwise.
     pair_spans: torch.Tensor | None = None
 
     @classmethod
@@ -210,8 +211,8 @@ class DebertaLayer(nn.Module):
         # c2p uses the keys of the relative table, p2c its queries (pre-multiplied by `scale`).
         self.register_buffer("relative_keys", None, persistent=False)
         self.register_buffer("relative_queries", None, persistent=False)
-        # The two tables as the AMX kernel reads them, after the tensors they came from (`_amx_tables`).
-        self._amx_layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The two tables as the packed kernel reads them, after the tensors they came from (`_packed_tables`).
+        self._packed_layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def set_relative_projections(
         self,
@@ -264,13 +265,13 @@ class DebertaLayer(nn.Module):
         else:
             residual = hidden
             qkv = self.qkv(inputs)
-            amx_context = self.amx_attention(qkv, layout, relative)
-            if amx_context is None:
+            packed_context = self.packed_attention(qkv, layout, relative)
+            if packed_context is None:
                 query, key, value = layout.padded_heads(qkv, heads, self.head_size)
                 by_head = self.attention(query, key, value, key_mask_bias, relative)
                 context = layout.packed(self.rows_of(by_head))
             else:
-                context = amx_context
+                context = packed_context
         attended = self.attention_norm(self.attention_output(context).to(stream) + residual)
         projected = self.output(self.activation(self.intermediate(attended.to(compute))))
         return self.output_norm(projected.to(stream) + attended)
@@ -281,33 +282,35 @@ class DebertaLayer(nn.Module):
         heads, batch, queries, size = context.shape
         return context.permute(1, 2, 0, 3).reshape(batch * queries, heads * size)
 
-    def amx_attention(
+    def packed_attention(
         self, qkv: torch.Tensor, layout: TokenLayout, relative: RelativeIndex | None
     ) -> torch.Tensor | None:
-        """The whole attention's packed context by the AMX kernel, from the fused projection's packed output:
-        where it runs (bfloat16 on a CPU with AMX, right-padded pairs, both relative terms, heads of 64).
+        """The whole attention's packed context by the packed kernel, from the fused projection's packed
+        output: where it runs (bfloat16 on a CPU with AVX512-BF16 or AMX, right-padded pairs, both relative
+        terms, heads of 64).
         None elsewhere: then the projections are laid out by head and `attention` runs."""
         if (
             relative is None
             or layout.pair_spans is None
             or self.relative_keys is None
             or self.relative_queries is None
-            or self.head_size != fused_attention.AMX_HEAD_SIZE
-            or not fused_attention.amx_available(qkv)
+            or self.head_size != fused_attention.PACKED_HEAD_SIZE
+            or not fused_attention.packed_available(qkv)
         ):
             return None
-        key_tiles, query_table = self._amx_tables(self.relative_keys, self.relative_queries)
-        with torch.profiler.record_function(AMX_ATTENTION_OP):
+        key_tiles, query_table = self._packed_tables(self.relative_keys, self.relative_queries)
+        with torch.profiler.record_function(PACKED_ATTENTION_OP):
             return fused_attention.packed_context(
                 qkv, layout.pair_spans, key_tiles, query_table, relative.distance_slots, layout.length
             )
 
-    def _amx_tables(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The relative tables laid out for the AMX kernel, once per pair of tables: kept with the tensors
+    def _packed_tables(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative tables laid out for the packed kernel, once per pair of tables: kept with the tensors
         they came from, and laid out anew when a load or a cast replaces them."""
-        if self._amx_layout is None or self._amx_layout[0] is not keys or self._amx_layout[1] is not queries:
-            self._amx_layout = (keys, queries, *fused_attention.amx_tables(keys, queries))
-        return self._amx_layout[2], self._amx_layout[3]
+        layout = self._packed_layout
+        if layout is None or layout[0] is not keys or layout[1] is not queries:
+            layout = self._packed_layout = (keys, queries, *fused_attention.packed_tables(keys, queries))
+        return layout[2], layout[3]
 
     def attention(
         self,

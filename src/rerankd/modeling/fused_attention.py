@@ -13,11 +13,12 @@ cache, keyed by its source, flags and compiler. Before it is trusted it must mat
 there is no compiler, or the build or the probe fails, `available()` is False and the model computes
 attention with torch alone.
 
-On CPUs with AMX-BF16, a bfloat16 layer's whole attention runs in one kernel instead
-(`kernels/amx_attention.c`, `packed_context`): it reads the fused projection's packed output, computes each
-block of 16 queries' scores, relative terms, softmax and context in AMX tiles, and writes the context in
-packed rows, so no (heads, batch, L, L) tensor is written and no padding computed. It too must match a
-float64 reference on a probe before it is used.
+On CPUs with AVX512-BF16, a bfloat16 layer's whole attention runs in one kernel instead
+(`kernels/packed_attention.c`, `packed_context`): it reads the fused projection's packed output, computes
+each block of 16 queries' scores, relative terms, softmax and context while they are in L1, and writes the
+context in packed rows, so no (heads, batch, L, L) tensor is written and no padding computed. Its products
+run on AMX tiles where the CPU has AMX-BF16, else as AVX-512 bfloat16 dot products (the engines, `ENGINES`).
+It too must match a float64 reference on a probe before it is used.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "attention_softmax.c", KERNELS / "amx_attention.c")
+SOURCES = (KERNELS / "attention_softmax.c", KERNELS / "packed_attention.c")
 PREBUILT = KERNELS / "attention.so"
 # -ffast-math to compile: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
 # Never when linking: there GCC adds crtfastmath, whose constructor flushes subnormals to zero in the whole
@@ -52,14 +54,39 @@ WORKSPACE_ROW_PADDING = 16
 COMPILE_TIMEOUT_S = 120
 # The probe's largest |Δprobability| against eager torch: bf16 rounding of probabilities below 1.
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# The AMX kernel's head size, and the rows of a tile: tables are laid out in groups of this many slots.
-AMX_HEAD_SIZE = 64
-AMX_TILE_ROWS = 16
-# How far past a pass's length (in distances, either way) the AMX kernel reads its slots.
-AMX_SLOT_REACH = 2 * AMX_TILE_ROWS
-# The AMX probe's largest |Δcontext| against float64, for contexts of magnitude about 1: bf16 inputs to the
-# products, bf16 probabilities and a bf16 context.
-AMX_PROBE_TOLERANCE = 3e-2
+# The packed kernel's head size, and the rows of an AMX tile: tables are laid out in groups of this many
+# slots (both engines read AMX's operand layouts).
+PACKED_HEAD_SIZE = 64
+TILE_ROWS = 16
+# How far past a pass's length (in distances, either way) the packed kernel reads its slots.
+PACKED_SLOT_REACH = 2 * TILE_ROWS
+# The packed probe's largest |Δcontext| against float64, for contexts of magnitude about 1: bf16 inputs to
+# the products, bf16 probabilities and a bf16 context.
+PACKED_PROBE_TOLERANCE = 3e-2
+# The packed kernel's engines by the number it knows them by, in the order they are tried, each with the
+# oneDNN ISA it stands for (a process capped below it by `ONEDNN_MAX_CPU_ISA` does without it).
+ENGINES = {"amx": 1, "avx512_bf16": 2}
+ENGINE_ISAS = {"amx": "AVX512_CORE_AMX", "avx512_bf16": "AVX512_CORE_BF16"}
+# oneDNN's ISA names for x86-64 (`ONEDNN_MAX_CPU_ISA`), narrowest first; spellings of one level share a rank.
+ONEDNN_ISA_RANKS = {
+    name: rank
+    for rank, names in enumerate(
+        [
+            ("SSE41",),
+            ("AVX",),
+            ("AVX2",),
+            ("AVX2_VNNI",),
+            ("AVX2_VNNI_2",),
+            ("AVX512_CORE",),
+            ("AVX512_CORE_VNNI",),
+            ("AVX512_CORE_BF16",),
+            ("AVX512_CORE_FP16", "AVX10_1_512"),
+            ("AVX512_CORE_AMX", "AVX10_1_512_AMX"),
+            ("AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"),
+        ]
+    )
+    for name in names
+}
 
 
 def cache_directory() -> Path:
@@ -174,11 +201,12 @@ def load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.attention_softmax.restype = ctypes.c_int
     library.attention_softmax.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 10
-    library.amx_attention_ready.restype = ctypes.c_int
-    library.amx_attention_workspace.restype = ctypes.c_size_t
-    library.amx_attention_workspace.argtypes = [ctypes.c_int]
-    library.amx_attention.restype = ctypes.c_int
-    library.amx_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
+    library.packed_attention_ready.restype = ctypes.c_int
+    library.packed_attention_ready.argtypes = [ctypes.c_int]
+    library.packed_attention_workspace.restype = ctypes.c_size_t
+    library.packed_attention_workspace.argtypes = [ctypes.c_int]
+    library.packed_attention.restype = ctypes.c_int
+    library.packed_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6
     return library
 
 
@@ -247,16 +275,24 @@ def reference_softmax(
     return torch.softmax(logits, -1).view(heads * batch, length, length)
 
 
-def amx_available(like: torch.Tensor) -> bool:
-    """Whether the AMX kernel attends tensors like `like` (bfloat16 on a CPU) on this machine: a CPU with
-    AMX-BF16 whose kernel matched float64 on the probe."""
-    return like.device.type == "cpu" and like.dtype == torch.bfloat16 and _amx_library() is not None
+@dataclass(frozen=True)
+class PackedKernel:
+    """The compiled library and the engine of its products it runs here."""
+
+    library: ctypes.CDLL
+    engine: str
 
 
-def amx_tables(
+def packed_available(like: torch.Tensor) -> bool:
+    """Whether the packed kernel attends tensors like `like` (bfloat16 on a CPU) on this machine: a CPU with
+    AVX512-BF16 (or AMX-BF16) whose kernel matched float64 on the probe."""
+    return like.device.type == "cpu" and like.dtype == torch.bfloat16 and packed_kernel() is not None
+
+
+def packed_tables(
     relative_keys: torch.Tensor, relative_queries: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's (heads, slots, 64) relative tables as the AMX kernel reads them: the key projection's
+    """A layer's (heads, slots, 64) relative tables as the packed kernel reads them: the key projection's
     `tiled` (the B operand of the c2p products), the query projection's as rows (their A operand, against
     the keys), both padded with zero rows to a multiple of 16 slots."""
     return tiled(relative_keys), padded_slots(relative_queries).contiguous()
@@ -264,18 +300,18 @@ def amx_tables(
 
 def padded_slots(table: torch.Tensor) -> torch.Tensor:
     """A (heads, slots, 64) table with zero rows added to a multiple of 16 slots."""
-    return torch.nn.functional.pad(table, (0, 0, 0, -table.shape[1] % AMX_TILE_ROWS))
+    return torch.nn.functional.pad(table, (0, 0, 0, -table.shape[1] % TILE_ROWS))
 
 
 def tiled(table: torch.Tensor) -> torch.Tensor:
-    """A (heads, slots, 64) relative table as the AMX kernel's B operands: (heads, slots / 16, 2, 16, 32),
-    group g, half s, row kk holding (t[16g + n, 32s + 2kk], t[16g + n, 32s + 2kk + 1]) for n < 16; slots
-    padded with zero rows to a multiple of 16."""
+    """A (heads, slots, 64) relative table as AMX's B operands: (heads, slots / 16, 2, 16, 32), group g,
+    half s, row kk holding (t[16g + n, 32s + 2kk], t[16g + n, 32s + 2kk + 1]) for n < 16; slots padded with
+    zero rows to a multiple of 16."""
     table = padded_slots(table)
-    heads, groups = table.shape[0], table.shape[1] // AMX_TILE_ROWS
-    half = AMX_HEAD_SIZE // 2
-    by_pair = table.reshape(heads, groups, AMX_TILE_ROWS, 2, half // 2, 2)
-    return by_pair.permute(0, 1, 3, 4, 2, 5).contiguous().view(heads, groups, 2, AMX_TILE_ROWS, half)
+    heads, groups = table.shape[0], table.shape[1] // TILE_ROWS
+    half = PACKED_HEAD_SIZE // 2
+    by_pair = table.reshape(heads, groups, TILE_ROWS, 2, half // 2, 2)
+    return by_pair.permute(0, 1, 3, 4, 2, 5).contiguous().view(heads, groups, 2, TILE_ROWS, half)
 
 
 def packed_context(
@@ -285,23 +321,23 @@ def packed_context(
     query_table: torch.Tensor,
     distance_slots: torch.Tensor,
     length: int,
-    library: ctypes.CDLL | None = None,
+    kernel: PackedKernel | None = None,
 ) -> torch.Tensor | None:
-    """The attention context of every pair's tokens, (rows of `qkv`, heads x 64), by the AMX kernel: `qkv`
+    """The attention context of every pair's tokens, (rows of `qkv`, heads x 64), by the packed kernel: `qkv`
     is the fused projection's output over a batch's packed tokens (Q, K, V, each heads x 64 wide, the scale
     in Q), `spans` (2, pairs) int32 each pair's first row and token count, `key_tiles` and `query_table` the
-    layer's relative tables through the key and query projections (`amx_tables`), and `distance_slots`
-    int32, the slot of the distance -k at k + reach for |k| <= reach = `length` + `AMX_SLOT_REACH`. Rows
-    past the tokens are zeros. By `library` where given, else by this machine's probed kernel.
+    layer's relative tables through the key and query projections (`packed_tables`), and `distance_slots`
+    int32, the slot of the distance -k at k + reach for |k| <= reach = `length` + `PACKED_SLOT_REACH`. Rows
+    past the tokens are zeros. By `kernel` where given, else by this machine's probed kernel.
 
     The kernel reads by raw pointer: tensors of a shape, dtype or layout it does not expect are refused,
     never run. None then, and where the kernel cannot run them: the caller attends another way."""
-    library = library or _amx_library()
-    if library is None:
+    kernel = kernel or packed_kernel()
+    if kernel is None:
         return None
     heads, groups = key_tiles.shape[:2]
-    hidden = heads * AMX_HEAD_SIZE
-    reach = length + AMX_SLOT_REACH
+    hidden = heads * PACKED_HEAD_SIZE
+    reach = length + PACKED_SLOT_REACH
     pairs = spans.shape[1]
     if (
         any(not tensor.is_contiguous() for tensor in (qkv, spans, key_tiles, query_table, distance_slots))
@@ -310,8 +346,8 @@ def packed_context(
         or distance_slots.dtype != torch.int32
         or qkv.dim() != 2
         or qkv.shape[1] != 3 * hidden
-        or key_tiles.shape != (heads, groups, 2, AMX_TILE_ROWS, AMX_HEAD_SIZE // 2)
-        or query_table.shape != (heads, groups * AMX_TILE_ROWS, AMX_HEAD_SIZE)
+        or key_tiles.shape != (heads, groups, 2, TILE_ROWS, PACKED_HEAD_SIZE // 2)
+        or query_table.shape != (heads, groups * TILE_ROWS, PACKED_HEAD_SIZE)
         or spans.shape != (2, pairs)
         or distance_slots.shape != (2 * reach + 1,)
         or pairs == 0
@@ -320,7 +356,7 @@ def packed_context(
         or int(spans[0].min()) < 0
         or int((spans[0] + spans[1]).max()) > qkv.shape[0]
         or int(distance_slots.min()) < 0
-        or int(distance_slots.max()) >= groups * AMX_TILE_ROWS
+        or int(distance_slots.max()) >= groups * TILE_ROWS
         or not unit_steps(distance_slots)
     ):
         return None
@@ -329,8 +365,9 @@ def packed_context(
     tokens = int(spans[0, -1] + spans[1, -1])
     context[tokens:] = 0
     # Each thread's buffers, from torch's allocator: no thread grows a heap of its own.
-    workspace = torch.empty(threads * library.amx_attention_workspace(length), dtype=torch.uint8)
-    failed = library.amx_attention(
+    library = kernel.library
+    workspace = torch.empty(threads * library.packed_attention_workspace(length), dtype=torch.uint8)
+    failed = library.packed_attention(
         *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (qkv, context, spans[0], spans[1])),
         *(ctypes.c_void_p(tensor.data_ptr()) for tensor in (key_tiles, query_table)),
         ctypes.c_void_p(distance_slots.data_ptr() + reach * distance_slots.element_size()),
@@ -340,15 +377,17 @@ def packed_context(
         groups,
         length,
         threads,
+        ENGINES[kernel.engine],
     )
     return None if failed else context
 
 
-def onednn_allows_amx() -> bool:
-    """False where `ONEDNN_MAX_CPU_ISA` caps oneDNN below AMX: the AMX kernel then stands down as well, so a
-    capped process runs what a CPU without AMX runs (the tests check those paths on an AMX machine so)."""
+def onednn_allows(isa: str) -> bool:
+    """False where `ONEDNN_MAX_CPU_ISA` caps oneDNN below `isa` (an `ONEDNN_ISA_RANKS` name): an engine of
+    the packed kernel then stands down as well, so a capped process runs what a CPU without that ISA runs
+    (the kernel-path tests check those paths on one machine so). A cap oneDNN knows and we do not allows."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return cap == "ALL" or "AMX" in cap
+    return ONEDNN_ISA_RANKS.get(cap, len(ONEDNN_ISA_RANKS)) >= ONEDNN_ISA_RANKS[isa]
 
 
 def unit_steps(distance_slots: torch.Tensor) -> bool:
@@ -358,38 +397,51 @@ def unit_steps(distance_slots: torch.Tensor) -> bool:
     return bool(((steps == 0) | (steps == 1)).all())
 
 
+def engines_here(library: ctypes.CDLL) -> list[str]:
+    """The packed kernel's engines that run on this CPU, under this process's oneDNN cap, fastest first."""
+    return [
+        engine
+        for engine, number in ENGINES.items()
+        if onednn_allows(ENGINE_ISAS[engine]) and library.packed_attention_ready(number)
+    ]
+
+
 @functools.cache
-def _amx_library() -> ctypes.CDLL | None:
+def packed_kernel() -> PackedKernel | None:
+    """The fastest engine of the packed kernel that runs here and matched float64 on the probe."""
     library = _library()
-    if library is None or not onednn_allows_amx() or not library.amx_attention_ready():
+    if library is None:
         return None
-    if not matches_reference(library):
-        logger.warning("AMX attention kernel disagrees with float64 on a probe; attention stays as before")
-        return None
-    return library
+    for engine in engines_here(library):
+        kernel = PackedKernel(library, engine)
+        if matches_reference(kernel):
+            return kernel
+        logger.warning("packed attention kernel (%s) disagrees with float64 on a probe", engine)
+    return None
 
 
-def matches_reference(library: ctypes.CDLL) -> bool:
-    """The AMX kernel against `reference_context` on a random case: pairs of 5, 40 and 17 tokens (partial
+def matches_reference(kernel: PackedKernel) -> bool:
+    """The packed kernel against `reference_context` on a random case: pairs of 5, 40 and 17 tokens (partial
     tiles, a partial step of 32 keys, three blocks), two heads, a bucketed slot map."""
     generator = torch.Generator().manual_seed(0)
     heads, lengths, slots = 2, [5, 40, 17], 48
     spans = torch.tensor([[0, 5, 45], lengths], dtype=torch.int32)
-    qkv = (0.5 * torch.randn(sum(lengths), 3 * heads * AMX_HEAD_SIZE, generator=generator)).bfloat16()
+    qkv = (0.5 * torch.randn(sum(lengths), 3 * heads * PACKED_HEAD_SIZE, generator=generator)).bfloat16()
     key_table, query_table = (
-        (0.3 * torch.randn(heads, slots, AMX_HEAD_SIZE, generator=generator)).bfloat16() for _ in "kq"
+        (0.3 * torch.randn(heads, slots, PACKED_HEAD_SIZE, generator=generator)).bfloat16() for _ in "kq"
     )
     length = max(lengths)
-    reach = length + AMX_SLOT_REACH
+    reach = length + PACKED_SLOT_REACH
     distances = -torch.arange(-reach, reach + 1)
     # slot(d): d itself near 0, halved beyond 8 either way, within the table
     distance_slots = torch.where(distances.abs() <= 8, distances, distances // 2 + 4 * distances.sign())
     distance_slots = (distance_slots + slots // 2).clamp(0, slots - 1).int()
-    context = packed_context(qkv, spans, *amx_tables(key_table, query_table), distance_slots, length, library)
+    tables = packed_tables(key_table, query_table)
+    context = packed_context(qkv, spans, *tables, distance_slots, length, kernel)
     if context is None:
         return False
     expected = reference_context(qkv, spans, key_table, query_table, distance_slots)
-    return bool((context.double() - expected).abs().max() <= AMX_PROBE_TOLERANCE)
+    return bool((context.double() - expected).abs().max() <= PACKED_PROBE_TOLERANCE)
 
 
 def reference_context(
@@ -403,10 +455,10 @@ def reference_context(
     tables."""
     heads = key_table.shape[0]
     reach = (len(distance_slots) - 1) // 2
-    context = torch.zeros(qkv.shape[0], heads * AMX_HEAD_SIZE, dtype=torch.float64)
+    context = torch.zeros(qkv.shape[0], heads * PACKED_HEAD_SIZE, dtype=torch.float64)
     key_table, query_table = key_table.double(), query_table.double()
     for first, count in spans.t().tolist():
-        rows = qkv[first : first + count].double().view(count, 3, heads, AMX_HEAD_SIZE)
+        rows = qkv[first : first + count].double().view(count, 3, heads, PACKED_HEAD_SIZE)
         positions = torch.arange(count)
         slots = distance_slots[reach + positions[None, :] - positions[:, None]]  # (i, j): slot of i - j
         query, key, value = rows.unbind(1)  # (count, heads, 64)

@@ -80,7 +80,8 @@ class RelativeIndex:
     c2p_windows: torch.Tensor  # (blocks, >= L + T - 1): each block of queries' distances' slots, falling
     p2c_windows: torch.Tensor  # (blocks, >= padded L + T - 1): each block of keys' distances' slots, rising
     first_query_slots: torch.Tensor  # (L,): the slot of the distance -j, for key j
-    # int32, the slot of the distance -k at k + reach, |k| <= reach = L + AMX_SLOT_REACH: the AMX kernel's
+    # the packed kernel's: int32, the slot of the distance -k at k + reach, |k| <= reach = L +
+    # PACKED_SLOT_REACH
     distance_slots: torch.Tensor
 
     @property
@@ -191,7 +192,7 @@ class RelativeIndex:
         def width(distances: int) -> int:
             return -(-distances // WINDOW_ALIGNMENT) * WINDOW_ALIGNMENT
 
-        reach = length + fused_attention.AMX_SLOT_REACH
+        reach = length + fused_attention.PACKED_SLOT_REACH
         return cls(
             block,
             slots(ends - torch.arange(width(length + block - 1), device=device)),
