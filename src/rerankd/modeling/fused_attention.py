@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "attention_softmax.c", KERNELS / "packed_attention.c")
+SOURCES = (KERNELS / "threads.c", KERNELS / "attention_softmax.c", KERNELS / "packed_attention.c")
 PREBUILT = KERNELS / "attention.so"
 # -ffast-math to compile: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
 # Never when linking: there GCC adds crtfastmath, whose constructor flushes subnormals to zero in the whole

@@ -16,10 +16,13 @@
  *   p2c     (heads, blocks, batch, T, p2c_width):  p2c(h, b, i, j) at [h, j / T, b, j % T, T - 1 - j % T + i]
  *   mask    (batch, L) float32: 0 for a token, a large negative number for padding
  * Built with -ffast-math for vectorized exp and sums: no infinities or NaNs flow through it. */
-#include <pthread.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+/* kernels/threads.c */
+int run_workers(void *(*work)(void *), void *workers, size_t worker_bytes, int threads);
 
 enum { TILE = 8, ROW_PADDING = 16, MAX_THREADS = 256 };
 
@@ -216,13 +219,7 @@ int attention_softmax(void *scores, const void *c2p, const void *p2c, const floa
     if (run == NULL) return 1;
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     const Job job = {scores, c2p, p2c, mask, workspace, heads, batch, length, block, blocks, c2p_width, p2c_width, threads, bf16};
-    pthread_t ids[MAX_THREADS];
     Worker workers[MAX_THREADS];
-    int started = 1;
     for (int t = 0; t < threads; t++) workers[t] = (Worker){&job, t};
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run, &workers[started]) != 0) break;
-    run(&workers[0]);
-    for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
-    return started < threads;
+    return run_workers(run, workers, sizeof workers[0], threads);
 }

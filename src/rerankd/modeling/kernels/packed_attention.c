@@ -40,10 +40,12 @@
  * library builds without this kernel, and says so (packed_attention_ready() is 0). */
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #include <immintrin.h>
-#include <pthread.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+/* kernels/threads.c */
+int run_workers(void *(*work)(void *), void *workers, size_t worker_bytes, int threads);
 
 enum {
     HEAD_SIZE = 64,       /* AMX here takes heads of 64: two 32-deep steps */
@@ -589,15 +591,9 @@ int packed_attention(const void *qkv, void *context, const int32_t *offsets, con
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     Job job = {qkv, context, offsets, lengths, key_table, query_table, slots, workspace,
                packed_attention_workspace(max_length), heads, pairs, table_groups, max_length, threads, 0};
-    pthread_t ids[MAX_THREADS];
     Worker workers[MAX_THREADS];
-    int started = 1;
     for (int t = 0; t < threads; t++) workers[t] = (Worker){&job, t};
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run, &workers[started]) != 0) break;
-    run(&workers[0]);
-    for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
-    return started < threads;
+    return run_workers(run, workers, sizeof workers[0], threads);
 }
 #else
 int packed_attention_ready(int engine) {
