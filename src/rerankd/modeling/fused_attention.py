@@ -43,9 +43,10 @@ SOURCES = (KERNELS / "threads.c", KERNELS / "attention_softmax.c", KERNELS / "pa
 PREBUILT = KERNELS / "attention.so"
 # -ffast-math to compile: vectorized exp (glibc's libmvec) and sums; the kernel sees no infinities or NaNs.
 # Never when linking: there GCC adds crtfastmath, whose constructor flushes subnormals to zero in the whole
-# process that loads the library (torch's float32 included).
-COMPILE_FLAGS = ("-O3", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-pthread")
-LINK_FLAGS = ("-shared", "-pthread")
+# process that loads the library (torch's float32 included). -fopenmp: the kernels' threads are an OpenMP
+# team on torch's own libgomp.so.1 (loaded with torch, before the library), not threads beside its team.
+COMPILE_FLAGS = ("-O3", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-fopenmp")
+LINK_FLAGS = ("-shared", "-fopenmp")
 # The kernel's copies, by the number it knows them by: 0 asks for the widest this CPU has.
 INSTRUCTION_SETS = {"widest": 0, "baseline": 1, "avx2": 2, "avx512": 3}
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}

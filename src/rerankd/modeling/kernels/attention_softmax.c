@@ -22,7 +22,7 @@
 #include <string.h>
 
 /* kernels/threads.c */
-int run_workers(void *(*work)(void *), void *workers, size_t worker_bytes, int threads);
+void run_workers(void (*work)(void *), void *workers, size_t worker_bytes, int count);
 
 enum { TILE = 8, ROW_PADDING = 16, MAX_THREADS = 256 };
 
@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) void query_block(const Job *job, in
 
 /* Each worker's share of the (head, pair, block of queries) units, `query_block` inlined into one copy per
  * instruction set, so that one build runs at its best on any x86-64 CPU (and as plain C elsewhere). */
-static inline __attribute__((always_inline)) void *work(const Worker *worker) {
+static inline __attribute__((always_inline)) void work(const Worker *worker) {
     const Job *job = worker->job;
     const int stride = job->length + ROW_PADDING;
     float *acc = job->workspace + (size_t)worker->first * job->block * stride;
@@ -177,19 +177,18 @@ static inline __attribute__((always_inline)) void *work(const Worker *worker) {
         else
             query_block(job, unit, acc, stride, 0);
     }
-    return NULL;
 }
 
-static void *work_baseline(void *worker) { return work(worker); }
+static void work_baseline(void *worker) { work(worker); }
 
 #if defined(__x86_64__)
 #define AVX2 "avx2,fma,f16c,bmi2"
 #define AVX512 AVX2 ",avx512f,avx512bw,avx512dq,avx512vl"
-__attribute__((target(AVX2))) static void *work_avx2(void *worker) { return work(worker); }
-__attribute__((target(AVX512))) static void *work_avx512(void *worker) { return work(worker); }
+__attribute__((target(AVX2))) static void work_avx2(void *worker) { work(worker); }
+__attribute__((target(AVX512))) static void work_avx512(void *worker) { work(worker); }
 #endif
 
-typedef void *(*WorkFunction)(void *);
+typedef void (*WorkFunction)(void *);
 
 /* The instruction sets, widest last: 0 picks the widest this CPU has; 1, 2, 3 ask for baseline, AVX2,
  * AVX-512 (where this build has them; a test runs each on a CPU that has it). */
@@ -210,8 +209,8 @@ static WorkFunction work_for(int instructions) {
 
 /* `workspace` holds threads x block x (length + 16) floats: each thread's rows, a row's stride off a power of
  * two (a column of the block then does not map to one cache set), allocated by the caller so that no thread
- * grows a heap of its own. 0 when every probability is written; nonzero when this CPU lacks the instruction
- * set asked for, or a thread could not be started (the caller then computes them another way). */
+ * grows a heap of its own. 0 when every probability is written; nonzero, with nothing written, when this
+ * CPU lacks the instruction set asked for (the caller then computes them another way). */
 int attention_softmax(void *scores, const void *c2p, const void *p2c, const float *mask, float *workspace,
                       int heads, int batch, int length, int block, int blocks, int c2p_width, int p2c_width,
                       int threads, int bf16, int instructions) {
@@ -221,5 +220,6 @@ int attention_softmax(void *scores, const void *c2p, const void *p2c, const floa
     const Job job = {scores, c2p, p2c, mask, workspace, heads, batch, length, block, blocks, c2p_width, p2c_width, threads, bf16};
     Worker workers[MAX_THREADS];
     for (int t = 0; t < threads; t++) workers[t] = (Worker){&job, t};
-    return run_workers(run, workers, sizeof workers[0], threads);
+    run_workers(run, workers, sizeof workers[0], threads);
+    return 0;
 }

@@ -45,7 +45,7 @@
 #include <unistd.h>
 
 /* kernels/threads.c */
-int run_workers(void *(*work)(void *), void *workers, size_t worker_bytes, int threads);
+void run_workers(void (*work)(void *), void *workers, size_t worker_bytes, int count);
 
 enum {
     HEAD_SIZE = 64,       /* AMX here takes heads of 64: two 32-deep steps */
@@ -533,7 +533,7 @@ static inline __attribute__((always_inline)) void work(const Worker *worker, int
         attend_unit(job, unit, &buffers, amx);
 }
 
-__attribute__((target(AMX_TARGET))) static void *work_amx(void *worker) {
+__attribute__((target(AMX_TARGET))) static void work_amx(void *worker) {
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
@@ -544,13 +544,9 @@ __attribute__((target(AMX_TARGET))) static void *work_amx(void *worker) {
     _tile_loadconfig(&config);
     work(worker, 1);
     _tile_release();
-    return NULL;
 }
 
-__attribute__((target(AVX512_BF16_TARGET))) static void *work_avx512_bf16(void *worker) {
-    work(worker, 0);
-    return NULL;
-}
+__attribute__((target(AVX512_BF16_TARGET))) static void work_avx512_bf16(void *worker) { work(worker, 0); }
 
 /* Set once Linux has granted this process the tiles' state: a tile instruction before that faults. */
 static int tiles_granted;
@@ -574,26 +570,26 @@ int packed_attention_ready(int engine) {
     return __atomic_load_n(&tiles_granted, __ATOMIC_ACQUIRE);
 }
 
-/* Every (head, pair)'s context by `engine`, by `threads` threads (the caller's among them) taking units in
- * turn. `workspace` holds threads x packed_attention_workspace(max_length) bytes, allocated by the caller so
- * that no thread grows a heap of its own. 0 when every context row is written; nonzero, with nothing
- * written, where the engine does not run here (ENGINE_AMX before packed_attention_ready() has granted the
- * tiles: a tile instruction then faults), and with rows unwritten when a thread could not be started (the
- * caller then attends another way). */
+/* Every (head, pair)'s context by `engine`, by `threads` workers taking units in turn. `workspace` holds
+ * threads x packed_attention_workspace(max_length) bytes, allocated by the caller so that no thread grows a
+ * heap of its own. 0 when every context row is written; nonzero, with nothing written, where the engine does
+ * not run here (ENGINE_AMX before packed_attention_ready() has granted the tiles: a tile instruction then
+ * faults; the caller then attends another way). */
 int packed_attention(const void *qkv, void *context, const int32_t *offsets, const int32_t *lengths,
                      const void *key_table, const void *query_table, const int32_t *slots, void *workspace,
                      int heads, int pairs, int table_groups, int max_length, int threads, int engine) {
-    void *(*const work_of[])(void *) = {[ENGINE_AMX] = work_amx, [ENGINE_AVX512_BF16] = work_avx512_bf16};
+    void (*const work_of[])(void *) = {[ENGINE_AMX] = work_amx, [ENGINE_AVX512_BF16] = work_avx512_bf16};
     if (engine == ENGINE_AMX ? !__atomic_load_n(&tiles_granted, __ATOMIC_ACQUIRE)
                              : engine != ENGINE_AVX512_BF16 || !avx512_bf16_supported())
         return 2;
-    void *(*const run)(void *) = work_of[engine];
+    void (*const run)(void *) = work_of[engine];
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     Job job = {qkv, context, offsets, lengths, key_table, query_table, slots, workspace,
                packed_attention_workspace(max_length), heads, pairs, table_groups, max_length, threads, 0};
     Worker workers[MAX_THREADS];
     for (int t = 0; t < threads; t++) workers[t] = (Worker){&job, t};
-    return run_workers(run, workers, sizeof workers[0], threads);
+    run_workers(run, workers, sizeof workers[0], threads);
+    return 0;
 }
 #else
 int packed_attention_ready(int engine) {
